@@ -1,0 +1,297 @@
+//! Types shared by reaper's kernel programs and its daemon.
+//!
+//! Everything here is a map key, a map value or a ring-buffer record, so every
+//! struct is `#[repr(C)]`, has explicit padding and only contains integers: the
+//! kernel side and the user side must agree on the layout byte for byte, and
+//! the pinned maps outlive any one daemon binary.
+//!
+//! The crate is `no_std` so that `reaper-ebpf` can use it; the `user` feature
+//! adds the `aya::Pod` impls the daemon needs.
+#![no_std]
+
+/// `AF_INET`, as the kernel reports a socket's family.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u16 = 10;
+
+/// Default size of the flow table (`FLOWS`). The daemon overrides it from its
+/// config (`max_flows`) when it creates the map.
+pub const DEFAULT_MAX_FLOWS: u32 = 131_072;
+/// Default size of the session table (`SESSIONS`), overridden by `max_sessions`.
+pub const DEFAULT_MAX_SESSIONS: u32 = 65_536;
+/// Size of the flow-event ring buffer in bytes (a power of two, page aligned).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+/// Names of the maps, as the daemon finds them in the object and pins them.
+pub mod map_names {
+    pub const FLOWS: &str = "FLOWS";
+    pub const SESSIONS: &str = "SESSIONS";
+    pub const WATCH: &str = "WATCH";
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the programs in the object.
+pub mod program_names {
+    pub const SOCKOPS: &str = "reaper_sockops";
+    pub const INGRESS: &str = "reaper_ingress";
+    pub const EGRESS: &str = "reaper_egress";
+}
+
+/// A TCP connection as one of its sockets sees it.
+///
+/// Addresses are kept exactly as the kernel hands them over (network byte
+/// order in memory, IPv4 in the first word), ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowTuple {
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+}
+
+impl FlowTuple {
+    /// The same connection as the socket at the other end sees it.
+    pub fn reversed(&self) -> FlowTuple {
+        FlowTuple {
+            family: self.family,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+        }
+    }
+}
+
+/// A tracked flow: the value of `FLOWS`, keyed by socket cookie.
+///
+/// The kernel writes it when a watched connection is established and deletes
+/// it when the socket closes. The daemon only ever rewrites `deadline_ns` and
+/// `session` of an existing entry (with `BPF_EXIST`), so it can never bring a
+/// closed flow back to life.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow {
+    pub tuple: FlowTuple,
+    /// Cookie of the network namespace the socket lives in.
+    pub netns_cookie: u64,
+    /// When the connection was established, in `CLOCK_BOOTTIME` nanoseconds.
+    pub established_ns: u64,
+    /// When the flow must be dead, in `CLOCK_BOOTTIME` nanoseconds; 0 = no grant.
+    pub deadline_ns: u64,
+    /// The session the flow was granted to; 0 = none.
+    pub session: u64,
+}
+
+/// What happened to a flow, as reported on the `EVENTS` ring buffer.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEventKind {
+    Established = 1,
+    Closed = 2,
+}
+
+/// One ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FlowEvent {
+    /// A [`FlowEventKind`] as `u32` (an enum with unknown values must never be
+    /// materialised from kernel bytes).
+    pub kind: u32,
+    pub _pad: u32,
+    pub cookie: u64,
+    pub flow: Flow,
+}
+
+/// Length-prefixed fixed-size text, for names stored in kernel maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Label<const N: usize> {
+    pub len: u16,
+    pub bytes: [u8; N],
+}
+
+impl<const N: usize> Default for Label<N> {
+    fn default() -> Self {
+        Label {
+            len: 0,
+            bytes: [0; N],
+        }
+    }
+}
+
+impl<const N: usize> Label<N> {
+    /// The longest text a label holds, in bytes.
+    pub const CAPACITY: usize = N;
+
+    /// Builds a label; `None` when `text` is longer than `N` bytes.
+    pub fn new(text: &str) -> Option<Self> {
+        let src = text.as_bytes();
+        if src.len() > N {
+            return None;
+        }
+        let mut label = Self::default();
+        label.bytes[..src.len()].copy_from_slice(src);
+        label.len = src.len() as u16;
+        Some(label)
+    }
+
+    /// The text, or `None` if the stored bytes are not valid (a corrupt or
+    /// foreign map entry).
+    pub fn as_str(&self) -> Option<&str> {
+        let len = self.len as usize;
+        if len > N {
+            return None;
+        }
+        core::str::from_utf8(&self.bytes[..len]).ok()
+    }
+}
+
+/// Longest session id, user and target names, in bytes.
+pub const SESSION_NAME_MAX: usize = 128;
+pub const USER_NAME_MAX: usize = 64;
+pub const TARGET_NAME_MAX: usize = 128;
+
+/// A granted session: the value of `SESSIONS`, keyed by the daemon's session
+/// number. Only user space reads and writes it; it lives in a pinned map so
+/// that a restarted daemon finds every grant it had acknowledged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SessionRecord {
+    /// Deadline in `CLOCK_BOOTTIME` nanoseconds.
+    pub deadline_ns: u64,
+    /// When the session was first granted, in `CLOCK_BOOTTIME` nanoseconds.
+    pub granted_ns: u64,
+    /// The same instant in Unix-epoch nanoseconds, for humans and audit.
+    pub granted_unix_ns: u64,
+    /// Who granted it (SO_PEERCRED of the control client).
+    pub granted_by_uid: u32,
+    pub _pad: u32,
+    pub name: Label<SESSION_NAME_MAX>,
+    pub user: Label<USER_NAME_MAX>,
+    pub target: Label<TARGET_NAME_MAX>,
+    pub _pad2: [u8; 2],
+}
+
+/// Indexes into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Watched flows inserted into `FLOWS`.
+    pub const TRACKED: u32 = 0;
+    /// Tracked flows whose socket closed.
+    pub const CLOSED: u32 = 1;
+    /// Packets dropped because their flow's deadline had passed.
+    pub const DROPPED: u32 = 2;
+    /// Watched flows that could not be tracked because `FLOWS` was full.
+    pub const TABLE_FULL: u32 = 3;
+    /// Events that did not fit in the ring buffer.
+    pub const EVENTS_LOST: u32 = 4;
+    /// Number of counters.
+    pub const COUNT: u32 = 8;
+}
+
+/// Which end of a connection a watched port range applies to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortSide {
+    Local = 0,
+    Remote = 1,
+}
+
+/// The watch set is a bitmap of all 65536 ports per side, in `WATCH` (an
+/// array of u64 words): one array lookup decides whether a new connection is
+/// watched, whatever the number of configured ranges.
+pub const WATCH_WORDS_PER_SIDE: u32 = 65_536 / 64;
+pub const WATCH_WORDS: u32 = 2 * WATCH_WORDS_PER_SIDE;
+
+/// Where `port` on `side` lives in the watch bitmap: (word index, bit mask).
+#[inline(always)]
+pub fn watch_slot(side: PortSide, port: u16) -> (u32, u64) {
+    let word = side as u32 * WATCH_WORDS_PER_SIDE + (port as u32 >> 6);
+    (word, 1u64 << (port & 63))
+}
+
+/// The one deadline rule shared by the kernel's backstop and the daemon: a
+/// flow with a deadline is dead from that nanosecond on.
+#[inline(always)]
+pub fn deadline_passed(deadline_ns: u64, now_ns: u64) -> bool {
+    deadline_ns != 0 && now_ns >= deadline_ns
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), made only of integers and integer
+    // arrays with explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::FlowTuple {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::SessionRecord {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<FlowTuple>(), 40);
+        assert_eq!(size_of::<Flow>(), 72);
+        assert_eq!(size_of::<FlowEvent>(), 88);
+        assert_eq!(
+            size_of::<SessionRecord>(),
+            32 + (2 + SESSION_NAME_MAX) + (2 + USER_NAME_MAX) + (2 + TARGET_NAME_MAX) + 2
+        );
+    }
+
+    #[test]
+    fn watch_slots_split_sides_and_words() {
+        assert_eq!(watch_slot(PortSide::Local, 0), (0, 1));
+        assert_eq!(watch_slot(PortSide::Local, 63), (0, 1 << 63));
+        assert_eq!(watch_slot(PortSide::Local, 5900), (92, 1 << 12));
+        assert_eq!(watch_slot(PortSide::Remote, 0), (WATCH_WORDS_PER_SIDE, 1));
+        assert_eq!(
+            watch_slot(PortSide::Remote, 65535),
+            (WATCH_WORDS - 1, 1 << 63)
+        );
+    }
+
+    #[test]
+    fn deadline_rule() {
+        assert!(!deadline_passed(0, u64::MAX), "0 means no deadline");
+        assert!(!deadline_passed(100, 99));
+        assert!(deadline_passed(100, 100));
+        assert!(deadline_passed(100, 101));
+    }
+
+    #[test]
+    fn labels_round_trip_and_refuse_overflow() {
+        let l = Label::<8>::new("vnc-1").unwrap();
+        assert_eq!(l.as_str(), Some("vnc-1"));
+        assert!(Label::<4>::new("toolong").is_none());
+        let corrupt = Label::<4> {
+            len: 9,
+            bytes: [b'a'; 4],
+        };
+        assert_eq!(corrupt.as_str(), None);
+    }
+
+    #[test]
+    fn reversed_tuple_swaps_ends() {
+        let t = FlowTuple {
+            family: AF_INET,
+            local_port: 5900,
+            remote_port: 40000,
+            _pad: 0,
+            local_addr: [1, 0, 0, 0],
+            remote_addr: [2, 0, 0, 0],
+        };
+        let r = t.reversed();
+        assert_eq!((r.local_port, r.remote_port), (40000, 5900));
+        assert_eq!(r.local_addr, [2, 0, 0, 0]);
+        assert_eq!(r.reversed(), t);
+    }
+}

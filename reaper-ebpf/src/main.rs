@@ -1,0 +1,244 @@
+//! reaper's kernel side.
+//!
+//! * `reaper_sockops` (sock_ops, attached to a cgroup v2) notices every TCP
+//!   connection of the cgroup as it is established. Connections whose local or
+//!   remote port is in the watch bitmap are recorded in `FLOWS`, keyed by
+//!   socket cookie, and reported on `EVENTS`; for those only it turns on the
+//!   state callback, so that the close is seen and the entry removed.
+//!   Unwatched connections cost one array lookup and are never stored.
+//! * `reaper_ingress` / `reaper_egress` (cgroup_skb) are the backstop: a packet
+//!   of a tracked flow whose deadline has passed is dropped, whether or not the
+//!   daemon is running. RSTs still pass, so that the socket destroy (or the
+//!   peer) can end the connection cleanly.
+#![no_std]
+#![no_main]
+
+use core::{ffi::c_void, ptr::read_volatile};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    macros::{cgroup_skb, map, sock_ops},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{SkBuffContext, SockOpsContext},
+};
+use aya_log_ebpf::warn;
+use reaper_common::{
+    counter, deadline_passed, watch_slot, Flow, FlowEvent, FlowEventKind, FlowTuple, PortSide,
+    SessionRecord, AF_INET, AF_INET6, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SESSIONS, EVENTS_BYTES,
+    WATCH_WORDS,
+};
+
+#[map]
+static FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Owned by the daemon; declared here so that it is created, sized and pinned
+/// with the rest of the state.
+#[map]
+static SESSIONS: HashMap<u64, SessionRecord> = HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+
+#[map]
+static WATCH: Array<u64> = Array::with_max_entries(WATCH_WORDS, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FLAG_RST: u8 = 0x04;
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer can race with this increment.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn watched(side: PortSide, port: u16) -> bool {
+    let (word, bit) = watch_slot(side, port);
+    match WATCH.get(word) {
+        Some(bits) => *bits & bit != 0,
+        None => false,
+    }
+}
+
+fn emit(kind: FlowEventKind, cookie: u64, flow: &Flow) {
+    let event = FlowEvent {
+        kind: kind as u32,
+        _pad: 0,
+        cookie,
+        flow: *flow,
+    };
+    if EVENTS.output::<FlowEvent>(&event, 0).is_err() {
+        count(counter::EVENTS_LOST);
+    }
+}
+
+#[sock_ops]
+pub fn reaper_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            on_established(&ctx)
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
+        _ => {}
+    }
+    1
+}
+
+fn on_established(ctx: &SockOpsContext) {
+    let family = ctx.family() as u16;
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
+    let local_port = ctx.local_port() as u16;
+    // remote_port holds the big-endian port in its upper half.
+    let remote_port = u32::from_be(ctx.remote_port()) as u16;
+    if !watched(PortSide::Local, local_port) && !watched(PortSide::Remote, remote_port) {
+        return;
+    }
+
+    // Every context field is read once, unconditionally and with volatile
+    // loads: reading them inside the branch lets the compiler select between
+    // two context pointers, which the verifier refuses.
+    let ops = ctx.ops;
+    let (v4, v6) = unsafe {
+        (
+            (
+                read_volatile(&(*ops).local_ip4),
+                read_volatile(&(*ops).remote_ip4),
+            ),
+            (
+                read_volatile(&(*ops).local_ip6),
+                read_volatile(&(*ops).remote_ip6),
+            ),
+        )
+    };
+    let (local_addr, remote_addr) = if family == AF_INET {
+        ([v4.0, 0, 0, 0], [v4.1, 0, 0, 0])
+    } else {
+        v6
+    };
+    let ops = ops as *mut c_void;
+    let cookie = unsafe { bpf_get_socket_cookie(ops) };
+    let flow = Flow {
+        tuple: FlowTuple {
+            family,
+            local_port,
+            remote_port,
+            _pad: 0,
+            local_addr,
+            remote_addr,
+        },
+        netns_cookie: unsafe { bpf_get_netns_cookie(ops) },
+        established_ns: unsafe { bpf_ktime_get_boot_ns() },
+        deadline_ns: 0,
+        session: 0,
+    };
+    if FLOWS.insert(&cookie, &flow, 0).is_err() {
+        count(counter::TABLE_FULL);
+        warn!(
+            ctx,
+            "reaper: flow table full, connection not tracked (ports {} -> {})",
+            local_port,
+            remote_port
+        );
+        return;
+    }
+    count(counter::TRACKED);
+    // Only tracked sockets pay for state callbacks.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    emit(FlowEventKind::Established, cookie, &flow);
+}
+
+fn on_close(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    let flow = match unsafe { FLOWS.get(&cookie) } {
+        Some(flow) => *flow,
+        None => return,
+    };
+    let _ = FLOWS.remove(&cookie);
+    count(counter::CLOSED);
+    emit(FlowEventKind::Closed, cookie, &flow);
+}
+
+#[cgroup_skb]
+pub fn reaper_ingress(ctx: SkBuffContext) -> i32 {
+    enforce(&ctx)
+}
+
+#[cgroup_skb]
+pub fn reaper_egress(ctx: SkBuffContext) -> i32 {
+    enforce(&ctx)
+}
+
+/// 1 lets the packet through, 0 drops it.
+#[inline(always)]
+fn enforce(ctx: &SkBuffContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    let deadline_ns = match unsafe { FLOWS.get(&cookie) } {
+        Some(flow) => flow.deadline_ns,
+        None => return 1,
+    };
+    if deadline_ns == 0 || !deadline_passed(deadline_ns, unsafe { bpf_ktime_get_boot_ns() }) {
+        return 1;
+    }
+    if is_rst(ctx) {
+        return 1;
+    }
+    count(counter::DROPPED);
+    0
+}
+
+/// Whether the packet is a TCP segment with RST set. Only asked for packets of
+/// expired flows, so the parsing never runs on the hot path.
+fn is_rst(ctx: &SkBuffContext) -> bool {
+    let flags_at = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => {
+            let Ok(version_ihl) = ctx.load::<u8>(0) else {
+                return false;
+            };
+            let Ok(proto) = ctx.load::<u8>(9) else {
+                return false;
+            };
+            if proto != IPPROTO_TCP {
+                return false;
+            }
+            ((version_ihl & 0x0f) as usize) * 4 + 13
+        }
+        ETH_P_IPV6 => {
+            // Extension headers are not followed: such a packet is dropped.
+            let Ok(next) = ctx.load::<u8>(6) else {
+                return false;
+            };
+            if next != IPPROTO_TCP {
+                return false;
+            }
+            40 + 13
+        }
+        _ => return false,
+    };
+    match ctx.load::<u8>(flags_at) {
+        Ok(flags) => flags & TCP_FLAG_RST != 0,
+        Err(_) => false,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,351 @@
+//! The `reaper` command line: the daemon, the client commands that talk to
+//! its control socket, and `unload`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_SOCKET};
+use crate::error::{Error, Result};
+use crate::policy;
+use crate::protocol::{
+    DurationArg, ExtendArgs, FlowSpec, GrantArgs, GrantResult, ListArgs, ListResult, Response,
+    RevokeArgs, RevokeResult, SessionView, StatusResult, WireOp,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "reaper",
+    version,
+    about = "Kernel-enforced deadlines for console connections"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CliCommand {
+    /// Run the daemon in the foreground.
+    Daemon {
+        /// Config file (TOML); without it, the defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Grant flows a deadline, as part of a session.
+    Grant(GrantCmd),
+    /// Move a session's deadline later.
+    Extend(ExtendCmd),
+    /// End sessions (or one flow) now.
+    Revoke(RevokeCmd),
+    /// Show sessions, their flows and their time left.
+    List(ListCmd),
+    /// Show the daemon's state and kernel counters.
+    Status(ClientOpts),
+    /// Detach the kernel programs and remove all pinned state.
+    Unload {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ClientOpts {
+    /// The daemon's control socket.
+    #[arg(long, env = "REAPER_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print the daemon's JSON response instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+#[group(id = "expiry", required = false, multiple = false)]
+pub struct ExpiryOpts {
+    /// How long from now, e.g. 300ms, 30s, 10m, 1h30m.
+    #[arg(long, group = "expiry")]
+    pub ttl: Option<String>,
+    /// An RFC 3339 time, e.g. 2026-11-22T10:00:00Z.
+    #[arg(long, group = "expiry")]
+    pub expires_at: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct GrantCmd {
+    #[arg(long)]
+    pub session: String,
+    #[arg(long)]
+    pub user: String,
+    #[arg(long)]
+    pub target: String,
+    #[command(flatten)]
+    pub expiry: ExpiryOpts,
+    /// A flow as LOCAL,REMOTE (e.g. 127.0.0.1:5900,127.0.0.1:40312); repeatable.
+    #[arg(long = "flow", required = true, value_parser = parse_flow)]
+    pub flows: Vec<(String, String)>,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct ExtendCmd {
+    #[arg(long)]
+    pub session: String,
+    #[command(flatten)]
+    pub expiry: ExpiryOpts,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+#[group(id = "selector", required = true, multiple = false)]
+pub struct RevokeCmd {
+    #[arg(long, group = "selector")]
+    pub session: Option<String>,
+    #[arg(long, group = "selector")]
+    pub user: Option<String>,
+    #[arg(long, group = "selector")]
+    pub target: Option<String>,
+    /// One flow as LOCAL,REMOTE.
+    #[arg(long, group = "selector", value_parser = parse_flow)]
+    pub flow: Option<(String, String)>,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct ListCmd {
+    #[arg(long)]
+    pub session: Option<String>,
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub target: Option<String>,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+fn parse_flow(text: &str) -> std::result::Result<(String, String), String> {
+    let (local, remote) = text.split_once(',').ok_or_else(|| {
+        format!("{text:?} is not LOCAL,REMOTE (e.g. 127.0.0.1:5900,127.0.0.1:40312)")
+    })?;
+    for part in [local, remote] {
+        part.parse::<std::net::SocketAddr>()
+            .map_err(|_| format!("{part:?} is not an address like 127.0.0.1:5900 or [::1]:5900"))?;
+    }
+    Ok((local.to_owned(), remote.to_owned()))
+}
+
+fn duration_arg(ttl: Option<String>) -> Option<DurationArg> {
+    ttl.map(DurationArg::Text)
+}
+
+fn flow_spec((local, remote): (String, String)) -> FlowSpec {
+    FlowSpec {
+        local: Some(local),
+        remote: Some(remote),
+        fd: None,
+    }
+}
+
+/// Sends one request and waits for its response.
+pub fn call(socket: &PathBuf, op: &WireOp) -> Result<Response> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        Error::Setup(format!(
+            "cannot reach the reaper daemon at {} ({e}); is `reaper daemon` running, and may you open its socket?",
+            socket.display()
+        ))
+    })?;
+    let mut line = op.to_line(None);
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(Error::io("sending the request"))?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(Error::io("reading the response"))?;
+    serde_json::from_str(&reply).map_err(|e| {
+        Error::Setup(format!(
+            "the daemon sent an unreadable response ({e}): {reply:?}"
+        ))
+    })
+}
+
+/// Runs a client command; returns the process exit code.
+pub fn run_client(command: CliCommand) -> Result<i32> {
+    let (client, op) = match command {
+        CliCommand::Grant(g) => (
+            g.client,
+            WireOp::Grant(GrantArgs {
+                session: g.session,
+                user: g.user,
+                target: g.target,
+                ttl: duration_arg(g.expiry.ttl),
+                expires_at: g.expiry.expires_at,
+                flows: g.flows.into_iter().map(flow_spec).collect(),
+            }),
+        ),
+        CliCommand::Extend(e) => (
+            e.client,
+            WireOp::Extend(ExtendArgs {
+                session: e.session,
+                ttl: duration_arg(e.expiry.ttl),
+                expires_at: e.expiry.expires_at,
+            }),
+        ),
+        CliCommand::Revoke(r) => (
+            r.client,
+            WireOp::Revoke(RevokeArgs {
+                session: r.session,
+                user: r.user,
+                target: r.target,
+                flow: r.flow.map(flow_spec),
+            }),
+        ),
+        CliCommand::List(l) => (
+            l.client,
+            WireOp::List(ListArgs {
+                session: l.session,
+                user: l.user,
+                target: l.target,
+            }),
+        ),
+        CliCommand::Status(c) => (c, WireOp::Status),
+        CliCommand::Daemon { .. } | CliCommand::Unload { .. } => {
+            unreachable!("not client commands")
+        }
+    };
+    let response = call(&client.socket, &op)?;
+    if client.json {
+        println!(
+            "{}",
+            serde_json::to_string(&response).expect("responses serialize")
+        );
+        return Ok(if response.ok { 0 } else { 1 });
+    }
+    if let Some(err) = response.error {
+        eprintln!("reaper: {}: {}", err.code, err.message);
+        return Ok(1);
+    }
+    let result = response.result.unwrap_or_default();
+    let parse =
+        |e: serde_json::Error| Error::Setup(format!("unexpected result from the daemon: {e}"));
+    match op {
+        WireOp::Grant(_) | WireOp::Extend(_) => {
+            let r: GrantResult = serde_json::from_value(result).map_err(parse)?;
+            print_sessions(&[r.session]);
+        }
+        WireOp::Revoke(_) => {
+            let r: RevokeResult = serde_json::from_value(result).map_err(parse)?;
+            println!(
+                "ended {} session(s), killed {} flow(s)",
+                r.sessions.len(),
+                r.kills.len()
+            );
+            for k in r.kills {
+                println!(
+                    "  {} <-> {}  {}  {}",
+                    k.local, k.remote, k.session, k.result
+                );
+            }
+        }
+        WireOp::List(_) => {
+            let r: ListResult = serde_json::from_value(result).map_err(parse)?;
+            if r.sessions.is_empty() {
+                println!("no sessions");
+            } else {
+                print_sessions(&r.sessions);
+            }
+        }
+        WireOp::Status => {
+            let s: StatusResult = serde_json::from_value(result).map_err(parse)?;
+            println!(
+                "reaper {} (protocol v{}), pid {}, up {}",
+                s.version,
+                s.protocol,
+                s.pid,
+                policy::format_duration(s.uptime_ms * policy::NS_PER_MS)
+            );
+            println!("cgroup     {}", s.cgroup);
+            println!("pins       {}", s.pin_path);
+            println!("sessions   {} of {}", s.sessions, s.max_sessions);
+            println!(
+                "flows      {} tracked ({} granted) of {}",
+                s.tracked_flows, s.granted_flows, s.max_flows
+            );
+            let watch: Vec<String> = s
+                .watch
+                .iter()
+                .map(|w| format!("{}-{} ({:?})", w.first, w.last, w.side).to_lowercase())
+                .collect();
+            println!("watching   {}", watch.join(", "));
+            for (name, value) in s.counters {
+                println!("kernel     {name} = {value}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_sessions(sessions: &[SessionView]) {
+    let rows: Vec<[String; 5]> = sessions
+        .iter()
+        .map(|s| {
+            let left = if s.time_left_ms >= 0 {
+                policy::format_duration(s.time_left_ms as u64 * policy::NS_PER_MS)
+            } else {
+                "overdue".into()
+            };
+            [
+                s.session.clone(),
+                s.user.clone(),
+                s.target.clone(),
+                left,
+                s.deadline.clone(),
+            ]
+        })
+        .collect();
+    let headers = ["SESSION", "USER", "TARGET", "TIME LEFT", "DEADLINE"];
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].len())
+            .chain([headers[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..5).map(width).collect();
+    let line = |cells: [&str; 5]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            out += &format!("{cell:<w$}  ", w = widths[i]);
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers);
+    for (row, s) in rows.iter().zip(sessions) {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+        for f in &s.flows {
+            println!("    {} <-> {}", f.local, f.remote);
+        }
+    }
+}
+
+/// `reaper unload`.
+pub fn unload(config: Option<PathBuf>) -> Result<i32> {
+    let config = match config {
+        Some(path) => Config::load(&path)?,
+        None => Config::default(),
+    };
+    if crate::enforcer::unload(&config.pin_path)? {
+        println!(
+            "removed {}: programs detached, grants and tracked flows dropped",
+            config.pin_path.display()
+        );
+    } else {
+        println!("nothing pinned at {}", config.pin_path.display());
+    }
+    Ok(0)
+}

@@ -1,0 +1,119 @@
+//! The daemon's clocks, in one place.
+//!
+//! Deadlines are kept on `CLOCK_BOOTTIME`: the clock `bpf_ktime_get_boot_ns`
+//! reads in the kernel programs, which never jumps when someone sets the
+//! wall clock and keeps counting through suspend. Wall time is only used to
+//! talk to people (RFC 3339 in responses and audit events) and to convert an
+//! `expires_at` once, when a request arrives.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::policy::Now;
+
+fn read(clock: libc::clockid_t) -> libc::timespec {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; these clocks always exist on Linux.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime({clock}) failed");
+    ts
+}
+
+/// Nanoseconds on `CLOCK_BOOTTIME`.
+pub fn boot_ns() -> u64 {
+    let ts = read(libc::CLOCK_BOOTTIME);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn unix_ns() -> i128 {
+    let ts = read(libc::CLOCK_REALTIME);
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// Both clocks, read back to back.
+pub fn now() -> Now {
+    Now {
+        boot_ns: boot_ns(),
+        unix_ns: unix_ns(),
+    }
+}
+
+/// A timerfd on `CLOCK_BOOTTIME`, armed at an absolute deadline. One timer
+/// serves every deadline: the scheduler re-arms it for the earliest one, so
+/// no deadline is ever found by polling.
+pub struct DeadlineTimer {
+    fd: OwnedFd,
+}
+
+impl DeadlineTimer {
+    pub fn new() -> io::Result<DeadlineTimer> {
+        // SAFETY: plain syscall; the returned fd is owned below.
+        let fd = unsafe {
+            libc::timerfd_create(libc::CLOCK_BOOTTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        Ok(DeadlineTimer {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Fires at `deadline_ns` (boot clock), at once if that is past; `None`
+    /// disarms.
+    pub fn arm(&self, deadline_ns: Option<u64>) -> io::Result<()> {
+        let value = match deadline_ns {
+            // 0 would disarm; a deadline at 0 is long past anyway.
+            Some(ns) => libc::timespec {
+                tv_sec: (ns.max(1) / 1_000_000_000) as libc::time_t,
+                tv_nsec: (ns.max(1) % 1_000_000_000) as libc::c_long,
+            },
+            None => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        // SAFETY: spec is valid; old value not requested.
+        let rc = unsafe {
+            libc::timerfd_settime(
+                self.fd.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Consumes a pending expiry; `WouldBlock` when there is none.
+    pub fn acknowledge(&self) -> io::Result<()> {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading 8 bytes into an 8-byte buffer.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl AsRawFd for DeadlineTimer {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}

@@ -1,0 +1,346 @@
+//! The daemon's configuration file (TOML). Every key is optional; a missing
+//! file section means the default. Unknown keys are errors, so a typo never
+//! silently leaves a console unprotected.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::policy::{self, Access};
+
+pub const DEFAULT_SOCKET: &str = "/run/reaper/reaper.sock";
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/reaper";
+pub const DEFAULT_MAX_TTL: &str = "7d";
+
+/// Which end of a connection a watched port range is matched against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The socket's own port (a server listening on a console port).
+    Local,
+    /// The peer's port (a proxy connecting out to a console port).
+    Remote,
+    /// Either.
+    Any,
+}
+
+/// A range of ports whose connections the kernel tracks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Watch {
+    pub first: u16,
+    pub last: u16,
+    pub side: Side,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub socket_group: Option<u32>,
+    pub pin_path: PathBuf,
+    /// `None`: the cgroup2 mount root, found at start.
+    pub cgroup: Option<PathBuf>,
+    pub audit_file: Option<PathBuf>,
+    pub max_flows: u32,
+    pub max_sessions: u32,
+    pub max_ttl_ns: u64,
+    pub access: Access,
+    pub watch: Vec<Watch>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    socket_group: Option<GroupRef>,
+    pin_path: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
+    audit_file: Option<PathBuf>,
+    max_flows: Option<u32>,
+    max_sessions: Option<u32>,
+    max_ttl: Option<String>,
+    access: Option<RawAccess>,
+    watch: Option<Vec<RawWatch>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum GroupRef {
+    Gid(u32),
+    Name(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    gids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    ports: PortsSpec,
+    #[serde(default = "default_side")]
+    side: Side,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PortsSpec {
+    One(u16),
+    Text(String),
+}
+
+fn default_side() -> Side {
+    Side::Any
+}
+
+/// The ports watched when the config says nothing: VNC and SPICE consoles
+/// (5900-5999) from either end, and Nova's console proxies (noVNC 6080,
+/// SPICE HTML5 6082, serial 6083) on the proxy host.
+pub fn default_watch() -> Vec<Watch> {
+    vec![
+        Watch {
+            first: 5900,
+            last: 5999,
+            side: Side::Any,
+        },
+        Watch {
+            first: 6080,
+            last: 6080,
+            side: Side::Local,
+        },
+        Watch {
+            first: 6082,
+            last: 6083,
+            side: Side::Local,
+        },
+    ]
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_toml("").expect("the empty config is valid")
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_owned(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::from_toml(&text).map_err(|message| Error::Config {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses and validates config text; the error names the offending key.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string().trim().to_owned())?;
+        let socket_mode = match raw.socket_mode.as_deref() {
+            None => 0o660,
+            Some(text) => parse_mode(text).map_err(|e| format!("socket_mode: {e}"))?,
+        };
+        let socket_group = match raw.socket_group {
+            None => None,
+            Some(GroupRef::Gid(gid)) => Some(gid),
+            Some(GroupRef::Name(name)) if name.is_empty() => None,
+            Some(GroupRef::Name(name)) => Some(
+                lookup_group(&name)
+                    .ok_or_else(|| format!("socket_group: no group named {name:?}"))?,
+            ),
+        };
+        let max_flows = raw.max_flows.unwrap_or(reaper_common::DEFAULT_MAX_FLOWS);
+        if !(1024..=4_194_304).contains(&max_flows) {
+            return Err(format!("max_flows: {max_flows} is outside 1024..=4194304"));
+        }
+        let max_sessions = raw
+            .max_sessions
+            .unwrap_or(reaper_common::DEFAULT_MAX_SESSIONS);
+        if !(16..=4_194_304).contains(&max_sessions) {
+            return Err(format!(
+                "max_sessions: {max_sessions} is outside 16..=4194304"
+            ));
+        }
+        let max_ttl_ns = policy::parse_duration(raw.max_ttl.as_deref().unwrap_or(DEFAULT_MAX_TTL))
+            .map_err(|e| format!("max_ttl: {e}"))?;
+        if max_ttl_ns == 0 {
+            return Err("max_ttl: must be greater than zero".into());
+        }
+        let watch = match raw.watch {
+            None => default_watch(),
+            Some(list) => {
+                list.into_iter()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        let (first, last) = match w.ports {
+                            PortsSpec::One(p) => (p, p),
+                            PortsSpec::Text(t) => parse_port_range(&t)
+                                .map_err(|e| format!("watch[{i}].ports: {e}"))?,
+                        };
+                        Ok(Watch {
+                            first,
+                            last,
+                            side: w.side,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?
+            }
+        };
+        let access = raw.access.unwrap_or_default();
+        let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        Ok(Config {
+            socket: non_empty(raw.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            socket_mode,
+            socket_group,
+            pin_path: non_empty(raw.pin_path).unwrap_or_else(|| DEFAULT_PIN_PATH.into()),
+            cgroup: non_empty(raw.cgroup),
+            audit_file: non_empty(raw.audit_file),
+            max_flows,
+            max_sessions,
+            max_ttl_ns,
+            access: Access {
+                uids: access.uids,
+                gids: access.gids,
+            },
+            watch,
+        })
+    }
+}
+
+/// `"5900-5999"` or `"6080"`.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let port = |s: &str| -> Result<u16, String> {
+        match s.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
+            Ok(p) => Ok(p),
+        }
+    };
+    let (first, last) = match text.split_once('-') {
+        Some((a, b)) => (port(a)?, port(b)?),
+        None => {
+            let p = port(text)?;
+            (p, p)
+        }
+    };
+    if first > last {
+        return Err(format!("range {text:?} is backwards"));
+    }
+    Ok((first, last))
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.trim_start_matches("0o");
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{text:?} is not an octal permission mode like \"0660\""
+        )),
+    }
+}
+
+fn lookup_group(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then_some(())?;
+        fields.nth(1)?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_default() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.watch, default_watch());
+        assert_eq!(c.max_ttl_ns, 7 * 86_400 * policy::NS_PER_SEC);
+        assert!(c.cgroup.is_none() && c.audit_file.is_none());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = Config::from_toml(
+            r#"
+            socket = "/tmp/r.sock"
+            socket_mode = "0600"
+            socket_group = 0
+            pin_path = "/sys/fs/bpf/r"
+            cgroup = "/sys/fs/cgroup/unified/consoles"
+            audit_file = "/var/log/reaper.jsonl"
+            max_flows = 2048
+            max_sessions = 1024
+            max_ttl = "12h"
+            [access]
+            uids = [1000]
+            gids = [27]
+            [[watch]]
+            ports = "5900-5910"
+            side = "local"
+            [[watch]]
+            ports = 6080
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(c.socket_group, Some(0));
+        assert_eq!(c.max_flows, 2048);
+        assert_eq!(c.access.uids, vec![1000]);
+        assert_eq!(
+            c.watch,
+            vec![
+                Watch {
+                    first: 5900,
+                    last: 5910,
+                    side: Side::Local
+                },
+                Watch {
+                    first: 6080,
+                    last: 6080,
+                    side: Side::Any
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        for (text, needle) in [
+            ("sockett = \"/x\"", "sockett"),
+            ("max_flows = 10", "max_flows"),
+            ("max_ttl = \"forever\"", "max_ttl"),
+            ("max_ttl = \"0s\"", "max_ttl"),
+            ("socket_mode = \"999\"", "socket_mode"),
+            ("[[watch]]\nports = \"6000-5000\"", "watch[0].ports"),
+            ("[[watch]]\nports = \"0\"", "watch[0].ports"),
+            ("[[watch]]\nports = \"5900\"\nside = \"up\"", "side"),
+            ("[access]\nuids = [\"bob\"]", "uids"),
+            ("socket_group = \"no-such-group-here\"", "socket_group"),
+        ] {
+            let e = Config::from_toml(text).unwrap_err();
+            assert!(e.contains(needle), "{text:?} -> {e}");
+        }
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("5900-5999").unwrap(), (5900, 5999));
+        assert_eq!(parse_port_range("6080").unwrap(), (6080, 6080));
+        assert!(parse_port_range("70000").is_err());
+        assert!(parse_port_range("a-b").is_err());
+    }
+}

@@ -1,0 +1,160 @@
+//! One control connection: reads request lines (with any socket descriptors
+//! passed alongside them) and writes response lines.
+//!
+//! Descriptors arrive through SCM_RIGHTS attached to the bytes of the
+//! `sendmsg` that carried them. We remember the stream offset at which each
+//! batch arrived, so a request line gets exactly the descriptors that came
+//! with its own bytes, even when a client pipelines several requests.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::UnixStream;
+
+use crate::protocol::{MAX_FDS_PER_REQUEST, MAX_LINE_BYTES};
+
+/// How long a client may leave a request line unfinished.
+pub const PARTIAL_LINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Connection {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// Stream offset of `buf[0]`.
+    offset: usize,
+    /// (stream offset of the bytes they came with, descriptor)
+    fds: VecDeque<(usize, OwnedFd)>,
+}
+
+/// What reading the next request produced.
+pub enum Incoming {
+    Line {
+        line: Vec<u8>,
+        fds: Vec<OwnedFd>,
+    },
+    /// The client closed the connection (possibly mid-line).
+    Closed {
+        partial: bool,
+    },
+    /// The line grew past `MAX_LINE_BYTES`.
+    TooLong,
+    /// The client stopped in the middle of a line.
+    Stalled,
+}
+
+impl Connection {
+    pub fn new(stream: UnixStream) -> Connection {
+        Connection {
+            stream,
+            buf: Vec::with_capacity(4096),
+            offset: 0,
+            fds: VecDeque::new(),
+        }
+    }
+
+    pub async fn next(&mut self) -> io::Result<Incoming> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let end = self.offset + pos + 1;
+                let mut fds = Vec::new();
+                while let Some((at, _)) = self.fds.front() {
+                    if *at >= end {
+                        break;
+                    }
+                    let (at, fd) = self.fds.pop_front().expect("front exists");
+                    if at >= self.offset {
+                        fds.push(fd);
+                    }
+                }
+                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                self.offset = end;
+                return Ok(Incoming::Line { line, fds });
+            }
+            if self.buf.len() > MAX_LINE_BYTES {
+                return Ok(Incoming::TooLong);
+            }
+            let read = if self.buf.is_empty() {
+                self.read_more().await?
+            } else {
+                match tokio::time::timeout(PARTIAL_LINE_TIMEOUT, self.read_more()).await {
+                    Ok(read) => read?,
+                    Err(_) => return Ok(Incoming::Stalled),
+                }
+            };
+            if read == 0 {
+                return Ok(Incoming::Closed {
+                    partial: !self.buf.is_empty(),
+                });
+            }
+        }
+    }
+
+    async fn read_more(&mut self) -> io::Result<usize> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            self.stream.readable().await?;
+            let raw = self.stream.as_raw_fd();
+            match self
+                .stream
+                .try_io(Interest::READABLE, || recv_with_fds(raw, &mut chunk))
+            {
+                Ok((n, fds)) => {
+                    let at = self.offset + self.buf.len();
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.fds.extend(fds.into_iter().map(|fd| (at, fd)));
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub async fn send(&mut self, line: &str) -> io::Result<()> {
+        self.stream.write_all(line.as_bytes()).await
+    }
+}
+
+/// `recvmsg` that also collects SCM_RIGHTS descriptors (close-on-exec).
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    const SPACE: usize = MAX_FDS_PER_REQUEST * std::mem::size_of::<RawFd>();
+    // Room for one SCM_RIGHTS header plus MAX_FDS_PER_REQUEST descriptors.
+    let mut control = [0u64; (SPACE + 64) / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr points at live buffers for the duration of the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: walking the control buffer the kernel filled, with its macros.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, fds))
+}

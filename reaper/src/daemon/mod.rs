@@ -1,0 +1,271 @@
+//! `reaper daemon`: wires the enforcer, the state and the control socket
+//! together on one single-threaded runtime.
+//!
+//! Tasks: the control-socket acceptor (a task per connection), the deadline
+//! timer, the flow-event reader and the kernel-log reader. They share the
+//! state behind one mutex, held only for short synchronous sections (never
+//! across an await), which keeps every request and every kill atomic.
+
+mod audit;
+mod connection;
+mod state;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aya::maps::{MapData, RingBuf};
+use reaper_common::FlowEvent;
+use tokio::io::unix::AsyncFd;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{debug, error, info, warn};
+
+use crate::clock::DeadlineTimer;
+use crate::config::Config;
+use crate::enforcer::{Enforcer, KernelLog, Started};
+use crate::error::{Error, Result};
+use crate::protocol::{parse_request, Refusal, RefusalCode, Response, MAX_LINE_BYTES};
+use audit::Audit;
+use connection::{Connection, Incoming};
+use state::{Caller, State};
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(state: &Shared) -> MutexGuard<'_, State> {
+    // A panic inside a handler must not take the whole control plane down.
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn run(config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the async runtime"))?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let Started {
+        enforcer,
+        events,
+        kernel_log,
+    } = Enforcer::start(&config)?;
+    let timer = DeadlineTimer::new().map_err(Error::io("creating the deadline timer"))?;
+    let timer_fd = timer_watch(&timer)?;
+    let audit = Audit::open(config.audit_file.as_deref())?;
+    let listener = bind_control_socket(&config)?;
+
+    let mut state = State::new(enforcer, timer, audit, config.clone());
+    state.adopt();
+    let state: Shared = Arc::new(Mutex::new(state));
+
+    tokio::spawn(run_timer(state.clone(), timer_fd));
+    tokio::spawn(read_events(state.clone(), events));
+    if let Some(log) = kernel_log {
+        tokio::spawn(read_kernel_log(log));
+    }
+
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(Error::io("installing SIGTERM handler"))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(Error::io("installing SIGINT handler"))?;
+    info!(socket = %config.socket.display(), "reaper daemon ready");
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(serve_client(state.clone(), stream)); }
+                Err(e) => warn!("accepting a control connection: {e}"),
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    info!("stopping; the pinned programs keep enforcing every deadline until the next start");
+    Ok(())
+}
+
+/// A second descriptor for the timer, for the reactor to watch.
+fn timer_watch(timer: &DeadlineTimer) -> Result<AsyncFd<OwnedFd>> {
+    // SAFETY: dup of a live descriptor; the copy is owned by the OwnedFd.
+    let fd = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Error::io("duplicating the timer descriptor")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: the OwnedFd stays open, unreplaced, for as long as the AsyncFd.
+    unsafe { AsyncFd::register(owned) }.map_err(|e| Error::io("registering the timer")(e.into()))
+}
+
+async fn run_timer(state: Shared, fd: AsyncFd<OwnedFd>) {
+    loop {
+        let mut guard = match fd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                error!("deadline timer failed: {e}");
+                return;
+            }
+        };
+        guard.clear_ready();
+        let mut s = lock(&state);
+        match s.timer().acknowledge() {
+            Ok(()) => s.expire_due(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => error!("reading the deadline timer: {e}"),
+        }
+    }
+}
+
+async fn read_events(state: Shared, ring: RingBuf<MapData>) {
+    // SAFETY: the ring buffer owns its map descriptor for its whole life.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!("cannot watch the flow-event ring buffer: {e}; grants fall back to map scans");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                error!("flow-event ring buffer failed: {e}");
+                return;
+            }
+        };
+        // Clear first, then drain: an event that lands after the drain
+        // raises readiness again instead of being missed.
+        guard.clear_ready();
+        let ring = guard.get_inner_mut();
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                // SAFETY: the kernel wrote a FlowEvent; read it unaligned.
+                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
+            }
+        }
+        if !batch.is_empty() {
+            lock(&state).apply_events(&batch);
+        }
+    }
+}
+
+async fn read_kernel_log(log: aya_log::EbpfLogger<KernelLog>) {
+    // SAFETY: the logger owns its ring buffer descriptor for its whole life.
+    let Ok(mut fd) = (unsafe { AsyncFd::register(log) }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.clear_ready();
+        guard.get_inner_mut().flush();
+    }
+}
+
+async fn serve_client(state: Shared, stream: UnixStream) {
+    let caller = match stream.peer_cred() {
+        Ok(c) => Caller {
+            uid: c.uid(),
+            gid: c.gid(),
+        },
+        Err(e) => {
+            warn!("reading peer credentials: {e}");
+            return;
+        }
+    };
+    let mut conn = Connection::new(stream);
+    loop {
+        let incoming = match conn.next().await {
+            Ok(i) => i,
+            Err(e) => {
+                debug!("control connection error: {e}");
+                return;
+            }
+        };
+        let response = match incoming {
+            Incoming::Line { line, fds } => {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match parse_request(&line) {
+                    Ok(request) => {
+                        let outcome = lock(&state).handle(request.command, caller, &fds);
+                        match outcome {
+                            Ok(result) => Response::ok(request.id, result),
+                            Err(refusal) => Response::refused(request.id, refusal),
+                        }
+                    }
+                    Err((id, refusal)) => Response::refused(id, refusal),
+                }
+            }
+            Incoming::Closed { partial } => {
+                if partial {
+                    debug!("control client left in the middle of a request; ignored");
+                }
+                return;
+            }
+            Incoming::TooLong => {
+                let refusal = Refusal::new(
+                    RefusalCode::LineTooLong,
+                    format!(
+                        "request line longer than {MAX_LINE_BYTES} bytes; closing the connection"
+                    ),
+                );
+                let _ = conn.send(&Response::refused(None, refusal).to_line()).await;
+                return;
+            }
+            Incoming::Stalled => {
+                let refusal = Refusal::new(
+                    RefusalCode::BadRequest,
+                    "request line left unfinished; closing the connection",
+                );
+                let _ = conn.send(&Response::refused(None, refusal).to_line()).await;
+                return;
+            }
+        };
+        if conn.send(&response.to_line()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn bind_control_socket(config: &Config) -> Result<UnixListener> {
+    let path = &config.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::Setup(format!(
+                "another reaper daemon is listening on {}",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)
+            .map_err(Error::io(format!("removing stale {}", path.display())))?;
+    }
+    let listener =
+        UnixListener::bind(path).map_err(Error::io(format!("binding {}", path.display())))?;
+    set_socket_access(path, config)?;
+    Ok(listener)
+}
+
+fn set_socket_access(path: &Path, config: &Config) -> Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
+        .map_err(Error::io(format!("setting the mode of {}", path.display())))?;
+    if let Some(gid) = config.socket_group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(Error::io(format!(
+            "setting the group of {}",
+            path.display()
+        )))?;
+    }
+    Ok(())
+}

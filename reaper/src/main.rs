@@ -1,0 +1,73 @@
+//! `reaper`: kernel-enforced deadlines for console connections.
+//!
+//! Layers, from the bottom: `policy` (pure rules), `enforcer` (kernel
+//! programs, maps, kill paths), `daemon` (state and the control socket),
+//! `protocol` (what travels on that socket, shared with the CLI), `cli`.
+
+mod cli;
+mod clock;
+mod config;
+mod daemon;
+mod enforcer;
+mod error;
+mod policy;
+mod protocol;
+
+use clap::Parser;
+use tracing::level_filters::LevelFilter;
+
+use cli::{Cli, CliCommand};
+use config::Config;
+
+fn init_logging(default: LevelFilter) {
+    let level = std::env::var("REAPER_LOG")
+        .ok()
+        .and_then(|v| v.parse::<LevelFilter>().ok())
+        .unwrap_or(default);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        CliCommand::Daemon { config } => {
+            init_logging(LevelFilter::INFO);
+            let config = match config {
+                Some(path) => Config::load(&path),
+                None => Ok(Config::default()),
+            };
+            config.and_then(daemon::run).map(|()| 0)
+        }
+        CliCommand::Unload { config } => {
+            init_logging(LevelFilter::WARN);
+            cli::unload(config)
+        }
+        other => {
+            init_logging(LevelFilter::WARN);
+            cli::run_client(other)
+        }
+    };
+    match outcome {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // Show the whole chain: aya's errors keep the syscall's errno in
+            // their source.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                let more = s.to_string();
+                if !text.contains(&more) {
+                    text = format!("{text}: {more}");
+                }
+                source = s.source();
+            }
+            eprintln!("reaper: {text}");
+            std::process::exit(1);
+        }
+    }
+}

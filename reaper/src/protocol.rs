@@ -1,0 +1,814 @@
+//! The control protocol: line-delimited JSON over a Unix stream socket.
+//!
+//! One request per line, one response line per request, in order. Every
+//! request is an object with `"op"`, optionally `"v"` (the protocol version,
+//! 1) and `"id"` (any JSON value, echoed back so that a client may pipeline).
+//! The daemon and the CLI both use the types here, so they cannot drift.
+//!
+//! Parsing is strict: unknown fields, wrong types, missing fields and
+//! conflicting options are refused with a [`Refusal`] that names the field.
+//! Semantic checks that need state or a clock (is the flow there, is the
+//! deadline allowed) happen in the daemon and use the same refusal type.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::Watch;
+use crate::policy::{self, Expiry};
+
+pub const PROTOCOL_VERSION: u64 = 1;
+/// Longest request line; a longer one is refused and the connection closed.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Most socket descriptors one request may carry with SCM_RIGHTS.
+pub const MAX_FDS_PER_REQUEST: usize = 16;
+
+/// Why a request was refused: a stable machine-readable code plus a message
+/// for humans that names what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    /// The line is not JSON, or not a JSON object.
+    BadJson,
+    /// A field is missing, unknown, of the wrong type, or conflicts with another.
+    BadRequest,
+    UnknownOp,
+    UnsupportedVersion,
+    LineTooLong,
+    /// A ttl, expires_at or name is malformed.
+    BadValue,
+    /// The deadline is in the past, zero, or beyond max_ttl.
+    DeadlineRefused,
+    NoSuchFlow,
+    NoSuchSession,
+    /// The flow is not one the kernel tracks (unwatched port or outside the cgroup).
+    FlowNotTracked,
+    /// The session exists with another user or target.
+    SessionConflict,
+    /// The flow already belongs to another session.
+    FlowConflict,
+    PermissionDenied,
+    /// A passed file descriptor is missing or not a TCP socket.
+    BadFd,
+    /// A kernel table is full.
+    TableFull,
+    Internal,
+}
+
+impl fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = serde_json::to_value(self).expect("codes serialize");
+        f.write_str(v.as_str().expect("codes are strings"))
+    }
+}
+
+impl Refusal {
+    pub fn new(code: RefusalCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+fn bad(message: impl Into<String>) -> Refusal {
+    Refusal::new(RefusalCode::BadRequest, message)
+}
+
+// ---------------------------------------------------------------------------
+// Requests as they travel (what the CLI writes and the daemon reads).
+
+/// A duration: a number of seconds, or text such as "300ms" or "1h30m".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DurationArg {
+    Seconds(f64),
+    Text(String),
+}
+
+/// A flow, named by its addresses (from either end's point of view) or by the
+/// index of a socket descriptor sent with the request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantArgs {
+    pub session: String,
+    pub user: String,
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<DurationArg>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    pub flows: Vec<FlowSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendArgs {
+    pub session: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<DurationArg>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeArgs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<FlowSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListArgs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// A request on the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WireOp {
+    Grant(GrantArgs),
+    Extend(ExtendArgs),
+    Revoke(RevokeArgs),
+    List(ListArgs),
+    Status,
+}
+
+impl WireOp {
+    fn name(&self) -> &'static str {
+        match self {
+            WireOp::Grant(_) => "grant",
+            WireOp::Extend(_) => "extend",
+            WireOp::Revoke(_) => "revoke",
+            WireOp::List(_) => "list",
+            WireOp::Status => "status",
+        }
+    }
+
+    /// The request line (without the newline).
+    pub fn to_line(&self, id: Option<Value>) -> String {
+        let mut obj = match self {
+            WireOp::Grant(a) => serde_json::to_value(a),
+            WireOp::Extend(a) => serde_json::to_value(a),
+            WireOp::Revoke(a) => serde_json::to_value(a),
+            WireOp::List(a) => serde_json::to_value(a),
+            WireOp::Status => Ok(Value::Object(Map::new())),
+        }
+        .expect("requests serialize");
+        let map = obj.as_object_mut().expect("requests are objects");
+        map.insert("v".into(), PROTOCOL_VERSION.into());
+        map.insert("op".into(), self.name().into());
+        if let Some(id) = id {
+            map.insert("id".into(), id);
+        }
+        obj.to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Requests once validated (what the daemon acts on).
+
+/// A flow reference the daemon can resolve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlowRef {
+    Addrs {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+    /// Index into the descriptors passed with the request.
+    Fd(usize),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantRequest {
+    pub session: String,
+    pub user: String,
+    pub target: String,
+    /// Required when the session is new; a later grant joining an existing
+    /// session may leave it out.
+    pub expiry: Option<Expiry>,
+    pub flows: Vec<FlowRef>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtendRequest {
+    pub session: String,
+    pub expiry: Expiry,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RevokeSelector {
+    Session(String),
+    User(String),
+    Target(String),
+    Flow {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Grant(GrantRequest),
+    Extend(ExtendRequest),
+    Revoke(RevokeSelector),
+    List(ListArgs),
+    Status,
+}
+
+impl Command {
+    /// Whether the command changes grants (and so needs an allowed caller).
+    pub fn mutates(&self) -> bool {
+        matches!(
+            self,
+            Command::Grant(_) | Command::Extend(_) | Command::Revoke(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Option<Value>,
+    pub command: Command,
+}
+
+/// Parses one request line. On error, also returns the request id if one
+/// could be read, so the refusal can carry it.
+pub fn parse_request(line: &[u8]) -> Result<Request, (Option<Value>, Refusal)> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        (
+            None,
+            Refusal::new(
+                RefusalCode::BadJson,
+                format!("request is not valid JSON: {e}"),
+            ),
+        )
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err((
+            None,
+            Refusal::new(RefusalCode::BadJson, "request must be a JSON object"),
+        ));
+    };
+    let id = obj.remove("id");
+    parse_object(obj)
+        .map(|command| Request {
+            id: id.clone(),
+            command,
+        })
+        .map_err(|r| (id, r))
+}
+
+fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
+    match obj.remove("v") {
+        None => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION) => {}
+        Some(other) => {
+            return Err(Refusal::new(
+                RefusalCode::UnsupportedVersion,
+                format!("protocol version {other} is not supported (this daemon speaks v{PROTOCOL_VERSION})"),
+            ))
+        }
+    }
+    let op = match obj.remove("op") {
+        Some(Value::String(op)) => op,
+        Some(other) => return Err(bad(format!("\"op\" must be a string, not {other}"))),
+        None => {
+            return Err(bad(
+                "missing \"op\" (one of grant, extend, revoke, list, status)",
+            ))
+        }
+    };
+    let body = Value::Object(obj);
+    fn args<T: for<'de> Deserialize<'de>>(op: &str, body: Value) -> Result<T, Refusal> {
+        serde_json::from_value(body).map_err(|e| bad(format!("{op}: {e}")))
+    }
+    match op.as_str() {
+        "grant" => validate_grant(args("grant", body)?).map(Command::Grant),
+        "extend" => validate_extend(args("extend", body)?).map(Command::Extend),
+        "revoke" => validate_revoke(args("revoke", body)?).map(Command::Revoke),
+        "list" => {
+            let a: ListArgs = args("list", body)?;
+            for (field, v) in [
+                ("session", &a.session),
+                ("user", &a.user),
+                ("target", &a.target),
+            ] {
+                if let Some(v) = v {
+                    check_name(&format!("list.{field}"), v, usize::MAX)?;
+                }
+            }
+            Ok(Command::List(a))
+        }
+        "status" => {
+            let _: EmptyArgs = args("status", body)?;
+            Ok(Command::Status)
+        }
+        other => Err(Refusal::new(
+            RefusalCode::UnknownOp,
+            format!("unknown op {other:?} (one of grant, extend, revoke, list, status)"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyArgs {}
+
+fn check_name(field: &str, value: &str, max: usize) -> Result<(), Refusal> {
+    let refuse = |why: String| Refusal::new(RefusalCode::BadValue, format!("{field}: {why}"));
+    if value.is_empty() {
+        return Err(refuse("must not be empty".into()));
+    }
+    if value.len() > max {
+        return Err(refuse(format!(
+            "{} bytes is longer than the {max} allowed",
+            value.len()
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(refuse("must not contain control characters".into()));
+    }
+    Ok(())
+}
+
+fn expiry_of(
+    op: &str,
+    ttl: Option<DurationArg>,
+    expires_at: Option<String>,
+) -> Result<Option<Expiry>, Refusal> {
+    let value = |e: policy::PolicyError| Refusal::new(RefusalCode::BadValue, format!("{op}: {e}"));
+    match (ttl, expires_at) {
+        (Some(_), Some(_)) => Err(bad(format!("{op}: give ttl or expires_at, not both"))),
+        (Some(DurationArg::Seconds(s)), None) => Ok(Some(Expiry::Ttl(
+            policy::seconds_to_ns(s)
+                .map_err(|e| Refusal::new(RefusalCode::BadValue, format!("{op}: ttl {e}")))?,
+        ))),
+        (Some(DurationArg::Text(t)), None) => Ok(Some(Expiry::Ttl(
+            policy::parse_duration(&t)
+                .map_err(|e| value(policy::PolicyError(format!("ttl: {e}"))))?,
+        ))),
+        (None, Some(at)) => Ok(Some(Expiry::At(
+            policy::parse_rfc3339(&at)
+                .map_err(|e| value(policy::PolicyError(format!("expires_at: {e}"))))?,
+        ))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, Refusal> {
+    text.parse().map_err(|_| {
+        Refusal::new(
+            RefusalCode::BadValue,
+            format!("{field}: {text:?} is not an address like 127.0.0.1:5900 or [::1]:5900"),
+        )
+    })
+}
+
+fn flow_ref(field: &str, spec: FlowSpec, allow_fd: bool) -> Result<FlowRef, Refusal> {
+    match spec {
+        FlowSpec {
+            local: Some(l),
+            remote: Some(r),
+            fd: None,
+        } => {
+            let local = parse_addr(&format!("{field}.local"), &l)?;
+            let remote = parse_addr(&format!("{field}.remote"), &r)?;
+            if local.is_ipv4() != remote.is_ipv4() {
+                return Err(Refusal::new(
+                    RefusalCode::BadValue,
+                    format!("{field}: local and remote must both be IPv4 or both IPv6"),
+                ));
+            }
+            Ok(FlowRef::Addrs { local, remote })
+        }
+        FlowSpec {
+            local: None,
+            remote: None,
+            fd: Some(fd),
+        } if allow_fd => {
+            if fd as usize >= MAX_FDS_PER_REQUEST {
+                return Err(Refusal::new(
+                    RefusalCode::BadFd,
+                    format!("{field}.fd: {fd} is beyond the {MAX_FDS_PER_REQUEST} descriptors a request may carry"),
+                ));
+            }
+            Ok(FlowRef::Fd(fd as usize))
+        }
+        _ if allow_fd => Err(bad(format!(
+            "{field}: give either \"fd\" or both \"local\" and \"remote\""
+        ))),
+        _ => Err(bad(format!("{field}: give both \"local\" and \"remote\""))),
+    }
+}
+
+fn validate_grant(a: GrantArgs) -> Result<GrantRequest, Refusal> {
+    use reaper_common::{SESSION_NAME_MAX, TARGET_NAME_MAX, USER_NAME_MAX};
+    check_name("grant.session", &a.session, SESSION_NAME_MAX)?;
+    check_name("grant.user", &a.user, USER_NAME_MAX)?;
+    check_name("grant.target", &a.target, TARGET_NAME_MAX)?;
+    if a.flows.is_empty() {
+        return Err(bad("grant.flows: name at least one flow"));
+    }
+    if a.flows.len() > 64 {
+        return Err(bad("grant.flows: at most 64 flows per request"));
+    }
+    let flows = a
+        .flows
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| flow_ref(&format!("grant.flows[{i}]"), f, true))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(GrantRequest {
+        expiry: expiry_of("grant", a.ttl, a.expires_at)?,
+        session: a.session,
+        user: a.user,
+        target: a.target,
+        flows,
+    })
+}
+
+fn validate_extend(a: ExtendArgs) -> Result<ExtendRequest, Refusal> {
+    check_name(
+        "extend.session",
+        &a.session,
+        reaper_common::SESSION_NAME_MAX,
+    )?;
+    let expiry = expiry_of("extend", a.ttl, a.expires_at)?
+        .ok_or_else(|| bad("extend: give ttl or expires_at"))?;
+    Ok(ExtendRequest {
+        session: a.session,
+        expiry,
+    })
+}
+
+fn validate_revoke(a: RevokeArgs) -> Result<RevokeSelector, Refusal> {
+    let given = [
+        a.session.is_some(),
+        a.user.is_some(),
+        a.target.is_some(),
+        a.flow.is_some(),
+    ]
+    .iter()
+    .filter(|g| **g)
+    .count();
+    if given != 1 {
+        return Err(bad(
+            "revoke: give exactly one of session, user, target, flow",
+        ));
+    }
+    let name =
+        |field: &str, v: String| check_name(&format!("revoke.{field}"), &v, usize::MAX).map(|_| v);
+    Ok(match a {
+        RevokeArgs {
+            session: Some(s), ..
+        } => RevokeSelector::Session(name("session", s)?),
+        RevokeArgs { user: Some(u), .. } => RevokeSelector::User(name("user", u)?),
+        RevokeArgs {
+            target: Some(t), ..
+        } => RevokeSelector::Target(name("target", t)?),
+        RevokeArgs { flow: Some(f), .. } => match flow_ref("revoke.flow", f, false)? {
+            FlowRef::Addrs { local, remote } => RevokeSelector::Flow { local, remote },
+            FlowRef::Fd(_) => unreachable!("fds are refused for revoke"),
+        },
+        _ => unreachable!("exactly one selector was counted"),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Responses.
+
+/// One response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub v: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Refusal>,
+}
+
+impl Response {
+    pub fn ok(id: Option<Value>, result: impl Serialize) -> Response {
+        Response {
+            v: PROTOCOL_VERSION,
+            id,
+            ok: true,
+            result: Some(serde_json::to_value(result).expect("results serialize")),
+            error: None,
+        }
+    }
+
+    pub fn refused(id: Option<Value>, refusal: Refusal) -> Response {
+        Response {
+            v: PROTOCOL_VERSION,
+            id,
+            ok: false,
+            result: None,
+            error: Some(refusal),
+        }
+    }
+
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("responses serialize");
+        s.push('\n');
+        s
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowView {
+    pub cookie: u64,
+    pub local: String,
+    pub remote: String,
+    pub established: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub session: String,
+    pub user: String,
+    pub target: String,
+    /// Wall-clock deadline (RFC 3339, UTC).
+    pub deadline: String,
+    /// The deadline on the kernel's boot clock, as enforced.
+    pub deadline_boot_ns: u64,
+    /// Milliseconds until the deadline (negative once it has passed).
+    pub time_left_ms: i64,
+    pub granted_at: String,
+    pub granted_by_uid: u32,
+    pub flows: Vec<FlowView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantResult {
+    pub session: SessionView,
+    /// Whether this grant created the session (false: it joined one).
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KillView {
+    pub session: String,
+    pub cookie: u64,
+    pub local: String,
+    pub remote: String,
+    /// `destroyed`, `already_closed` or `drop_only`.
+    pub result: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokeResult {
+    /// Sessions that ended.
+    pub sessions: Vec<String>,
+    pub kills: Vec<KillView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListResult {
+    pub now: String,
+    pub sessions: Vec<SessionView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResult {
+    pub version: String,
+    pub protocol: u64,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub cgroup: String,
+    pub pin_path: String,
+    pub sessions: usize,
+    pub tracked_flows: usize,
+    pub granted_flows: usize,
+    pub max_flows: u32,
+    pub max_sessions: u32,
+    pub counters: BTreeMap<String, u64>,
+    pub watch: Vec<Watch>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(line: &str) -> Refusal {
+        parse_request(line.as_bytes()).unwrap_err().1
+    }
+
+    #[test]
+    fn grant_by_addrs_and_fd() {
+        let r = parse_request(
+            br#"{"v":1,"id":7,"op":"grant","session":"s1","user":"alice","target":"vm-1",
+                "ttl":"300ms","flows":[{"local":"127.0.0.1:5900","remote":"127.0.0.1:40000"},{"fd":0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.id, Some(7.into()));
+        let Command::Grant(g) = r.command else {
+            panic!()
+        };
+        assert_eq!(g.expiry, Some(Expiry::Ttl(300 * policy::NS_PER_MS)));
+        assert_eq!(g.flows[1], FlowRef::Fd(0));
+        assert!(matches!(g.flows[0], FlowRef::Addrs { .. }));
+    }
+
+    #[test]
+    fn ttl_as_seconds_and_expires_at() {
+        let Command::Extend(e) = parse_request(br#"{"op":"extend","session":"s","ttl":1.5}"#)
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(e.expiry, Expiry::Ttl(1_500 * policy::NS_PER_MS));
+        let Command::Extend(e) =
+            parse_request(br#"{"op":"extend","session":"s","expires_at":"2026-11-22T10:00:00Z"}"#)
+                .unwrap()
+                .command
+        else {
+            panic!()
+        };
+        assert!(matches!(e.expiry, Expiry::At(_)));
+    }
+
+    #[test]
+    fn wire_ops_round_trip() {
+        let op = WireOp::Grant(GrantArgs {
+            session: "s".into(),
+            user: "u".into(),
+            target: "t".into(),
+            ttl: Some(DurationArg::Text("5s".into())),
+            expires_at: None,
+            flows: vec![FlowSpec {
+                fd: Some(0),
+                ..Default::default()
+            }],
+        });
+        let r = parse_request(op.to_line(Some("x".into())).as_bytes()).unwrap();
+        assert_eq!(r.id, Some("x".into()));
+        assert!(matches!(r.command, Command::Grant(_)));
+        for op in [WireOp::Status, WireOp::List(ListArgs::default())] {
+            parse_request(op.to_line(None).as_bytes()).unwrap();
+        }
+    }
+
+    /// Every malformed request gets its own specific refusal.
+    #[test]
+    fn malformed_requests_are_refused_specifically() {
+        use RefusalCode::*;
+        let cases: &[(&str, RefusalCode, &str)] = &[
+            ("not json", BadJson, "not valid JSON"),
+            ("[1,2]", BadJson, "JSON object"),
+            (r#"{"v":1}"#, BadRequest, "missing \"op\""),
+            (r#"{"op":5}"#, BadRequest, "must be a string"),
+            (r#"{"op":"explode"}"#, UnknownOp, "explode"),
+            (r#"{"v":2,"op":"status"}"#, UnsupportedVersion, "version 2"),
+            (
+                r#"{"op":"status","verbose":true}"#,
+                BadRequest,
+                "unknown field `verbose`",
+            ),
+            (
+                r#"{"op":"grant","user":"u","target":"t","ttl":5,"flows":[{"fd":0}]}"#,
+                BadRequest,
+                "missing field `session`",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[]}"#,
+                BadRequest,
+                "at least one flow",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":-5,"flows":[{"fd":0}]}"#,
+                BadValue,
+                "negative",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":"soon","flows":[{"fd":0}]}"#,
+                BadValue,
+                "ttl",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"expires_at":"2026-01-01T00:00:00Z","flows":[{"fd":0}]}"#,
+                BadRequest,
+                "not both",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","expires_at":"tomorrow","flows":[{"fd":0}]}"#,
+                BadValue,
+                "expires_at",
+            ),
+            (
+                r#"{"op":"grant","session":"","user":"u","target":"t","ttl":5,"flows":[{"fd":0}]}"#,
+                BadValue,
+                "grant.session: must not be empty",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u\n","target":"t","ttl":5,"flows":[{"fd":0}]}"#,
+                BadValue,
+                "control characters",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[{"local":"1.2.3.4:5"}]}"#,
+                BadRequest,
+                "flows[0]",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[{"local":"nowhere","remote":"1.2.3.4:5"}]}"#,
+                BadValue,
+                "flows[0].local",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[{"local":"[::1]:5","remote":"1.2.3.4:5"}]}"#,
+                BadValue,
+                "both IPv4",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[{"fd":99}]}"#,
+                BadFd,
+                "fd",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[{"fd":0,"port":1}]}"#,
+                BadRequest,
+                "unknown field `port`",
+            ),
+            (
+                r#"{"op":"extend","session":"s"}"#,
+                BadRequest,
+                "give ttl or expires_at",
+            ),
+            (r#"{"op":"revoke"}"#, BadRequest, "exactly one"),
+            (
+                r#"{"op":"revoke","user":"a","session":"b"}"#,
+                BadRequest,
+                "exactly one",
+            ),
+            (
+                r#"{"op":"revoke","flow":{"fd":1}}"#,
+                BadRequest,
+                "revoke.flow",
+            ),
+        ];
+        for (line, code, needle) in cases {
+            let r = refusal(line);
+            assert_eq!(r.code, *code, "{line} -> {r}");
+            assert!(r.message.contains(needle), "{line} -> {r}");
+        }
+        let long = format!(
+            r#"{{"op":"grant","session":"{}","user":"u","target":"t","ttl":5,"flows":[{{"fd":0}}]}}"#,
+            "s".repeat(200)
+        );
+        assert_eq!(refusal(&long).code, RefusalCode::BadValue);
+    }
+
+    #[test]
+    fn refusals_keep_the_request_id() {
+        let (id, r) = parse_request(br#"{"id":"abc","op":"nope"}"#).unwrap_err();
+        assert_eq!(id, Some("abc".into()));
+        assert_eq!(r.code, RefusalCode::UnknownOp);
+        let line = Response::refused(id, r).to_line();
+        assert!(line.ends_with('\n'));
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.error.unwrap().code, RefusalCode::UnknownOp);
+    }
+}
