@@ -402,7 +402,7 @@ mod tests {
         let t = parse_rfc3339("2024-02-29T23:59:59.123456Z").unwrap();
         assert_eq!(format_rfc3339(t), "2024-02-29T23:59:59.123456Z");
         assert_eq!(
-            format_rfc3339(-NS_PER_SEC as i128),
+            format_rfc3339(-(NS_PER_SEC as i128)),
             "1969-12-31T23:59:59.000000Z"
         );
     }

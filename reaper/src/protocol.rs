@@ -1,8 +1,9 @@
 //! The control protocol: line-delimited JSON over a Unix stream socket.
 //!
 //! One request per line, one response line per request, in order. Every
-//! request is an object with `"op"`, optionally `"v"` (the protocol version,
-//! 1) and `"id"` (any JSON value, echoed back so that a client may pipeline).
+//! request is an object with `"op"`, optionally `"v"` (the protocol
+//! version, which is 1) and `"id"` (any JSON value, echoed back so that a
+//! client may pipeline).
 //! The daemon and the CLI both use the types here, so they cannot drift.
 //!
 //! Parsing is strict: unknown fields, wrong types, missing fields and

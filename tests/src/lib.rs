@@ -1,1 +1,489 @@
+//! Harness for reaper's integration tests.
+//!
+//! Every test builds a [`Sandbox`]: its own network namespace (entered by the
+//! test's thread with `unshare`, so it vanishes with the test process), its
+//! own cgroup v2 (the test process moves into it, so every socket the test or
+//! its children create is in it), its own bpffs pin directory, control socket
+//! and audit file, and the real `reaper` binary attached to that cgroup only.
+//! Dropping the sandbox — also when the test panics — stops every process it
+//! started and removes the cgroup, the pins and the files.
+//!
+//! Tests run as root (CAP_BPF, CAP_NET_ADMIN); cargo-nextest runs each in its
+//! own process, which is what makes the per-thread namespace and the
+//! per-process cgroup sound.
 
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Prefix of everything a test creates, so that `cargo xtask test` can sweep
+/// up what a killed test run left behind.
+pub const PREFIX: &str = "reaper-test-";
+
+/// Nanoseconds on CLOCK_BOOTTIME, the clock reaper's deadlines live on.
+pub fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Blocks until the boot clock reaches `ns`: waiting for a known deadline,
+/// not for a guess.
+pub fn sleep_until_boot(ns: u64) {
+    let now = boot_ns();
+    if ns > now {
+        std::thread::sleep(Duration::from_nanos(ns - now));
+    }
+}
+
+/// The `reaper` binary under test.
+pub fn reaper_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REAPER_BIN") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/reaper");
+    assert!(
+        p.exists(),
+        "no reaper binary at {} (run `cargo xtask test`)",
+        p.display()
+    );
+    p
+}
+
+fn peer_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REAPER_TEST_PEER") {
+        return p.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/reaper-test-peer")
+}
+
+fn check(status: std::io::Result<std::process::ExitStatus>, what: &str) {
+    match status {
+        Ok(s) if s.success() => {}
+        other => panic!("{what} failed: {other:?}"),
+    }
+}
+
+pub struct Sandbox {
+    pub name: String,
+    pub cgroup: PathBuf,
+    pub pin_path: PathBuf,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config_path: PathBuf,
+    pub audit_path: PathBuf,
+    daemon: Option<Child>,
+    peers: Vec<Peer>,
+    /// Other processes a test started; killed with the sandbox.
+    children: Vec<Child>,
+}
+
+impl Sandbox {
+    /// Enters a fresh network namespace and cgroup. `name` must be unique
+    /// among tests (the test's own name is).
+    pub fn new(name: &str) -> Sandbox {
+        assert_eq!(unsafe { libc::geteuid() }, 0, "integration tests need root");
+        let unique = format!("{PREFIX}{}-{name}", std::process::id());
+        raise_fd_limit();
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare(CLONE_NEWNET)"
+        );
+        check(
+            Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status(),
+            "ip link set lo up",
+        );
+        ensure_bpffs();
+        let cgroup = Path::new(CGROUP_ROOT).join(&unique);
+        std::fs::create_dir_all(&cgroup).expect("create test cgroup");
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .expect("move the test into its cgroup");
+        let dir = std::env::temp_dir().join(&unique);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut sandbox = Sandbox {
+            name: unique.clone(),
+            pin_path: Path::new(BPFFS).join(&unique),
+            socket: dir.join("reaper.sock"),
+            config_path: dir.join("reaper.toml"),
+            audit_path: dir.join("audit.jsonl"),
+            cgroup,
+            dir,
+            daemon: None,
+            peers: Vec::new(),
+            children: Vec::new(),
+        };
+        sandbox.write_config("[[watch]]\nports = \"5900-5999\"\nside = \"local\"\n");
+        sandbox
+    }
+
+    /// Writes the config: the sandbox's own paths plus `extra` TOML.
+    pub fn write_config(&mut self, extra: &str) {
+        let text = format!(
+            "socket = {:?}\npin_path = {:?}\ncgroup = {:?}\naudit_file = {:?}\n{extra}",
+            self.socket, self.pin_path, self.cgroup, self.audit_path
+        );
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// Starts `reaper daemon` and waits until its control socket answers.
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(reaper_bin())
+            .args(["daemon", "--config"])
+            .arg(&self.config_path)
+            .env("REAPER_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn reaper daemon");
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("reaper daemon exited with {status}:\n{}", self.daemon_log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready:\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon with `signal` and waits for it to exit.
+    pub fn stop_daemon(&mut self, signal: i32) {
+        let mut child = self.daemon.take().expect("daemon running");
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().unwrap();
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// One raw protocol exchange: sends `line` (newline added), returns the
+    /// parsed response.
+    pub fn raw(&self, line: &str) -> Value {
+        let mut s = UnixStream::connect(&self.socket).expect("connect control socket");
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad response {reply:?}: {e}"))
+    }
+
+    pub fn request(&self, req: Value) -> Value {
+        self.raw(&req.to_string())
+    }
+
+    /// A request that must succeed; returns its result.
+    pub fn ok(&self, req: Value) -> Value {
+        let r = self.request(req.clone());
+        assert_eq!(r["ok"], true, "{req} was refused: {r}");
+        r["result"].clone()
+    }
+
+    /// Grants one flow (named by the server's view of it) for `ttl`.
+    pub fn grant(&self, session: &str, user: &str, target: &str, ttl: &str, flow: &Flow) -> Value {
+        self.ok(
+            json!({"op": "grant", "session": session, "user": user, "target": target,
+                       "ttl": ttl, "flows": [flow.spec()]}),
+        )
+    }
+
+    /// Runs the `reaper` CLI against this sandbox's daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(reaper_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run reaper CLI")
+    }
+
+    /// Audit events written so far.
+    pub fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits until the audit file holds at least `n` events.
+    pub fn wait_audit(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        let end = Instant::now() + timeout;
+        loop {
+            let events = self.audit();
+            if events.len() >= n || Instant::now() > end {
+                return events;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts a peer (server) process listening on `addrs`.
+    pub fn peer(&mut self, addrs: &[&str]) -> usize {
+        let peer = Peer::spawn(addrs);
+        self.peers.push(peer);
+        self.peers.len() - 1
+    }
+
+    pub fn peer_mut(&mut self, index: usize) -> &mut Peer {
+        &mut self.peers[index]
+    }
+
+    /// Starts `cmd` (stdout piped) and makes the sandbox responsible for
+    /// killing it; returns its stdout.
+    pub fn spawn(&mut self, cmd: &mut Command) -> std::process::ChildStdout {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let out = child.stdout.take().unwrap();
+        self.children.push(child);
+        out
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        self.peers.clear();
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ({}) ---\n{}", self.name, self.daemon_log());
+        }
+        // Leave the cgroup so it can be removed; the netns goes with the process.
+        let _ = std::fs::write(
+            Path::new(CGROUP_ROOT).join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::fs::remove_dir_all(&self.pin_path);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+fn ensure_bpffs() {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf "))
+    {
+        let _ = Command::new("mount")
+            .args(["-t", "bpf", "bpf", BPFFS])
+            .status();
+    }
+}
+
+/// A server process (`reaper-test-peer`) and the events it reports.
+pub struct Peer {
+    child: Child,
+    _stdin: ChildStdin,
+    lines: Receiver<String>,
+    seen: VecDeque<String>,
+}
+
+impl Peer {
+    fn spawn(addrs: &[&str]) -> Peer {
+        let mut child = Command::new(peer_bin())
+            .args(addrs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn reaper-test-peer");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut peer = Peer {
+            child,
+            _stdin: stdin,
+            lines: rx,
+            seen: VecDeque::new(),
+        };
+        for _ in addrs {
+            peer.expect(|l| l.starts_with("ready "), Duration::from_secs(10));
+        }
+        peer
+    }
+
+    /// Waits for a reported line matching `pred` and returns it; lines that
+    /// do not match are kept for later calls.
+    pub fn expect(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        self.try_expect(pred, timeout)
+            .unwrap_or_else(|| panic!("peer never reported the expected line; saw {:?}", self.seen))
+    }
+
+    pub fn try_expect(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
+        if let Some(i) = self.seen.iter().position(|l| pred(l)) {
+            return self.seen.remove(i);
+        }
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return Some(line),
+                Ok(line) => self.seen.push_back(line),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Forgets everything reported so far (and not yet matched).
+    pub fn drain(&mut self) {
+        self.seen.clear();
+        while self.lines.try_recv().is_ok() {}
+    }
+
+    /// How the server side of the connection from `client` ended, if it has.
+    pub fn wait_end(&mut self, client: SocketAddr, timeout: Duration) -> Option<String> {
+        let prefix = format!("end {client} ");
+        self.try_expect(|l| l.starts_with(&prefix), timeout)
+            .map(|l| l[prefix.len()..].to_string())
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client connection made by the test process, with the server's view
+/// of its addresses (what a proxy on the server side would register).
+pub struct Flow {
+    pub stream: TcpStream,
+    /// The server's address (the watched port).
+    pub server: SocketAddr,
+    /// The client's address.
+    pub client: SocketAddr,
+}
+
+impl Flow {
+    pub fn connect(server: &str) -> Flow {
+        let stream = TcpStream::connect(server).unwrap_or_else(|e| panic!("connect {server}: {e}"));
+        stream.set_nodelay(true).unwrap();
+        Flow {
+            server: stream.peer_addr().unwrap(),
+            client: stream.local_addr().unwrap(),
+            stream,
+        }
+    }
+
+    /// The flow as the protocol names it, from the server socket's side.
+    pub fn spec(&self) -> Value {
+        json!({"local": self.server.to_string(), "remote": self.client.to_string()})
+    }
+
+    /// Sends bytes and reads the echo back: proves the flow alive both ways.
+    pub fn echo(&mut self) -> std::io::Result<()> {
+        self.stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        self.stream.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        self.stream.read_exact(&mut buf)?;
+        assert_eq!(&buf, b"ping");
+        Ok(())
+    }
+
+    /// Blocks until the connection fails; returns the error and the boot
+    /// time at which it was seen.
+    pub fn wait_reset(&mut self, timeout: Duration) -> (std::io::Error, u64) {
+        self.stream.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => {
+                    return (
+                        std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                        boot_ns(),
+                    )
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    panic!("flow {} still alive after {timeout:?}", self.client)
+                }
+                Err(e) => return (e, boot_ns()),
+            }
+        }
+    }
+}
+
+/// Asserts that an error is a connection reset (what a RST gives a client).
+pub fn assert_reset(e: &std::io::Error) {
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ECONNRESET),
+        "expected ECONNRESET, got {e:?}"
+    );
+}
+
+/// Counts this network namespace's TCP sockets in `state` (hex, as in
+/// /proc/net/tcp: 06 is TIME_WAIT, 0A is LISTEN).
+pub fn count_tcp_state(state: &str) -> usize {
+    // thread-self: the test thread's namespace, not the main thread's.
+    ["tcp", "tcp6"]
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .filter(|l| l.split_whitespace().nth(3) == Some(state))
+                .count()
+        })
+        .sum()
+}
+
+pub const SECOND: Duration = Duration::from_secs(1);

@@ -1,1 +1,302 @@
-fn main() {}
+//! `cargo xtask`: everything needed to build, run and test reaper on a fresh
+//! Debian 12 machine, installed by the project itself.
+//!
+//! * `cargo xtask setup` — install what is missing (LLVM 22, bpf-linker,
+//!   the nightly toolchain's rust-src, cargo-nextest) and mount bpffs.
+//! * `cargo xtask run [-- ARGS]` — set up, build, and run `reaper daemon`
+//!   in the foreground (default config unless ARGS say otherwise).
+//! * `cargo xtask test` — set up, check formatting and lints, run the unit
+//!   and integration tests (as root).
+//!
+//! Only the standard library is used, so this builds in seconds on a
+//! machine that has nothing else yet.
+
+use std::path::{Path, PathBuf};
+use std::process::{exit, Command, Stdio};
+
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "python3",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const NIGHTLY: &str = "nightly";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = match args.split_first() {
+        Some((c, rest)) => (c.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    let result = match command {
+        "setup" => setup(),
+        "build" => setup().and_then(|()| build(true)),
+        "run" => setup().and_then(|()| run(rest)),
+        "test" => setup().and_then(|()| test(rest)),
+        "help" | "-h" | "--help" => {
+            println!(
+                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]>"
+            );
+            Ok(())
+        }
+        other => Err(format!(
+            "unknown xtask command {other:?}; try `cargo xtask help`"
+        )),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e}");
+        exit(1);
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn step(what: &str) {
+    println!("xtask: {what}");
+}
+
+/// Runs a command, inheriting stdio; an error names the command.
+fn sh(cmd: &mut Command) -> Result<(), String> {
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed ({status})"))
+    }
+}
+
+/// Whether a command runs and exits 0, quietly.
+fn works(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn is_root() -> bool {
+    output("id", &["-u"]).trim() == "0"
+}
+
+/// PATH with LLVM 22's tools first, for the bpf-linker build.
+fn llvm_path() -> String {
+    format!(
+        "{LLVM_PREFIX}/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+fn setup() -> Result<(), String> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output("dpkg-query", &["-W", "-f=${Status}", p]).contains("install ok installed")
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            return Err(format!(
+                "Debian packages {missing:?} are missing; run as root to install them"
+            ));
+        }
+        step(&format!("installing Debian packages {missing:?}"));
+        sh(Command::new("apt-get").arg("update"))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    if !output("rustup", &["toolchain", "list"])
+        .lines()
+        .any(|l| l.starts_with(NIGHTLY))
+    {
+        step("installing the nightly Rust toolchain (the kernel programs need it)");
+        sh(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    }
+    if !output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", NIGHTLY],
+    )
+    .lines()
+    .any(|l| l.starts_with("rust-src"))
+    {
+        step("adding rust-src to the nightly toolchain (for -Z build-std=core)");
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    }
+
+    if !output("bpf-linker", &["--version"]).contains(BPF_LINKER_VERSION) {
+        step(&format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)"
+        ));
+        sh(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22", "--force"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", llvm_path()))?;
+    }
+
+    if !works("cargo", &["nextest", "--version"]) {
+        step("installing cargo-nextest");
+        sh(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))?;
+    }
+    for component in ["rustfmt", "clippy"] {
+        if !works(
+            "rustup",
+            &[
+                "which",
+                if component == "rustfmt" {
+                    "rustfmt"
+                } else {
+                    "cargo-clippy"
+                },
+            ],
+        ) {
+            step(&format!("adding {component}"));
+            sh(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+
+    if is_root() && !bpffs_mounted() {
+        step("mounting the bpf filesystem at /sys/fs/bpf");
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+        })
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build(release: bool) -> Result<(), String> {
+    step("building reaper (kernel programs included)");
+    let mut c = cargo();
+    c.args([
+        "build",
+        "--package",
+        "reaper",
+        "--package",
+        "reaper-tests",
+        "--bins",
+    ]);
+    if release {
+        c.arg("--release");
+    }
+    sh(&mut c)
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    if !is_root() {
+        return Err("the daemon needs root (CAP_BPF, CAP_NET_ADMIN)".into());
+    }
+    build(true)?;
+    let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    let bin = root().join("target/release/reaper");
+    let mut c = Command::new(&bin);
+    if args.first().is_some_and(|a| !a.starts_with('-')) {
+        c.args(args);
+    } else {
+        c.arg("daemon").args(args);
+    }
+    step(&format!("running {c:?}"));
+    sh(&mut c)
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    if !is_root() {
+        return Err(
+            "the integration tests need root (they load BPF programs and make namespaces)".into(),
+        );
+    }
+    step("checking formatting");
+    sh(cargo().args(["fmt", "--all", "--check"]))?;
+    step("linting (clippy, warnings are errors)");
+    // reaper-ebpf only builds for the BPF target; build.rs compiles it (and
+    // fails on its warnings-as-errors) for the daemon.
+    sh(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "reaper-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build(false)?;
+    sweep_leftovers();
+    step("running unit and integration tests");
+    let target = root().join("target/debug");
+    let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    sh(cargo()
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .args(args)
+        .env("REAPER_BIN", target.join("reaper"))
+        .env("REAPER_TEST_PEER", target.join("reaper-test-peer")))
+}
+
+/// Removes the cgroups, pins and files of test runs that were killed before
+/// they could clean up (their process is gone).
+fn sweep_leftovers() {
+    const PREFIX: &str = "reaper-test-";
+    let dirs = ["/sys/fs/cgroup/unified", "/sys/fs/bpf", "/tmp"];
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let pid = rest.split('-').next().unwrap_or("");
+            if pid.is_empty() || Path::new("/proc").join(pid).exists() {
+                continue;
+            }
+            let path = entry.path();
+            step(&format!(
+                "removing {} left by a killed test run",
+                path.display()
+            ));
+            let _ = if dir.ends_with("unified") {
+                std::fs::remove_dir(&path)
+            } else {
+                std::fs::remove_dir_all(&path)
+            };
+        }
+    }
+}

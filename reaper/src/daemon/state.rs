@@ -46,6 +46,10 @@ pub struct State {
     audit: Audit,
     config: Config,
     started_boot_ns: u64,
+    /// Unix time minus boot time, read once at start: every boot-clock
+    /// instant is shown as the same wall-clock time for the daemon's life,
+    /// instead of jittering with each pair of clock reads.
+    wall_offset_ns: i128,
     sessions: HashMap<u64, Session>,
     by_name: HashMap<String, u64>,
     next_id: u64,
@@ -80,6 +84,10 @@ impl State {
             audit,
             config,
             started_boot_ns: clock::boot_ns(),
+            wall_offset_ns: {
+                let now = clock::now();
+                now.unix_ns - now.boot_ns as i128
+            },
             sessions: HashMap::new(),
             by_name: HashMap::new(),
             next_id: 1,
@@ -738,6 +746,11 @@ impl State {
         }
     }
 
+    /// The wall-clock time of a boot-clock instant.
+    fn wall(&self, boot_ns: u64) -> i128 {
+        boot_ns as i128 + self.wall_offset_ns
+    }
+
     fn view(&self, id: u64, now: Now) -> SessionView {
         let s = &self.sessions[&id];
         let flows = s
@@ -750,7 +763,7 @@ impl State {
                     cookie,
                     local: local.to_string(),
                     remote: remote.to_string(),
-                    established: policy::format_rfc3339(now.unix_of(f.established_ns)),
+                    established: policy::format_rfc3339(self.wall(f.established_ns)),
                 }
             })
             .collect();
@@ -759,7 +772,7 @@ impl State {
             session: s.name.clone(),
             user: s.user.clone(),
             target: s.target.clone(),
-            deadline: policy::format_rfc3339(now.unix_of(s.record.deadline_ns)),
+            deadline: policy::format_rfc3339(self.wall(s.record.deadline_ns)),
             deadline_boot_ns: s.record.deadline_ns,
             time_left_ms: (left / policy::NS_PER_MS as i128) as i64,
             granted_at: policy::format_rfc3339(s.record.granted_unix_ns as i128),

@@ -1,0 +1,82 @@
+//! Issue 2, test 4: stopping the daemon (cleanly or by SIGKILL) loses no
+//! grant. While it is down the kernel drops the packets of an expired flow;
+//! the restarted daemon lists the grants it adopted, destroys the flow that
+//! expired meanwhile, and enforces the live one at its deadline.
+
+use reaper_tests::{assert_reset, sleep_until_boot, Flow, Sandbox, SECOND};
+use serde_json::json;
+
+fn survives_restart(name: &str, signal: i32) {
+    let mut sb = Sandbox::new(name);
+    sb.start_daemon();
+    let peer = sb.peer(&["127.0.0.1:5900"]);
+    let mut doomed = Flow::connect("127.0.0.1:5900");
+    let mut kept = Flow::connect("127.0.0.1:5900");
+    doomed.echo().unwrap();
+    kept.echo().unwrap();
+    let doomed_deadline = sb.grant("doomed", "alice", "vm-1", "1500ms", &doomed)["session"]
+        ["deadline_boot_ns"]
+        .as_u64()
+        .unwrap();
+    let kept_deadline = sb.grant("kept", "bob", "vm-2", "6s", &kept)["session"]["deadline_boot_ns"]
+        .as_u64()
+        .unwrap();
+
+    sb.stop_daemon(signal);
+    sleep_until_boot(doomed_deadline + 100_000_000);
+
+    // Backstop: no daemon, and the expired flow carries nothing.
+    use std::io::Write;
+    sb.peer_mut(peer).drain();
+    doomed.stream.write_all(b"ping").unwrap();
+    let leaked = sb.peer_mut(peer).try_expect(
+        |l| l.starts_with(&format!("data {} ", doomed.client)),
+        SECOND,
+    );
+    assert!(
+        leaked.is_none(),
+        "expired flow delivered data while the daemon was down"
+    );
+    kept.echo()
+        .expect("a live grant keeps working while the daemon is down");
+
+    sb.start_daemon();
+    let (err, _) = doomed.wait_reset(5 * SECOND);
+    assert_reset(&err);
+
+    let listed = sb.ok(json!({"op": "list"}));
+    let sessions = listed["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "{listed}");
+    assert_eq!(sessions[0]["session"], "kept");
+    assert_eq!(sessions[0]["deadline_boot_ns"], kept_deadline);
+    assert_eq!(sessions[0]["flows"][0]["remote"], kept.client.to_string());
+    let status = sb.ok(json!({"op": "status"}));
+    let dropped = status["counters"]["dropped_packets"].as_u64().unwrap();
+    println!("packets dropped by the kernel while the daemon was down: {dropped}");
+    assert!(dropped >= 1);
+
+    let events = sb.wait_audit(1, 5 * SECOND);
+    assert_eq!(events[0]["session"], "doomed");
+    assert_eq!(events[0]["reason"], "expired");
+    println!(
+        "doomed flow destroyed {} us after its deadline (daemon was down)",
+        events[0]["late_us"]
+    );
+
+    // The adopted grant is still enforced on time by the new daemon.
+    let (err, seen_at) = kept.wait_reset(10 * SECOND);
+    assert_reset(&err);
+    let late_ms = (seen_at - kept_deadline) as f64 / 1e6;
+    println!("adopted grant killed {late_ms:.3} ms after its deadline");
+    assert!(late_ms < 50.0);
+}
+
+#[test]
+fn grants_survive_sigterm() {
+    survives_restart("restart-term", libc::SIGTERM);
+}
+
+#[test]
+fn grants_survive_sigkill() {
+    survives_restart("restart-kill", libc::SIGKILL);
+}
