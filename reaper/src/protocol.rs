@@ -761,7 +761,7 @@ mod tests {
             (
                 r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[{"local":"[::1]:5","remote":"1.2.3.4:5"}]}"#,
                 BadValue,
-                "both IPv4",
+                "both be IPv4",
             ),
             (
                 r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[{"fd":99}]}"#,
