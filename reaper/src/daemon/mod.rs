@@ -51,9 +51,12 @@ pub fn run(config: Config) -> Result<()> {
 async fn serve(config: Config) -> Result<()> {
     let Started {
         enforcer,
-        events,
+        mut events,
         kernel_log,
     } = Enforcer::start(&config)?;
+    // Events queued while no daemon ran are stale: the maps, scanned by
+    // `adopt` right after, are the truth. Only later events are applied.
+    while events.next().is_some() {}
     let timer = DeadlineTimer::new().map_err(Error::io("creating the deadline timer"))?;
     let timer_fd = timer_watch(&timer)?;
     let audit = Audit::open(config.audit_file.as_deref())?;

@@ -329,7 +329,7 @@ impl State {
                     let info = socket::inspect(fd.as_fd()).map_err(|why| {
                         Refusal::new(RefusalCode::BadFd, format!("flows[{i}].fd: {why}"))
                     })?;
-                    if self.tracked_flow(info.cookie).is_none() {
+                    let Some(flow) = self.tracked_flow(info.cookie) else {
                         return refuse(
                             RefusalCode::FlowNotTracked,
                             format!(
@@ -337,6 +337,17 @@ impl State {
                                 info.local,
                                 info.remote,
                                 self.enforcer.cgroup.display()
+                            ),
+                        );
+                    };
+                    if flow.netns_cookie != self.enforcer.netns_cookie {
+                        // Our netlink socket could not destroy it: refuse
+                        // rather than promise a kill we cannot deliver.
+                        return refuse(
+                            RefusalCode::FlowNotTracked,
+                            format!(
+                                "flows[{i}]: the socket {} <-> {} lives in another network namespace, which this daemon does not reach",
+                                info.local, info.remote
                             ),
                         );
                     }
