@@ -118,19 +118,8 @@ impl State {
                 self.enforcer.remove_session(id);
                 continue;
             };
-            self.by_name.insert(name.to_owned(), id);
-            self.schedule.insert((record.deadline_ns, id));
-            self.sessions.insert(
-                id,
-                Session {
-                    record,
-                    name: name.to_owned(),
-                    user: user.to_owned(),
-                    target: target.to_owned(),
-                    flows: BTreeSet::new(),
-                },
-            );
-            self.next_id = self.next_id.max(id + 1);
+            let (name, user, target) = (name.to_owned(), user.to_owned(), target.to_owned());
+            self.index_session(id, record, name, user, target);
         }
         // Attach flows to their sessions; repair what a crash mid-write left.
         let granted: Vec<(u64, Flow)> = self
@@ -176,6 +165,19 @@ impl State {
         };
         let _ = self.enforcer.put_session(id, &record);
         warn!(session = %name, "flow without a session record: enforcing its deadline under a stand-in session");
+        self.index_session(id, record, name, "unknown".into(), "unknown".into());
+    }
+
+    /// Adds a session to the in-memory indexes (its record is already in
+    /// the kernel map).
+    fn index_session(
+        &mut self,
+        id: u64,
+        record: SessionRecord,
+        name: String,
+        user: String,
+        target: String,
+    ) {
         self.by_name.insert(name.clone(), id);
         self.schedule.insert((record.deadline_ns, id));
         self.sessions.insert(
@@ -183,8 +185,8 @@ impl State {
             Session {
                 record,
                 name,
-                user: "unknown".into(),
-                target: "unknown".into(),
+                user,
+                target,
                 flows: BTreeSet::new(),
             },
         );
@@ -456,18 +458,12 @@ impl State {
                 if !self.enforcer.put_session(id, &record).map_err(internal)? {
                     return refuse(RefusalCode::TableFull, "the kernel session table is full");
                 }
-                self.next_id += 1;
-                self.by_name.insert(g.session.clone(), id);
-                self.schedule.insert((deadline, id));
-                self.sessions.insert(
+                self.index_session(
                     id,
-                    Session {
-                        record,
-                        name: g.session.clone(),
-                        user: g.user.clone(),
-                        target: g.target.clone(),
-                        flows: BTreeSet::new(),
-                    },
+                    record,
+                    g.session.clone(),
+                    g.user.clone(),
+                    g.target.clone(),
                 );
                 (id, true)
             }
