@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_FLOWS: u32 = 131_072;
 pub const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 /// Size of the flow-event ring buffer in bytes (a power of two, page aligned).
 pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Size of the pre-registration table (`PENDING`).
+pub const MAX_PENDING: u32 = 16_384;
 
 /// Names of the maps, as the daemon finds them in the object and pins them.
 pub mod map_names {
@@ -29,6 +31,8 @@ pub mod map_names {
     pub const WATCH: &str = "WATCH";
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const PENDING: &str = "PENDING";
+    pub const SETTINGS: &str = "SETTINGS";
 }
 
 /// Names of the programs in the object.
@@ -85,6 +89,39 @@ pub struct Flow {
     pub deadline_ns: u64,
     /// The session the flow was granted to; 0 = none.
     pub session: u64,
+    /// [`flow_flags`] bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Bits of [`Flow::flags`].
+pub mod flow_flags {
+    /// The socket was accepted (passive open): it faces the client, so the
+    /// data it *receives* is the user's input. Otherwise it connected out
+    /// (a proxy's upstream socket) and the data it *sends* is the input.
+    pub const PASSIVE: u32 = 1;
+    /// The flow is on a fenced port: without a grant it dies after the
+    /// grace window.
+    pub const FENCED: u32 = 2;
+}
+
+/// A grant waiting for its connection: the value of `PENDING`, keyed by the
+/// tuple the socket will have, or by that tuple with its ephemeral port
+/// (the client's) set to 0 to match any.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PendingGrant {
+    pub deadline_ns: u64,
+    pub session: u64,
+    /// Only a connection in this network namespace claims the grant.
+    pub netns_cookie: u64,
+}
+
+/// Indexes into the `SETTINGS` array (u64 values written by the daemon).
+pub mod setting {
+    /// How long a fenced flow may live without a grant, in nanoseconds.
+    pub const FENCE_GRACE_NS: u32 = 0;
+    pub const COUNT: u32 = 4;
 }
 
 /// What happened to a flow, as reported on the `EVENTS` ring buffer.
@@ -155,6 +192,7 @@ impl<const N: usize> Label<N> {
 pub const SESSION_NAME_MAX: usize = 128;
 pub const USER_NAME_MAX: usize = 64;
 pub const TARGET_NAME_MAX: usize = 128;
+pub const CLASS_NAME_MAX: usize = 62;
 
 /// A granted session: the value of `SESSIONS`, keyed by the daemon's session
 /// number. Only user space reads and writes it; it lives in a pinned map so
@@ -170,10 +208,16 @@ pub struct SessionRecord {
     pub granted_unix_ns: u64,
     /// Who granted it (SO_PEERCRED of the control client).
     pub granted_by_uid: u32,
-    pub _pad: u32,
+    /// 0: input counts as activity; 1: any data does.
+    pub idle_direction: u32,
+    /// Idle timeout in nanoseconds; 0 = none.
+    pub idle_timeout_ns: u64,
+    /// Last activity a proxy reported with `touch`, boot-clock nanoseconds.
+    pub touched_ns: u64,
     pub name: Label<SESSION_NAME_MAX>,
     pub user: Label<USER_NAME_MAX>,
     pub target: Label<TARGET_NAME_MAX>,
+    pub class: Label<CLASS_NAME_MAX>,
     pub _pad2: [u8; 2],
 }
 
@@ -189,6 +233,8 @@ pub mod counter {
     pub const TABLE_FULL: u32 = 3;
     /// Events that did not fit in the ring buffer.
     pub const EVENTS_LOST: u32 = 4;
+    /// Connections tagged at establishment from a pre-registered grant.
+    pub const PENDING_MATCHED: u32 = 5;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }
@@ -201,16 +247,27 @@ pub enum PortSide {
     Remote = 1,
 }
 
-/// The watch set is a bitmap of all 65536 ports per side, in `WATCH` (an
-/// array of u64 words): one array lookup decides whether a new connection is
-/// watched, whatever the number of configured ranges.
-pub const WATCH_WORDS_PER_SIDE: u32 = 65_536 / 64;
-pub const WATCH_WORDS: u32 = 2 * WATCH_WORDS_PER_SIDE;
+/// What a port bitmap in `WATCH` marks.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortSet {
+    /// Connections are tracked.
+    Watch = 0,
+    /// Connections are tracked and must be granted within the grace window.
+    Fence = 1,
+}
 
-/// Where `port` on `side` lives in the watch bitmap: (word index, bit mask).
+/// `WATCH` holds four bitmaps of all 65536 ports (watch/fence × local/
+/// remote) as u64 words: one array lookup per bitmap decides about a new
+/// connection, whatever the number of configured ranges.
+pub const WATCH_WORDS_PER_SIDE: u32 = 65_536 / 64;
+pub const WATCH_WORDS: u32 = 4 * WATCH_WORDS_PER_SIDE;
+
+/// Where `port` on `side` lives in bitmap `set`: (word index, bit mask).
 #[inline(always)]
-pub fn watch_slot(side: PortSide, port: u16) -> (u32, u64) {
-    let word = side as u32 * WATCH_WORDS_PER_SIDE + (port as u32 >> 6);
+pub fn watch_slot(set: PortSet, side: PortSide, port: u16) -> (u32, u64) {
+    let bitmap = set as u32 * 2 + side as u32;
+    let word = bitmap * WATCH_WORDS_PER_SIDE + (port as u32 >> 6);
     (word, 1u64 << (port & 63))
 }
 
@@ -229,6 +286,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowTuple {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::SessionRecord {}
+    unsafe impl aya::Pod for super::PendingGrant {}
 }
 
 #[cfg(test)]
@@ -239,24 +297,29 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<FlowTuple>(), 40);
-        assert_eq!(size_of::<Flow>(), 72);
-        assert_eq!(size_of::<FlowEvent>(), 88);
+        assert_eq!(size_of::<Flow>(), 80);
+        assert_eq!(size_of::<FlowEvent>(), 96);
+        assert_eq!(size_of::<PendingGrant>(), 24);
         assert_eq!(
             size_of::<SessionRecord>(),
-            32 + (2 + SESSION_NAME_MAX) + (2 + USER_NAME_MAX) + (2 + TARGET_NAME_MAX) + 2
+            48 + (2 + SESSION_NAME_MAX)
+                + (2 + USER_NAME_MAX)
+                + (2 + TARGET_NAME_MAX)
+                + (2 + CLASS_NAME_MAX)
+                + 2
         );
     }
 
     #[test]
-    fn watch_slots_split_sides_and_words() {
-        assert_eq!(watch_slot(PortSide::Local, 0), (0, 1));
-        assert_eq!(watch_slot(PortSide::Local, 63), (0, 1 << 63));
-        assert_eq!(watch_slot(PortSide::Local, 5900), (92, 1 << 12));
-        assert_eq!(watch_slot(PortSide::Remote, 0), (WATCH_WORDS_PER_SIDE, 1));
-        assert_eq!(
-            watch_slot(PortSide::Remote, 65535),
-            (WATCH_WORDS - 1, 1 << 63)
-        );
+    fn watch_slots_split_sets_sides_and_words() {
+        use PortSet::*;
+        use PortSide::*;
+        assert_eq!(watch_slot(Watch, Local, 0), (0, 1));
+        assert_eq!(watch_slot(Watch, Local, 63), (0, 1 << 63));
+        assert_eq!(watch_slot(Watch, Local, 5900), (92, 1 << 12));
+        assert_eq!(watch_slot(Watch, Remote, 0), (WATCH_WORDS_PER_SIDE, 1));
+        assert_eq!(watch_slot(Fence, Local, 0), (2 * WATCH_WORDS_PER_SIDE, 1));
+        assert_eq!(watch_slot(Fence, Remote, 65535), (WATCH_WORDS - 1, 1 << 63));
     }
 
     #[test]

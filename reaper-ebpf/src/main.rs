@@ -6,10 +6,13 @@
 //!   socket cookie, and reported on `EVENTS`; for those only it turns on the
 //!   state callback, so that the close is seen and the entry removed.
 //!   Unwatched connections cost one array lookup and are never stored.
+//!   A connection on a *fenced* port is tracked even if not watched, and a
+//!   grant registered beforehand in `PENDING` tags it at once.
 //! * `reaper_ingress` / `reaper_egress` (cgroup_skb) are the backstop: a packet
-//!   of a tracked flow whose deadline has passed is dropped, whether or not the
-//!   daemon is running. RSTs still pass, so that the socket destroy (or the
-//!   peer) can end the connection cleanly.
+//!   of a tracked flow whose deadline has passed, or of a fenced flow still
+//!   ungranted after the grace window, is dropped, whether or not the daemon
+//!   is running. RSTs still pass, so that the socket destroy (or the peer)
+//!   can end the connection cleanly.
 #![no_std]
 #![no_main]
 
@@ -27,9 +30,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use reaper_common::{
-    counter, deadline_passed, watch_slot, Flow, FlowEvent, FlowEventKind, FlowTuple, PortSide,
-    SessionRecord, AF_INET, AF_INET6, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SESSIONS, EVENTS_BYTES,
-    WATCH_WORDS,
+    counter, deadline_passed, flow_flags, setting, watch_slot, Flow, FlowEvent, FlowEventKind,
+    FlowTuple, PendingGrant, PortSet, PortSide, SessionRecord, AF_INET, AF_INET6,
+    DEFAULT_MAX_FLOWS, DEFAULT_MAX_SESSIONS, EVENTS_BYTES, MAX_PENDING, WATCH_WORDS,
 };
 
 #[map]
@@ -49,6 +52,14 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Grants registered before their connection exists.
+#[map]
+static PENDING: HashMap<FlowTuple, PendingGrant> = HashMap::with_max_entries(MAX_PENDING, 0);
+
+/// Daemon-written settings (see `reaper_common::setting`).
+#[map]
+static SETTINGS: Array<u64> = Array::with_max_entries(setting::COUNT, 0);
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
@@ -63,8 +74,8 @@ fn count(index: u32) {
 }
 
 #[inline(always)]
-fn watched(side: PortSide, port: u16) -> bool {
-    let (word, bit) = watch_slot(side, port);
+fn marked(set: PortSet, side: PortSide, port: u16) -> bool {
+    let (word, bit) = watch_slot(set, side, port);
     match WATCH.get(word) {
         Some(bits) => *bits & bit != 0,
         None => false,
@@ -86,16 +97,15 @@ fn emit(kind: FlowEventKind, cookie: u64, flow: &Flow) {
 #[sock_ops]
 pub fn reaper_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            on_established(&ctx)
-        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx, false),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, true),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     1
 }
 
-fn on_established(ctx: &SockOpsContext) {
+fn on_established(ctx: &SockOpsContext, passive: bool) {
     let family = ctx.family() as u16;
     if family != AF_INET && family != AF_INET6 {
         return;
@@ -103,7 +113,12 @@ fn on_established(ctx: &SockOpsContext) {
     let local_port = ctx.local_port() as u16;
     // remote_port holds the big-endian port in its upper half.
     let remote_port = u32::from_be(ctx.remote_port()) as u16;
-    if !watched(PortSide::Local, local_port) && !watched(PortSide::Remote, remote_port) {
+    let fenced = marked(PortSet::Fence, PortSide::Local, local_port)
+        || marked(PortSet::Fence, PortSide::Remote, remote_port);
+    if !fenced
+        && !marked(PortSet::Watch, PortSide::Local, local_port)
+        && !marked(PortSet::Watch, PortSide::Remote, remote_port)
+    {
         return;
     }
 
@@ -130,20 +145,46 @@ fn on_established(ctx: &SockOpsContext) {
     };
     let ops = ops as *mut c_void;
     let cookie = unsafe { bpf_get_socket_cookie(ops) };
-    let flow = Flow {
-        tuple: FlowTuple {
-            family,
-            local_port,
-            remote_port,
-            _pad: 0,
-            local_addr,
-            remote_addr,
-        },
+    let mut tuple = FlowTuple {
+        family,
+        local_port,
+        remote_port,
+        _pad: 0,
+        local_addr,
+        remote_addr,
+    };
+    let mut flags = 0;
+    if passive {
+        flags |= flow_flags::PASSIVE;
+    }
+    if fenced {
+        flags |= flow_flags::FENCED;
+    }
+    let mut flow = Flow {
+        tuple,
         netns_cookie: unsafe { bpf_get_netns_cookie(ops) },
         established_ns: unsafe { bpf_ktime_get_boot_ns() },
         deadline_ns: 0,
         session: 0,
+        flags,
+        _pad: 0,
     };
+    // A grant registered before the connection: exact tuple first, then the
+    // tuple with the client's ephemeral port left open.
+    let mut pending = take_pending(&tuple, flow.netns_cookie);
+    if pending.is_none() {
+        if passive {
+            tuple.remote_port = 0;
+        } else {
+            tuple.local_port = 0;
+        }
+        pending = take_pending(&tuple, flow.netns_cookie);
+    }
+    if let Some(grant) = pending {
+        flow.deadline_ns = grant.deadline_ns;
+        flow.session = grant.session;
+        count(counter::PENDING_MATCHED);
+    }
     if FLOWS.insert(&cookie, &flow, 0).is_err() {
         count(counter::TABLE_FULL);
         warn!(
@@ -158,6 +199,18 @@ fn on_established(ctx: &SockOpsContext) {
     // Only tracked sockets pay for state callbacks.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     emit(FlowEventKind::Established, cookie, &flow);
+}
+
+/// Claims a pre-registered grant: only the connection whose delete succeeds
+/// gets it, so one registration tags one connection.
+#[inline(always)]
+fn take_pending(key: &FlowTuple, netns_cookie: u64) -> Option<PendingGrant> {
+    let grant = unsafe { PENDING.get(key) }.copied()?;
+    if grant.netns_cookie != netns_cookie {
+        return None;
+    }
+    PENDING.remove(key).ok()?;
+    Some(grant)
 }
 
 fn on_close(ctx: &SockOpsContext) {
@@ -185,11 +238,24 @@ pub fn reaper_egress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn enforce(ctx: &SkBuffContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    let deadline_ns = match unsafe { FLOWS.get(&cookie) } {
-        Some(flow) => flow.deadline_ns,
+    let (deadline_ns, flags, established_ns) = match unsafe { FLOWS.get(&cookie) } {
+        Some(flow) => (flow.deadline_ns, flow.flags, flow.established_ns),
         None => return 1,
     };
-    if deadline_ns == 0 || !deadline_passed(deadline_ns, unsafe { bpf_ktime_get_boot_ns() }) {
+    if deadline_ns == 0 {
+        // Ungranted: free to pass, unless it is fenced and its grace is over.
+        if flags & flow_flags::FENCED == 0 {
+            return 1;
+        }
+        let grace = match SETTINGS.get(setting::FENCE_GRACE_NS) {
+            Some(grace) => *grace,
+            None => return 1,
+        };
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        if now < established_ns.saturating_add(grace) {
+            return 1;
+        }
+    } else if !deadline_passed(deadline_ns, unsafe { bpf_ktime_get_boot_ns() }) {
         return 1;
     }
     if is_rst(ctx) {

@@ -10,9 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, DEFAULT_SOCKET};
 use crate::error::{Error, Result};
 use crate::policy;
+use crate::policy::IdleDirection;
 use crate::protocol::{
     DurationArg, ExtendArgs, FlowSpec, GrantArgs, GrantResult, ListArgs, ListResult, Response,
-    RevokeArgs, RevokeResult, SessionView, StatusResult, WireOp,
+    RevokeArgs, RevokeResult, SessionView, StatusResult, TouchArgs, WireOp,
 };
 
 #[derive(Parser, Debug)]
@@ -38,6 +39,8 @@ pub enum CliCommand {
     Grant(GrantCmd),
     /// Move a session's deadline later.
     Extend(ExtendCmd),
+    /// Report real user activity for a session (resets its idle timer).
+    Touch(TouchCmd),
     /// End sessions (or one flow) now.
     Revoke(RevokeCmd),
     /// Show sessions, their flows and their time left.
@@ -73,6 +76,7 @@ pub struct ExpiryOpts {
 }
 
 #[derive(Args, Debug)]
+#[group(id = "flows_or_expect", required = true, multiple = true, args = ["flows", "expect"])]
 pub struct GrantCmd {
     #[arg(long)]
     pub session: String,
@@ -80,11 +84,24 @@ pub struct GrantCmd {
     pub user: String,
     #[arg(long)]
     pub target: String,
+    /// Policy class from the config (default: `default`).
+    #[arg(long)]
+    pub class: Option<String>,
     #[command(flatten)]
     pub expiry: ExpiryOpts,
-    /// A flow as LOCAL,REMOTE (e.g. 127.0.0.1:5900,127.0.0.1:40312); repeatable.
-    #[arg(long = "flow", required = true, value_parser = parse_flow)]
+    /// Kill the session after this long without activity, e.g. 15m.
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    /// What counts as activity: input (what the user sends) or any.
+    #[arg(long, value_parser = ["input", "any"])]
+    pub idle_direction: Option<String>,
+    /// An established flow as LOCAL,REMOTE (e.g. 127.0.0.1:5900,127.0.0.1:40312); repeatable.
+    #[arg(long = "flow", value_parser = parse_flow)]
     pub flows: Vec<(String, String)>,
+    /// A connection to come, as LOCAL,REMOTE; a port of 0 matches any
+    /// (e.g. 10.0.0.9:5900,10.0.0.5:0); repeatable.
+    #[arg(long, value_parser = parse_flow)]
+    pub expect: Vec<(String, String)>,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -100,10 +117,20 @@ pub struct ExtendCmd {
 }
 
 #[derive(Args, Debug)]
+pub struct TouchCmd {
+    #[arg(long)]
+    pub session: String,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+#[derive(Args, Debug)]
 #[group(id = "selector", required = true, multiple = false)]
 pub struct RevokeCmd {
     #[arg(long, group = "selector")]
     pub session: Option<String>,
+    #[arg(long, group = "selector")]
+    pub class: Option<String>,
     #[arg(long, group = "selector")]
     pub user: Option<String>,
     #[arg(long, group = "selector")]
@@ -183,9 +210,19 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                 session: g.session,
                 user: g.user,
                 target: g.target,
+                class: g.class,
                 ttl: duration_arg(g.expiry.ttl),
                 expires_at: g.expiry.expires_at,
+                idle_timeout: duration_arg(g.idle_timeout),
+                idle_direction: g.idle_direction.map(|d| {
+                    if d == "any" {
+                        IdleDirection::Any
+                    } else {
+                        IdleDirection::Input
+                    }
+                }),
                 flows: g.flows.into_iter().map(flow_spec).collect(),
+                expect: g.expect.into_iter().map(flow_spec).collect(),
             }),
         ),
         CliCommand::Extend(e) => (
@@ -196,10 +233,12 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                 expires_at: e.expiry.expires_at,
             }),
         ),
+        CliCommand::Touch(t) => (t.client, WireOp::Touch(TouchArgs { session: t.session })),
         CliCommand::Revoke(r) => (
             r.client,
             WireOp::Revoke(RevokeArgs {
                 session: r.session,
+                class: r.class,
                 user: r.user,
                 target: r.target,
                 flow: r.flow.map(flow_spec),
@@ -234,7 +273,7 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
     let parse =
         |e: serde_json::Error| Error::Setup(format!("unexpected result from the daemon: {e}"));
     match op {
-        WireOp::Grant(_) | WireOp::Extend(_) => {
+        WireOp::Grant(_) | WireOp::Extend(_) | WireOp::Touch(_) => {
             let r: GrantResult = serde_json::from_value(result).map_err(parse)?;
             print_sessions(&[r.session]);
         }
@@ -282,6 +321,21 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                 .map(|w| format!("{}-{} ({:?})", w.first, w.last, w.side).to_lowercase())
                 .collect();
             println!("watching   {}", watch.join(", "));
+            let fence: Vec<String> = s
+                .fence
+                .iter()
+                .map(|w| format!("{}-{} ({:?})", w.first, w.last, w.side).to_lowercase())
+                .collect();
+            if !fence.is_empty() {
+                println!("fenced     {}", fence.join(", "));
+            }
+            if !s.classes.is_empty() {
+                println!("classes    {}", s.classes.join(", "));
+            }
+            println!("config     loaded {} time(s)", s.config_loads);
+            if let Some(e) = s.last_reload_error {
+                println!("           last reload refused: {e}");
+            }
             for (name, value) in s.counters {
                 println!("kernel     {name} = {value}");
             }
@@ -291,7 +345,8 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
 }
 
 fn print_sessions(sessions: &[SessionView]) {
-    let rows: Vec<[String; 5]> = sessions
+    const COLUMNS: usize = 6;
+    let rows: Vec<[String; COLUMNS]> = sessions
         .iter()
         .map(|s| {
             let left = if s.time_left_ms >= 0 {
@@ -299,25 +354,39 @@ fn print_sessions(sessions: &[SessionView]) {
             } else {
                 "overdue".into()
             };
+            let idle = match s.idle_timeout_ms {
+                Some(ms) => format!(
+                    "{} ({})",
+                    policy::format_duration(ms * policy::NS_PER_MS),
+                    if s.idle_direction == IdleDirection::Any {
+                        "any"
+                    } else {
+                        "input"
+                    }
+                ),
+                None => "-".into(),
+            };
             [
                 s.session.clone(),
                 s.user.clone(),
                 s.target.clone(),
+                s.class.clone(),
                 left,
-                s.deadline.clone(),
+                idle,
             ]
         })
         .collect();
-    let headers = ["SESSION", "USER", "TARGET", "TIME LEFT", "DEADLINE"];
-    let width = |i: usize| {
-        rows.iter()
-            .map(|r| r[i].len())
-            .chain([headers[i].len()])
-            .max()
-            .unwrap_or(0)
-    };
-    let widths: Vec<usize> = (0..5).map(width).collect();
-    let line = |cells: [&str; 5]| {
+    let headers = ["SESSION", "USER", "TARGET", "CLASS", "TIME LEFT", "IDLE"];
+    let widths: Vec<usize> = (0..COLUMNS)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([headers[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: [&str; COLUMNS]| {
         let mut out = String::new();
         for (i, cell) in cells.iter().enumerate() {
             out += &format!("{cell:<w$}  ", w = widths[i]);
@@ -326,9 +395,13 @@ fn print_sessions(sessions: &[SessionView]) {
     };
     line(headers);
     for (row, s) in rows.iter().zip(sessions) {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
+        println!("    deadline {}", s.deadline);
         for f in &s.flows {
             println!("    {} <-> {}", f.local, f.remote);
+        }
+        if s.expecting > 0 {
+            println!("    expecting {} connection(s)", s.expecting);
         }
     }
 }

@@ -2,16 +2,18 @@
 //! file section means the default. Unknown keys are errors, so a typo never
 //! silently leaves a console unprotected.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::error::Error;
-use crate::policy::{self, Access};
+use crate::policy::{self, Access, Class, GlobalLimit, IdleDirection, OnLimit};
 
 pub const DEFAULT_SOCKET: &str = "/run/reaper/reaper.sock";
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/reaper";
 pub const DEFAULT_MAX_TTL: &str = "7d";
+pub const DEFAULT_FENCE_GRACE: &str = "2s";
 
 /// Which end of a connection a watched port range is matched against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -48,6 +50,12 @@ pub struct Config {
     pub max_ttl_ns: u64,
     pub access: Access,
     pub watch: Vec<Watch>,
+    /// Ports where an ungranted flow dies after `fence_grace_ns`.
+    pub fence: Vec<Watch>,
+    pub fence_grace_ns: u64,
+    pub limits: GlobalLimit,
+    /// Policy classes by name.
+    pub classes: BTreeMap<String, Class>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +72,29 @@ struct RawConfig {
     max_ttl: Option<String>,
     access: Option<RawAccess>,
     watch: Option<Vec<RawWatch>>,
+    fence: Option<Vec<RawWatch>>,
+    fence_grace: Option<String>,
+    limits: Option<RawLimits>,
+    classes: Option<BTreeMap<String, RawClass>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_sessions: Option<u32>,
+    on_limit: Option<OnLimit>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    ttl: Option<String>,
+    max_ttl: Option<String>,
+    idle_timeout: Option<String>,
+    idle_direction: Option<IdleDirection>,
+    max_per_target: Option<u32>,
+    max_per_user: Option<u32>,
+    on_limit: Option<OnLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,24 +209,27 @@ impl Config {
         }
         let watch = match raw.watch {
             None => default_watch(),
-            Some(list) => {
-                list.into_iter()
-                    .enumerate()
-                    .map(|(i, w)| {
-                        let (first, last) = match w.ports {
-                            PortsSpec::One(p) => (p, p),
-                            PortsSpec::Text(t) => parse_port_range(&t)
-                                .map_err(|e| format!("watch[{i}].ports: {e}"))?,
-                        };
-                        Ok(Watch {
-                            first,
-                            last,
-                            side: w.side,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, String>>()?
-            }
+            Some(list) => port_ranges("watch", list)?,
         };
+        let fence = port_ranges("fence", raw.fence.unwrap_or_default())?;
+        let fence_grace_ns =
+            policy::parse_duration(raw.fence_grace.as_deref().unwrap_or(DEFAULT_FENCE_GRACE))
+                .map_err(|e| format!("fence_grace: {e}"))?;
+        if fence_grace_ns == 0 {
+            return Err("fence_grace: must be greater than zero".into());
+        }
+        let raw_limits = raw.limits.unwrap_or_default();
+        let limits = GlobalLimit {
+            max_sessions: raw_limits.max_sessions.unwrap_or(0),
+            on_limit: raw_limits.on_limit.unwrap_or(OnLimit::RejectNew),
+        };
+        let classes = raw
+            .classes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, c)| class_of(name, c, max_ttl_ns))
+            .map(|c| c.map(|c| (c.name.clone(), c)))
+            .collect::<Result<BTreeMap<_, _>, String>>()?;
         let access = raw.access.unwrap_or_default();
         let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         Ok(Config {
@@ -213,8 +247,131 @@ impl Config {
                 gids: access.gids,
             },
             watch,
+            fence,
+            fence_grace_ns,
+            limits,
+            classes,
         })
     }
+
+    /// The class a grant gets: the named one, or `default` (configured, or
+    /// one bounded only by max_ttl).
+    pub fn class(&self, name: Option<&str>) -> Option<Class> {
+        match name {
+            Some(name) => self.classes.get(name).cloned(),
+            None => Some(
+                self.classes
+                    .get("default")
+                    .cloned()
+                    .unwrap_or_else(|| Class::fallback(self.max_ttl_ns)),
+            ),
+        }
+    }
+
+    /// Takes the restart-only keys from the running config, so that a
+    /// reloaded config describes what is actually in force.
+    pub fn keep_restart_only(&mut self, running: &Config) {
+        self.socket = running.socket.clone();
+        self.socket_mode = running.socket_mode;
+        self.socket_group = running.socket_group;
+        self.pin_path = running.pin_path.clone();
+        self.cgroup = running.cgroup.clone();
+        self.audit_file = running.audit_file.clone();
+        self.max_flows = running.max_flows;
+        self.max_sessions = running.max_sessions;
+    }
+
+    /// Keys that differ from `new` but only take effect at a restart (the
+    /// socket, the maps and the attachment are set up once).
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let mut check = |changed: bool, key| {
+            if changed {
+                keys.push(key)
+            }
+        };
+        check(self.socket != new.socket, "socket");
+        check(self.socket_mode != new.socket_mode, "socket_mode");
+        check(self.socket_group != new.socket_group, "socket_group");
+        check(self.pin_path != new.pin_path, "pin_path");
+        check(self.cgroup != new.cgroup, "cgroup");
+        check(self.audit_file != new.audit_file, "audit_file");
+        check(self.max_flows != new.max_flows, "max_flows");
+        check(self.max_sessions != new.max_sessions, "max_sessions");
+        keys
+    }
+}
+
+fn port_ranges(key: &str, list: Vec<RawWatch>) -> Result<Vec<Watch>, String> {
+    list.into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let (first, last) = match w.ports {
+                PortsSpec::One(p) => (p, p),
+                PortsSpec::Text(t) => {
+                    parse_port_range(&t).map_err(|e| format!("{key}[{i}].ports: {e}"))?
+                }
+            };
+            Ok(Watch {
+                first,
+                last,
+                side: w.side,
+            })
+        })
+        .collect()
+}
+
+fn class_of(name: String, raw: RawClass, global_max_ttl_ns: u64) -> Result<Class, String> {
+    let key = format!("classes.{name}");
+    if name.is_empty()
+        || name.len() > reaper_common::CLASS_NAME_MAX
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "{key}: a class name is 1-{} letters, digits, '-', '_' or '.'",
+            reaper_common::CLASS_NAME_MAX
+        ));
+    }
+    let duration = |field: &str, v: Option<String>| -> Result<Option<u64>, String> {
+        match v {
+            None => Ok(None),
+            Some(text) => match policy::parse_duration(&text) {
+                Ok(0) => Err(format!("{key}.{field}: must be greater than zero")),
+                Ok(ns) => Ok(Some(ns)),
+                Err(e) => Err(format!("{key}.{field}: {e}")),
+            },
+        }
+    };
+    let ttl_ns = duration("ttl", raw.ttl)?;
+    let max_ttl_ns = duration("max_ttl", raw.max_ttl)?.unwrap_or(global_max_ttl_ns);
+    if max_ttl_ns > global_max_ttl_ns {
+        return Err(format!(
+            "{key}.max_ttl: {} is beyond the global max_ttl {}",
+            policy::format_duration(max_ttl_ns),
+            policy::format_duration(global_max_ttl_ns)
+        ));
+    }
+    if let Some(ttl) = ttl_ns {
+        if ttl > max_ttl_ns {
+            return Err(format!(
+                "{key}.ttl: {} is longer than the class's max_ttl {}",
+                policy::format_duration(ttl),
+                policy::format_duration(max_ttl_ns)
+            ));
+        }
+    }
+    Ok(Class {
+        name,
+        ttl_ns,
+        max_ttl_ns,
+        idle_timeout_ns: duration("idle_timeout", raw.idle_timeout)?,
+        idle_direction: raw.idle_direction.unwrap_or(IdleDirection::Input),
+        max_per_target: raw.max_per_target.unwrap_or(0),
+        max_per_user: raw.max_per_user.unwrap_or(0),
+        on_limit: raw.on_limit.unwrap_or(OnLimit::RejectNew),
+    })
 }
 
 /// `"5900-5999"` or `"6080"`.
@@ -337,7 +494,88 @@ mod tests {
     }
 
     #[test]
-    fn port_ranges() {
+    fn classes_fences_and_limits_parse() {
+        let c = Config::from_toml(
+            r#"
+            fence_grace = "500ms"
+            [[fence]]
+            ports = "5900-5999"
+            side = "local"
+            [limits]
+            max_sessions = 100
+            on_limit = "evict-oldest"
+            [classes.vm-console]
+            ttl = "10m"
+            max_ttl = "1h"
+            idle_timeout = "15m"
+            idle_direction = "any"
+            max_per_target = 1
+            on_limit = "reject-new"
+            [classes.notebook]
+            max_per_user = 3
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.fence_grace_ns, 500 * policy::NS_PER_MS);
+        assert_eq!(c.fence.len(), 1);
+        assert_eq!(c.limits.max_sessions, 100);
+        assert_eq!(c.limits.on_limit, OnLimit::EvictOldest);
+        let vm = c.class(Some("vm-console")).unwrap();
+        assert_eq!(vm.ttl_ns, Some(600 * policy::NS_PER_SEC));
+        assert_eq!(vm.idle_direction, IdleDirection::Any);
+        assert_eq!(vm.max_per_target, 1);
+        let nb = c.class(Some("notebook")).unwrap();
+        assert_eq!(
+            nb.max_ttl_ns, c.max_ttl_ns,
+            "a class inherits the global max_ttl"
+        );
+        assert!(c.class(Some("nope")).is_none());
+        assert_eq!(c.class(None).unwrap().name, "default");
+    }
+
+    #[test]
+    fn bad_classes_name_the_key() {
+        for (text, needle) in [
+            (
+                "[classes.x]\nttl = \"2h\"\nmax_ttl = \"1h\"",
+                "classes.x.ttl",
+            ),
+            (
+                "max_ttl = \"1h\"\n[classes.x]\nmax_ttl = \"2h\"",
+                "classes.x.max_ttl",
+            ),
+            (
+                "[classes.x]\nidle_timeout = \"0s\"",
+                "classes.x.idle_timeout",
+            ),
+            (
+                "[classes.x]\nidle_direction = \"sideways\"",
+                "idle_direction",
+            ),
+            ("[classes.x]\non_limit = \"panic\"", "on_limit"),
+            ("[classes.x]\nmax_per_host = 1", "max_per_host"),
+            ("[classes.\"a b\"]", "classes.a b"),
+            ("fence_grace = \"0s\"", "fence_grace"),
+            ("[[fence]]\nports = \"x\"", "fence[0].ports"),
+        ] {
+            let e = Config::from_toml(text).unwrap_err();
+            assert!(e.contains(needle), "{text:?} -> {e}");
+        }
+    }
+
+    #[test]
+    fn restart_only_keys_are_named() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.max_ttl_ns = 1;
+        assert!(a.restart_only_changes(&b).is_empty());
+        b.pin_path = "/sys/fs/bpf/other".into();
+        b.max_flows = 2048;
+        assert_eq!(a.restart_only_changes(&b), vec!["pin_path", "max_flows"]);
+    }
+
+    #[test]
+    fn port_range_syntax() {
         assert_eq!(parse_port_range("5900-5999").unwrap(), (5900, 5999));
         assert_eq!(parse_port_range("6080").unwrap(), (6080, 6080));
         assert!(parse_port_range("70000").is_err());

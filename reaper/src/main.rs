@@ -37,11 +37,11 @@ fn main() {
     let outcome = match cli.command {
         CliCommand::Daemon { config } => {
             init_logging(LevelFilter::INFO);
-            let config = match config {
-                Some(path) => Config::load(&path),
+            let loaded = match &config {
+                Some(path) => Config::load(path),
                 None => Ok(Config::default()),
             };
-            config.and_then(daemon::run).map(|()| 0)
+            loaded.and_then(|c| daemon::run(c, config)).map(|()| 0)
         }
         CliCommand::Unload { config } => {
             init_logging(LevelFilter::WARN);

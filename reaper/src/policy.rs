@@ -138,13 +138,6 @@ pub struct Now {
     pub unix_ns: i128,
 }
 
-impl Now {
-    /// The Unix time of a boot-clock instant, as seen from this moment.
-    pub fn unix_of(&self, boot_ns: u64) -> i128 {
-        self.unix_ns + (boot_ns as i128 - self.boot_ns as i128)
-    }
-}
-
 /// How a request says when access ends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expiry {
@@ -187,6 +180,298 @@ pub fn deadline_for(expiry: &Expiry, now: Now, limits: DeadlineLimits) -> Result
         ));
     }
     Ok(now.boot_ns + ttl_ns as u64)
+}
+
+/// What counts as activity for an idle timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleDirection {
+    /// Only what the user sends: keystrokes and pointer moves, not screen
+    /// updates. The strict choice.
+    Input,
+    /// Data in either direction.
+    Any,
+}
+
+impl IdleDirection {
+    pub fn as_u32(self) -> u32 {
+        match self {
+            IdleDirection::Input => 0,
+            IdleDirection::Any => 1,
+        }
+    }
+
+    pub fn from_u32(v: u32) -> IdleDirection {
+        if v == 1 {
+            IdleDirection::Any
+        } else {
+            IdleDirection::Input
+        }
+    }
+}
+
+/// What happens to a grant that would exceed a session limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnLimit {
+    /// The new grant is refused and its flows killed.
+    RejectNew,
+    /// The oldest sessions in the way are killed (reason `evicted`).
+    EvictOldest,
+}
+
+/// A policy class: defaults and bounds for the grants that name it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Class {
+    pub name: String,
+    /// Used when a grant gives neither ttl nor expires_at.
+    pub ttl_ns: Option<u64>,
+    pub max_ttl_ns: u64,
+    /// Default idle timeout, and the longest a non-root grant may ask for.
+    pub idle_timeout_ns: Option<u64>,
+    pub idle_direction: IdleDirection,
+    /// 0 = unlimited.
+    pub max_per_target: u32,
+    pub max_per_user: u32,
+    pub on_limit: OnLimit,
+}
+
+impl Class {
+    /// The class used by grants that name none, when the config defines no
+    /// `default` class: bounded only by the global max_ttl.
+    pub fn fallback(max_ttl_ns: u64) -> Class {
+        Class {
+            name: "default".into(),
+            ttl_ns: None,
+            max_ttl_ns,
+            idle_timeout_ns: None,
+            idle_direction: IdleDirection::Input,
+            max_per_target: 0,
+            max_per_user: 0,
+            on_limit: OnLimit::RejectNew,
+        }
+    }
+}
+
+/// What a grant asked for, before its class is applied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Asked {
+    pub expiry: Option<Expiry>,
+    pub idle_timeout_ns: Option<u64>,
+    pub idle_direction: Option<IdleDirection>,
+}
+
+/// The terms a session gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    pub deadline_ns: u64,
+    /// 0 = no idle timeout.
+    pub idle_timeout_ns: u64,
+    pub idle_direction: IdleDirection,
+}
+
+/// Applies a class to what a grant asked. A grant may only tighten the
+/// class's bounds (shorter deadline, shorter idle timeout, stricter
+/// direction) unless `privileged` (root); nobody passes the global max_ttl.
+pub fn terms_for(
+    class: &Class,
+    asked: &Asked,
+    now: Now,
+    global: DeadlineLimits,
+    privileged: bool,
+) -> Result<Terms, PolicyError> {
+    let expiry = match (&asked.expiry, class.ttl_ns) {
+        (Some(e), _) => e.clone(),
+        (None, Some(ttl)) => Expiry::Ttl(ttl),
+        (None, None) => {
+            return err(format!(
+                "class {:?} has no default ttl, so the grant needs ttl or expires_at",
+                class.name
+            ))
+        }
+    };
+    let bound = if privileged {
+        global.max_ttl_ns
+    } else {
+        class.max_ttl_ns.min(global.max_ttl_ns)
+    };
+    let deadline_ns =
+        deadline_for(&expiry, now, DeadlineLimits { max_ttl_ns: bound }).map_err(|e| {
+            if privileged || bound == global.max_ttl_ns {
+                e
+            } else {
+                PolicyError(format!("{e} (class {:?})", class.name))
+            }
+        })?;
+    let idle_timeout_ns = match (asked.idle_timeout_ns, class.idle_timeout_ns) {
+        (Some(0), _) => return err("idle_timeout must be greater than zero"),
+        (Some(asked), Some(limit)) if asked > limit && !privileged => {
+            return err(format!(
+                "idle_timeout {} is longer than class {:?} allows ({})",
+                format_duration(asked),
+                class.name,
+                format_duration(limit)
+            ))
+        }
+        (Some(asked), _) => asked,
+        (None, Some(limit)) => limit,
+        (None, None) => 0,
+    };
+    let idle_direction = match asked.idle_direction {
+        Some(IdleDirection::Any) if class.idle_direction == IdleDirection::Input && !privileged => {
+            return err(format!(
+                "idle_direction \"any\" is looser than class {:?} allows (\"input\")",
+                class.name
+            ))
+        }
+        Some(d) => d,
+        None => class.idle_direction,
+    };
+    Ok(Terms {
+        deadline_ns,
+        idle_timeout_ns,
+        idle_direction,
+    })
+}
+
+/// A live session, as the limit rules see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub id: u64,
+    pub user: String,
+    pub target: String,
+    pub granted_unix_ns: i128,
+}
+
+/// The global cap on live sessions (censhare's maxSessions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalLimit {
+    /// 0 = only the session table's size.
+    pub max_sessions: u32,
+    pub on_limit: OnLimit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admit,
+    /// Refused; the message names who holds the place and since when.
+    Reject(String),
+    /// Admitted once these sessions are killed.
+    Evict(Vec<u64>),
+}
+
+/// Decides whether a new session for `user` on `target` fits the limits.
+/// Sessions are counted, not flows. `live` is every live session.
+pub fn admit(
+    live: &[Holder],
+    user: &str,
+    target: &str,
+    class: &Class,
+    global: GlobalLimit,
+) -> Admission {
+    /// The sessions one limit counts.
+    enum Scope {
+        Target,
+        User,
+        Host,
+    }
+    let covers = |scope: &Scope, h: &Holder| match scope {
+        Scope::Target => h.target == target,
+        Scope::User => h.user == user,
+        Scope::Host => true,
+    };
+    let limits = [
+        (
+            Scope::Target,
+            class.max_per_target,
+            class.on_limit,
+            format!("target {target:?}"),
+        ),
+        (
+            Scope::User,
+            class.max_per_user,
+            class.on_limit,
+            format!("user {user:?}"),
+        ),
+        (
+            Scope::Host,
+            global.max_sessions,
+            global.on_limit,
+            "this host".to_string(),
+        ),
+    ];
+    let mut evict: Vec<u64> = Vec::new();
+    for (scope, max, on_limit, what) in limits {
+        if max == 0 {
+            continue;
+        }
+        let mut holders: Vec<&Holder> = live
+            .iter()
+            .filter(|h| covers(&scope, h) && !evict.contains(&h.id))
+            .collect();
+        if holders.len() < max as usize {
+            continue;
+        }
+        holders.sort_by_key(|h| (h.granted_unix_ns, h.id));
+        match on_limit {
+            OnLimit::RejectNew => {
+                let names: Vec<String> = holders
+                    .iter()
+                    .map(|h| {
+                        format!(
+                            "user {:?} (on {:?} since {})",
+                            h.user,
+                            h.target,
+                            format_rfc3339(h.granted_unix_ns)
+                        )
+                    })
+                    .collect();
+                return Admission::Reject(format!(
+                    "{what} already has {} of its {max} allowed session(s), held by {}",
+                    holders.len(),
+                    names.join(", ")
+                ));
+            }
+            OnLimit::EvictOldest => {
+                let excess = holders.len() + 1 - max as usize;
+                evict.extend(holders.iter().take(excess).map(|h| h.id));
+            }
+        }
+    }
+    if evict.is_empty() {
+        Admission::Admit
+    } else {
+        Admission::Evict(evict)
+    }
+}
+
+/// One socket's activity, as the kernel reports it (tcp_info).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketActivity {
+    /// Accepted (faces the client): received data is input. Otherwise it
+    /// connected out (faces the console): sent data is input.
+    pub passive: bool,
+    pub last_recv_ago_ms: u32,
+    pub last_sent_ago_ms: u32,
+}
+
+/// When a session was last active: the latest of its sockets' activity in
+/// `direction`, a proxy's `touch`, and the grant itself.
+pub fn last_activity(
+    now_ns: u64,
+    direction: IdleDirection,
+    sockets: &[SocketActivity],
+    floor_ns: u64,
+) -> u64 {
+    let at = |ago_ms: u32| now_ns.saturating_sub(ago_ms as u64 * NS_PER_MS);
+    sockets
+        .iter()
+        .map(|s| match (direction, s.passive) {
+            (IdleDirection::Input, true) => at(s.last_recv_ago_ms),
+            (IdleDirection::Input, false) => at(s.last_sent_ago_ms),
+            (IdleDirection::Any, _) => at(s.last_recv_ago_ms.min(s.last_sent_ago_ms)),
+        })
+        .fold(floor_ns, u64::max)
 }
 
 /// Who may change grants: root always, then the configured uids and gids.
@@ -426,10 +711,6 @@ mod tests {
             deadline_for(&Expiry::At(at), NOW, LIMITS).unwrap(),
             NOW.boot_ns + 60 * NS_PER_SEC
         );
-        assert_eq!(
-            NOW.unix_of(NOW.boot_ns + NS_PER_SEC),
-            NOW.unix_ns + NS_PER_SEC as i128
-        );
     }
 
     #[test]
@@ -448,6 +729,187 @@ mod tests {
             .unwrap_err()
             .0
             .contains("max_ttl 1h"));
+    }
+
+    fn class() -> Class {
+        Class {
+            name: "vm-console".into(),
+            ttl_ns: Some(600 * NS_PER_SEC),
+            max_ttl_ns: 3600 * NS_PER_SEC,
+            idle_timeout_ns: Some(900 * NS_PER_SEC),
+            idle_direction: IdleDirection::Input,
+            max_per_target: 1,
+            max_per_user: 0,
+            on_limit: OnLimit::RejectNew,
+        }
+    }
+
+    const GLOBAL: DeadlineLimits = DeadlineLimits {
+        max_ttl_ns: 86_400 * NS_PER_SEC,
+    };
+
+    #[test]
+    fn class_defaults_fill_what_the_grant_leaves_out() {
+        let t = terms_for(&class(), &Asked::default(), NOW, GLOBAL, false).unwrap();
+        assert_eq!(t.deadline_ns, NOW.boot_ns + 600 * NS_PER_SEC);
+        assert_eq!(t.idle_timeout_ns, 900 * NS_PER_SEC);
+        assert_eq!(t.idle_direction, IdleDirection::Input);
+        let none = terms_for(
+            &Class::fallback(GLOBAL.max_ttl_ns),
+            &Asked::default(),
+            NOW,
+            GLOBAL,
+            false,
+        );
+        assert!(none.unwrap_err().0.contains("needs ttl or expires_at"));
+    }
+
+    #[test]
+    fn grants_may_only_tighten_unless_root() {
+        let c = class();
+        let longer = Asked {
+            expiry: Some(Expiry::Ttl(7200 * NS_PER_SEC)),
+            ..Default::default()
+        };
+        assert!(terms_for(&c, &longer, NOW, GLOBAL, false)
+            .unwrap_err()
+            .0
+            .contains("class \"vm-console\""));
+        assert!(
+            terms_for(&c, &longer, NOW, GLOBAL, true).is_ok(),
+            "root may loosen"
+        );
+        let lazy = Asked {
+            idle_timeout_ns: Some(3600 * NS_PER_SEC),
+            ..Default::default()
+        };
+        assert!(terms_for(&c, &lazy, NOW, GLOBAL, false)
+            .unwrap_err()
+            .0
+            .contains("idle_timeout"));
+        let loose = Asked {
+            idle_direction: Some(IdleDirection::Any),
+            ..Default::default()
+        };
+        assert!(terms_for(&c, &loose, NOW, GLOBAL, false)
+            .unwrap_err()
+            .0
+            .contains("looser"));
+        let tight = Asked {
+            expiry: Some(Expiry::Ttl(60 * NS_PER_SEC)),
+            idle_timeout_ns: Some(30 * NS_PER_SEC),
+            idle_direction: Some(IdleDirection::Input),
+        };
+        let t = terms_for(&c, &tight, NOW, GLOBAL, false).unwrap();
+        assert_eq!(
+            (t.deadline_ns - NOW.boot_ns, t.idle_timeout_ns),
+            (60 * NS_PER_SEC, 30 * NS_PER_SEC)
+        );
+        let beyond = Asked {
+            expiry: Some(Expiry::Ttl(2 * 86_400 * NS_PER_SEC)),
+            ..Default::default()
+        };
+        assert!(
+            terms_for(&c, &beyond, NOW, GLOBAL, true).is_err(),
+            "not even root passes max_ttl"
+        );
+    }
+
+    fn holder(id: u64, user: &str, target: &str, at: i128) -> Holder {
+        Holder {
+            id,
+            user: user.into(),
+            target: target.into(),
+            granted_unix_ns: at,
+        }
+    }
+
+    const NO_GLOBAL: GlobalLimit = GlobalLimit {
+        max_sessions: 0,
+        on_limit: OnLimit::RejectNew,
+    };
+
+    #[test]
+    fn one_per_target_rejects_naming_the_holder() {
+        let live = [holder(1, "alice", "vm-1", 0), holder(2, "carol", "vm-2", 0)];
+        match admit(&live, "bob", "vm-1", &class(), NO_GLOBAL) {
+            Admission::Reject(why) => {
+                assert!(
+                    why.contains("alice") && why.contains("1970-01-01T00:00:00"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            admit(&live, "bob", "vm-3", &class(), NO_GLOBAL),
+            Admission::Admit
+        );
+    }
+
+    #[test]
+    fn evict_oldest_picks_the_oldest_in_scope() {
+        let mut c = class();
+        c.on_limit = OnLimit::EvictOldest;
+        c.max_per_target = 2;
+        let live = [
+            holder(1, "alice", "vm-1", 20),
+            holder(2, "bob", "vm-1", 10),
+            holder(3, "carol", "vm-2", 0),
+        ];
+        assert_eq!(
+            admit(&live, "dave", "vm-1", &c, NO_GLOBAL),
+            Admission::Evict(vec![2])
+        );
+        let global = GlobalLimit {
+            max_sessions: 3,
+            on_limit: OnLimit::EvictOldest,
+        };
+        c.max_per_target = 0;
+        assert_eq!(
+            admit(&live, "dave", "vm-9", &c, global),
+            Admission::Evict(vec![3])
+        );
+        c.max_per_user = 1;
+        let live = [holder(1, "alice", "vm-1", 0), holder(2, "alice", "vm-2", 5)];
+        assert_eq!(
+            admit(&live, "alice", "vm-3", &c, NO_GLOBAL),
+            Admission::Evict(vec![1, 2])
+        );
+    }
+
+    #[test]
+    fn idle_activity_follows_direction_and_socket_role() {
+        let now = 100 * NS_PER_SEC;
+        // The client-facing socket received nothing for 40 s but sent a
+        // second ago (screen updates); the upstream socket forwarded input
+        // 10 s ago.
+        let client = SocketActivity {
+            passive: true,
+            last_recv_ago_ms: 40_000,
+            last_sent_ago_ms: 1_000,
+        };
+        let upstream = SocketActivity {
+            passive: false,
+            last_recv_ago_ms: 1_000,
+            last_sent_ago_ms: 10_000,
+        };
+        assert_eq!(
+            last_activity(now, IdleDirection::Input, &[client], 0),
+            60 * NS_PER_SEC
+        );
+        assert_eq!(
+            last_activity(now, IdleDirection::Input, &[client, upstream], 0),
+            90 * NS_PER_SEC
+        );
+        assert_eq!(
+            last_activity(now, IdleDirection::Any, &[client], 0),
+            99 * NS_PER_SEC
+        );
+        assert_eq!(
+            last_activity(now, IdleDirection::Input, &[client], 95 * NS_PER_SEC),
+            95 * NS_PER_SEC
+        );
     }
 
     #[test]

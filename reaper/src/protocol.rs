@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::Watch;
-use crate::policy::{self, Expiry};
+use crate::policy::{self, Asked, Expiry, IdleDirection};
 
 pub const PROTOCOL_VERSION: u64 = 1;
 /// Longest request line; a longer one is refused and the connection closed.
@@ -57,6 +57,9 @@ pub enum RefusalCode {
     SessionConflict,
     /// The flow already belongs to another session.
     FlowConflict,
+    /// A session limit of the class (or the host) refused the new session;
+    /// its flows were killed.
+    LimitReached,
     PermissionDenied,
     /// A passed file descriptor is missing or not a TCP socket.
     BadFd,
@@ -121,11 +124,24 @@ pub struct GrantArgs {
     pub session: String,
     pub user: String,
     pub target: String,
+    /// The policy class; `default` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<DurationArg>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<DurationArg>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_direction: Option<IdleDirection>,
+    /// Established flows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub flows: Vec<FlowSpec>,
+    /// Flows that will be established: tagged the moment they are. A port
+    /// of 0 matches any port (the client's ephemeral one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect: Vec<FlowSpec>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -140,9 +156,17 @@ pub struct ExtendArgs {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct TouchArgs {
+    pub session: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RevokeArgs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,6 +191,7 @@ pub struct ListArgs {
 pub enum WireOp {
     Grant(GrantArgs),
     Extend(ExtendArgs),
+    Touch(TouchArgs),
     Revoke(RevokeArgs),
     List(ListArgs),
     Status,
@@ -177,6 +202,7 @@ impl WireOp {
         match self {
             WireOp::Grant(_) => "grant",
             WireOp::Extend(_) => "extend",
+            WireOp::Touch(_) => "touch",
             WireOp::Revoke(_) => "revoke",
             WireOp::List(_) => "list",
             WireOp::Status => "status",
@@ -188,6 +214,7 @@ impl WireOp {
         let mut obj = match self {
             WireOp::Grant(a) => serde_json::to_value(a),
             WireOp::Extend(a) => serde_json::to_value(a),
+            WireOp::Touch(a) => serde_json::to_value(a),
             WireOp::Revoke(a) => serde_json::to_value(a),
             WireOp::List(a) => serde_json::to_value(a),
             WireOp::Status => Ok(Value::Object(Map::new())),
@@ -222,10 +249,13 @@ pub struct GrantRequest {
     pub session: String,
     pub user: String,
     pub target: String,
-    /// Required when the session is new; a later grant joining an existing
-    /// session may leave it out.
-    pub expiry: Option<Expiry>,
+    pub class: Option<String>,
+    /// Expiry and idle terms as asked; the class fills in and bounds them.
+    /// A grant joining an existing session keeps that session's terms.
+    pub asked: Asked,
     pub flows: Vec<FlowRef>,
+    /// (local, remote) of connections to come; port 0 matches any.
+    pub expect: Vec<(SocketAddr, SocketAddr)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +267,7 @@ pub struct ExtendRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RevokeSelector {
     Session(String),
+    Class(String),
     User(String),
     Target(String),
     Flow {
@@ -249,6 +280,7 @@ pub enum RevokeSelector {
 pub enum Command {
     Grant(GrantRequest),
     Extend(ExtendRequest),
+    Touch(String),
     Revoke(RevokeSelector),
     List(ListArgs),
     Status,
@@ -259,7 +291,7 @@ impl Command {
     pub fn mutates(&self) -> bool {
         matches!(
             self,
-            Command::Grant(_) | Command::Extend(_) | Command::Revoke(_)
+            Command::Grant(_) | Command::Extend(_) | Command::Touch(_) | Command::Revoke(_)
         )
     }
 }
@@ -313,7 +345,7 @@ fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
         Some(other) => return Err(bad(format!("\"op\" must be a string, not {other}"))),
         None => {
             return Err(bad(
-                "missing \"op\" (one of grant, extend, revoke, list, status)",
+                "missing \"op\" (one of grant, extend, touch, revoke, list, status)",
             ))
         }
     };
@@ -324,6 +356,11 @@ fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
     match op.as_str() {
         "grant" => validate_grant(args("grant", body)?).map(Command::Grant),
         "extend" => validate_extend(args("extend", body)?).map(Command::Extend),
+        "touch" => {
+            let a: TouchArgs = args("touch", body)?;
+            check_name("touch.session", &a.session, reaper_common::SESSION_NAME_MAX)?;
+            Ok(Command::Touch(a.session))
+        }
         "revoke" => validate_revoke(args("revoke", body)?).map(Command::Revoke),
         "list" => {
             let a: ListArgs = args("list", body)?;
@@ -344,7 +381,7 @@ fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
         }
         other => Err(Refusal::new(
             RefusalCode::UnknownOp,
-            format!("unknown op {other:?} (one of grant, extend, revoke, list, status)"),
+            format!("unknown op {other:?} (one of grant, extend, touch, revoke, list, status)"),
         )),
     }
 }
@@ -445,11 +482,16 @@ fn validate_grant(a: GrantArgs) -> Result<GrantRequest, Refusal> {
     check_name("grant.session", &a.session, SESSION_NAME_MAX)?;
     check_name("grant.user", &a.user, USER_NAME_MAX)?;
     check_name("grant.target", &a.target, TARGET_NAME_MAX)?;
-    if a.flows.is_empty() {
-        return Err(bad("grant.flows: name at least one flow"));
+    if let Some(class) = &a.class {
+        check_name("grant.class", class, reaper_common::CLASS_NAME_MAX)?;
     }
-    if a.flows.len() > 64 {
-        return Err(bad("grant.flows: at most 64 flows per request"));
+    if a.flows.is_empty() && a.expect.is_empty() {
+        return Err(bad("grant: name at least one flow in flows or expect"));
+    }
+    if a.flows.len() + a.expect.len() > 64 {
+        return Err(bad(
+            "grant: at most 64 flows (flows and expect together) per request",
+        ));
     }
     let flows = a
         .flows
@@ -457,12 +499,45 @@ fn validate_grant(a: GrantArgs) -> Result<GrantRequest, Refusal> {
         .enumerate()
         .map(|(i, f)| flow_ref(&format!("grant.flows[{i}]"), f, true))
         .collect::<Result<Vec<_>, _>>()?;
+    let expect = a
+        .expect
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let field = format!("grant.expect[{i}]");
+            match flow_ref(&field, f, false)? {
+                FlowRef::Addrs { local, remote } if local.port() == 0 && remote.port() == 0 => {
+                    Err(Refusal::new(
+                        RefusalCode::BadValue,
+                        format!("{field}: at most one of the two ports may be 0 (any)"),
+                    ))
+                }
+                FlowRef::Addrs { local, remote } => Ok((local, remote)),
+                FlowRef::Fd(_) => unreachable!("fds are refused for expect"),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let idle_timeout_ns = match a.idle_timeout {
+        None => None,
+        Some(DurationArg::Seconds(s)) => Some(policy::seconds_to_ns(s).map_err(|e| {
+            Refusal::new(RefusalCode::BadValue, format!("grant: idle_timeout {e}"))
+        })?),
+        Some(DurationArg::Text(t)) => Some(policy::parse_duration(&t).map_err(|e| {
+            Refusal::new(RefusalCode::BadValue, format!("grant: idle_timeout: {e}"))
+        })?),
+    };
     Ok(GrantRequest {
-        expiry: expiry_of("grant", a.ttl, a.expires_at)?,
+        asked: Asked {
+            expiry: expiry_of("grant", a.ttl, a.expires_at)?,
+            idle_timeout_ns,
+            idle_direction: a.idle_direction,
+        },
         session: a.session,
         user: a.user,
         target: a.target,
+        class: a.class,
         flows,
+        expect,
     })
 }
 
@@ -483,6 +558,7 @@ fn validate_extend(a: ExtendArgs) -> Result<ExtendRequest, Refusal> {
 fn validate_revoke(a: RevokeArgs) -> Result<RevokeSelector, Refusal> {
     let given = [
         a.session.is_some(),
+        a.class.is_some(),
         a.user.is_some(),
         a.target.is_some(),
         a.flow.is_some(),
@@ -492,7 +568,7 @@ fn validate_revoke(a: RevokeArgs) -> Result<RevokeSelector, Refusal> {
     .count();
     if given != 1 {
         return Err(bad(
-            "revoke: give exactly one of session, user, target, flow",
+            "revoke: give exactly one of session, class, user, target, flow",
         ));
     }
     let name =
@@ -501,6 +577,7 @@ fn validate_revoke(a: RevokeArgs) -> Result<RevokeSelector, Refusal> {
         RevokeArgs {
             session: Some(s), ..
         } => RevokeSelector::Session(name("session", s)?),
+        RevokeArgs { class: Some(c), .. } => RevokeSelector::Class(name("class", c)?),
         RevokeArgs { user: Some(u), .. } => RevokeSelector::User(name("user", u)?),
         RevokeArgs {
             target: Some(t), ..
@@ -570,6 +647,7 @@ pub struct SessionView {
     pub session: String,
     pub user: String,
     pub target: String,
+    pub class: String,
     /// Wall-clock deadline (RFC 3339, UTC).
     pub deadline: String,
     /// The deadline on the kernel's boot clock, as enforced.
@@ -578,7 +656,13 @@ pub struct SessionView {
     pub time_left_ms: i64,
     pub granted_at: String,
     pub granted_by_uid: u32,
+    /// Idle timeout in milliseconds, if any, and what counts as activity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    pub idle_direction: IdleDirection,
     pub flows: Vec<FlowView>,
+    /// Pre-registered connections not yet seen.
+    pub expecting: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -626,6 +710,13 @@ pub struct StatusResult {
     pub max_sessions: u32,
     pub counters: BTreeMap<String, u64>,
     pub watch: Vec<Watch>,
+    pub fence: Vec<Watch>,
+    pub classes: Vec<String>,
+    /// Successful config loads: 1 at start, one more per SIGHUP reload.
+    pub config_loads: u64,
+    /// Why the last reload was refused, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload_error: Option<String>,
 }
 
 #[cfg(test)]
@@ -647,7 +738,7 @@ mod tests {
         let Command::Grant(g) = r.command else {
             panic!()
         };
-        assert_eq!(g.expiry, Some(Expiry::Ttl(300 * policy::NS_PER_MS)));
+        assert_eq!(g.asked.expiry, Some(Expiry::Ttl(300 * policy::NS_PER_MS)));
         assert_eq!(g.flows[1], FlowRef::Fd(0));
         assert!(matches!(g.flows[0], FlowRef::Addrs { .. }));
     }
@@ -683,6 +774,7 @@ mod tests {
                 fd: Some(0),
                 ..Default::default()
             }],
+            ..Default::default()
         });
         let r = parse_request(op.to_line(Some("x".into())).as_bytes()).unwrap();
         assert_eq!(r.id, Some("x".into()));
@@ -716,7 +808,7 @@ mod tests {
             (
                 r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[]}"#,
                 BadRequest,
-                "at least one flow",
+                "at least one flow in flows or expect",
             ),
             (
                 r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":-5,"flows":[{"fd":0}]}"#,

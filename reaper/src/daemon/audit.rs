@@ -14,8 +14,18 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
+    /// The session's deadline passed.
     Expired,
+    /// Someone revoked it.
     Revoked,
+    /// No activity for the idle timeout.
+    Idle,
+    /// A newer session took its place under an evict-oldest limit.
+    Evicted,
+    /// A fenced flow was not granted within the grace window.
+    Unauthorized,
+    /// The grant for it was refused by a reject-new limit.
+    Rejected,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -29,8 +39,9 @@ pub struct KillEvent {
     pub local: String,
     pub remote: String,
     pub cookie: u64,
-    /// How long after the deadline (or the revoke request) the socket was
-    /// destroyed, in microseconds.
+    /// How long after the moment it was due (deadline, idle deadline, end
+    /// of the fence grace, or the request that asked for it) the socket
+    /// was destroyed, in microseconds.
     pub late_us: u64,
     /// `destroyed`, `already_closed` or `drop_only`.
     pub result: &'static str,

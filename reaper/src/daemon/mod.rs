@@ -7,12 +7,13 @@
 //! across an await), which keeps every request and every kill atomic.
 
 mod audit;
+mod commands;
 mod connection;
 mod state;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{MapData, RingBuf};
@@ -40,15 +41,17 @@ fn lock(state: &Shared) -> MutexGuard<'_, State> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-pub fn run(config: Config) -> Result<()> {
+/// Runs the daemon with `config`, read from `path` (reloaded from there on
+/// SIGHUP) or the defaults.
+pub fn run(config: Config, path: Option<PathBuf>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(Error::io("starting the async runtime"))?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, path))
 }
 
-async fn serve(config: Config) -> Result<()> {
+async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     let Started {
         enforcer,
         mut events,
@@ -76,6 +79,8 @@ async fn serve(config: Config) -> Result<()> {
         signal(SignalKind::terminate()).map_err(Error::io("installing SIGTERM handler"))?;
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(Error::io("installing SIGINT handler"))?;
+    let mut hangup =
+        signal(SignalKind::hangup()).map_err(Error::io("installing SIGHUP handler"))?;
     info!(socket = %config.socket.display(), "reaper daemon ready");
     loop {
         tokio::select! {
@@ -85,11 +90,36 @@ async fn serve(config: Config) -> Result<()> {
             },
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            _ = hangup.recv() => reload(&state, path.as_deref()),
         }
     }
     let _ = std::fs::remove_file(&config.socket);
     info!("stopping; the pinned programs keep enforcing every deadline until the next start");
     Ok(())
+}
+
+/// SIGHUP: re-reads the config file. A file that does not load is refused
+/// as a whole, with the error logged and shown by `status`; the running
+/// config stays in force and no grant is touched either way.
+fn reload(state: &Shared, path: Option<&Path>) {
+    let Some(path) = path else {
+        warn!("SIGHUP ignored: the daemon runs on the default config, with no file to reload");
+        return;
+    };
+    let mut s = lock(state);
+    let loaded = Config::load(path).map_err(|e| e.to_string());
+    match loaded.and_then(|new| s.reload(new)) {
+        Ok(restart_only) => {
+            info!(config = %path.display(), "config reloaded; live grants keep their terms");
+            if !restart_only.is_empty() {
+                warn!(keys = ?restart_only, "these keys changed but take effect only at the next start");
+            }
+        }
+        Err(e) => {
+            error!("config reload refused, the running config stays in force: {e}");
+            s.last_reload_error = Some(e);
+        }
+    }
 }
 
 /// A second descriptor for the timer, for the reactor to watch.
@@ -118,7 +148,7 @@ async fn run_timer(state: Shared, fd: AsyncFd<OwnedFd>) {
         guard.clear_ready();
         let mut s = lock(&state);
         match s.timer().acknowledge() {
-            Ok(()) => s.expire_due(),
+            Ok(()) => s.run_due(),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => error!("reading the deadline timer: {e}"),
         }

@@ -1,29 +1,26 @@
-//! The daemon's state: sessions, the flows the kernel tracks, and the
-//! deadline schedule, kept consistent with the pinned kernel maps.
+//! The daemon's state: sessions, the flows the kernel tracks, and the queue
+//! of things due at a time, kept consistent with the pinned kernel maps.
 //!
 //! The kernel maps are the truth; everything here is an index over them that
 //! can be rebuilt at any time (`adopt`). Writes go to the kernel first, in an
 //! order that leaves a crash harmless:
-//! * grant: session record, then each flow's deadline;
+//! * grant: session record, then each flow's deadline (or pending entry);
 //! * kill: each flow's deadline (so the backstop drops at once), then the
 //!   socket destroy, then the session record.
+//!
+//! The request handlers live in `commands.rs`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
+use std::collections::{BTreeSet, HashMap};
 
-use reaper_common::{Flow, FlowEvent, FlowEventKind, FlowTuple, Label, SessionRecord};
+use reaper_common::{flow_flags, Flow, FlowEvent, FlowEventKind, FlowTuple, Label, SessionRecord};
 use tracing::{debug, error, info, warn};
 
 use super::audit::{Audit, KillEvent, Reason};
 use crate::clock::{self, DeadlineTimer};
 use crate::config::Config;
-use crate::enforcer::{socket, DestroyOutcome, DestroyTarget, Enforcer};
-use crate::policy::{self, DeadlineLimits, Now};
-use crate::protocol::{
-    Command, ExtendRequest, FlowRef, FlowView, GrantRequest, GrantResult, KillView, ListArgs,
-    ListResult, Refusal, RefusalCode, RevokeResult, RevokeSelector, SessionView, StatusResult,
-    PROTOCOL_VERSION,
-};
+use crate::enforcer::{socket, DestroyOutcome, DiagTarget, Enforcer};
+use crate::policy::{self, IdleDirection, Now, SocketActivity};
+use crate::protocol::{FlowView, KillView, Refusal, RefusalCode, SessionView};
 
 /// Who is asking, from SO_PEERCRED.
 #[derive(Debug, Clone, Copy)]
@@ -32,66 +29,106 @@ pub struct Caller {
     pub gid: u32,
 }
 
-struct Session {
-    record: SessionRecord,
-    name: String,
-    user: String,
-    target: String,
-    flows: BTreeSet<u64>,
+/// Something the timer must do at a given boot time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Due {
+    /// A session's absolute deadline.
+    Deadline(u64),
+    /// Time to look at a session's activity.
+    IdleCheck(u64),
+    /// A fenced flow's grace window is over (by socket cookie).
+    Fence(u64),
+}
+
+pub(super) struct Session {
+    pub record: SessionRecord,
+    pub name: String,
+    pub user: String,
+    pub target: String,
+    pub class: String,
+    pub flows: BTreeSet<u64>,
+    /// Pre-registered connections not yet seen: each entry is the set of
+    /// kernel `PENDING` keys one `expect` item was registered under.
+    pub pending: Vec<Vec<FlowTuple>>,
+    /// When the next idle check is queued, if any.
+    pub idle_check_at: Option<u64>,
+}
+
+impl Session {
+    pub fn idle_direction(&self) -> IdleDirection {
+        IdleDirection::from_u32(self.record.idle_direction)
+    }
 }
 
 pub struct State {
-    enforcer: Enforcer,
+    pub(super) enforcer: Enforcer,
     timer: DeadlineTimer,
     audit: Audit,
-    config: Config,
-    started_boot_ns: u64,
+    pub(super) config: Config,
+    pub(super) started_boot_ns: u64,
+    /// Successful config loads (1 at start, +1 per reload), and the last
+    /// reload's error: what `status` reports so operators can see a reload.
+    pub(super) config_loads: u64,
+    pub last_reload_error: Option<String>,
     /// Unix time minus boot time, read once at start: every boot-clock
     /// instant is shown as the same wall-clock time for the daemon's life,
     /// instead of jittering with each pair of clock reads.
     wall_offset_ns: i128,
-    sessions: HashMap<u64, Session>,
-    by_name: HashMap<String, u64>,
+    pub(super) sessions: HashMap<u64, Session>,
+    pub(super) by_name: HashMap<String, u64>,
     next_id: u64,
-    /// (deadline, session id), earliest first.
-    schedule: BTreeSet<(u64, u64)>,
+    /// What is due when, earliest first.
+    queue: BTreeSet<(u64, Due)>,
     /// Mirror of the kernel's FLOWS, fed by the ring buffer.
-    flows: HashMap<u64, Flow>,
+    pub(super) flows: HashMap<u64, Flow>,
     /// (netns cookie, tuple) → socket cookie.
     by_tuple: HashMap<(u64, FlowTuple), u64>,
 }
 
-type Reply = Result<serde_json::Value, Refusal>;
-
-fn refuse<T>(code: RefusalCode, message: impl Into<String>) -> Result<T, Refusal> {
+pub(super) fn refuse<T>(code: RefusalCode, message: impl Into<String>) -> Result<T, Refusal> {
     Err(Refusal::new(code, message))
 }
 
-fn internal(e: impl std::fmt::Display) -> Refusal {
+pub(super) fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::new(RefusalCode::Internal, e.to_string())
 }
 
-fn describe(t: &FlowTuple) -> String {
+pub(super) fn describe(t: &FlowTuple) -> String {
     let (l, r) = socket::addrs_of(t);
     format!("{l} <-> {r}")
 }
 
+/// Whether a kernel `PENDING` key claims a connection with this tuple (the
+/// same rule the sock_ops program applies).
+fn claims(key: &FlowTuple, flow: &Flow) -> bool {
+    let mut t = flow.tuple;
+    if *key == t {
+        return true;
+    }
+    if flow.flags & flow_flags::PASSIVE != 0 {
+        t.remote_port = 0;
+    } else {
+        t.local_port = 0;
+    }
+    *key == t
+}
+
 impl State {
     pub fn new(enforcer: Enforcer, timer: DeadlineTimer, audit: Audit, config: Config) -> State {
+        let now = clock::now();
         State {
             enforcer,
             timer,
             audit,
             config,
-            started_boot_ns: clock::boot_ns(),
-            wall_offset_ns: {
-                let now = clock::now();
-                now.unix_ns - now.boot_ns as i128
-            },
+            started_boot_ns: now.boot_ns,
+            config_loads: 1,
+            last_reload_error: None,
+            wall_offset_ns: now.unix_ns - now.boot_ns as i128,
             sessions: HashMap::new(),
             by_name: HashMap::new(),
             next_id: 1,
-            schedule: BTreeSet::new(),
+            queue: BTreeSet::new(),
             flows: HashMap::new(),
             by_tuple: HashMap::new(),
         }
@@ -101,47 +138,63 @@ impl State {
         &self.timer
     }
 
+    /// The wall-clock time of a boot-clock instant.
+    pub(super) fn wall(&self, boot_ns: u64) -> i128 {
+        boot_ns as i128 + self.wall_offset_ns
+    }
+
     /// Rebuilds every index from the pinned maps: what a restarted daemon
-    /// does before it accepts requests. Sessions whose deadline passed while
-    /// no daemon ran are killed by the first timer expiry, right after.
+    /// does before it accepts requests. What fell due while no daemon ran
+    /// is handled by the first timer expiry, right after.
     pub fn adopt(&mut self) {
         for (cookie, flow) in self.enforcer.flows() {
             self.index_flow(cookie, flow);
         }
         for (id, record) in self.enforcer.sessions() {
-            let (Some(name), Some(user), Some(target)) = (
+            let labels = (
                 record.name.as_str(),
                 record.user.as_str(),
                 record.target.as_str(),
-            ) else {
+                record.class.as_str(),
+            );
+            let (Some(name), Some(user), Some(target), Some(class)) = labels else {
                 warn!(id, "dropping an unreadable session record");
                 self.enforcer.remove_session(id);
                 continue;
             };
-            let (name, user, target) = (name.to_owned(), user.to_owned(), target.to_owned());
-            self.index_session(id, record, name, user, target);
+            let strings = [name, user, target, class].map(str::to_owned);
+            let [name, user, target, class] = strings;
+            self.index_session(id, record, name, user, target, class);
+        }
+        for (key, grant) in self.enforcer.pending() {
+            match self.sessions.get_mut(&grant.session) {
+                Some(s) => s.pending.push(vec![key]),
+                None => self.enforcer.remove_pending(&key),
+            }
         }
         // Attach flows to their sessions; repair what a crash mid-write left.
-        let granted: Vec<(u64, Flow)> = self
-            .flows
-            .iter()
-            .filter(|(_, f)| f.session != 0)
-            .map(|(c, f)| (*c, *f))
-            .collect();
-        for (cookie, mut flow) in granted {
-            let id = flow.session;
-            if !self.sessions.contains_key(&id) {
+        let tracked: Vec<(u64, Flow)> = self.flows.iter().map(|(c, f)| (*c, *f)).collect();
+        for (cookie, flow) in tracked {
+            if flow.session == 0 {
+                self.queue_fence_check(cookie, &flow);
+                continue;
+            }
+            if !self.sessions.contains_key(&flow.session) {
                 // The session record was removed (a kill that crashed before
                 // the flow closed): keep the deadline, under a stand-in.
-                self.adopt_orphan(id, &flow);
+                self.adopt_orphan(flow.session, &flow);
             }
-            let session = self.sessions.get_mut(&id).expect("present or adopted");
-            session.flows.insert(cookie);
-            if flow.deadline_ns != session.record.deadline_ns {
-                flow.deadline_ns = session.record.deadline_ns;
-                let _ = self.enforcer.update_flow(cookie, &flow);
-                self.flows.insert(cookie, flow);
-            }
+            self.attach_flow(cookie, flow);
+        }
+        let idle: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.record.idle_timeout_ns != 0)
+            .map(|(id, _)| *id)
+            .collect();
+        let now = clock::boot_ns();
+        for id in idle {
+            self.queue_idle_check(id, now);
         }
         info!(
             sessions = self.sessions.len(),
@@ -153,33 +206,35 @@ impl State {
 
     fn adopt_orphan(&mut self, id: u64, flow: &Flow) {
         let name = format!("orphan-{id}");
-        let now = clock::now();
         let record = SessionRecord {
             deadline_ns: flow.deadline_ns.max(1),
             granted_ns: flow.established_ns,
-            granted_unix_ns: now.unix_of(flow.established_ns) as u64,
+            granted_unix_ns: self.wall(flow.established_ns) as u64,
             name: Label::new(&name).expect("short"),
             user: Label::new("unknown").expect("short"),
             target: Label::new("unknown").expect("short"),
+            class: Label::new("unknown").expect("short"),
             ..Default::default()
         };
         let _ = self.enforcer.put_session(id, &record);
         warn!(session = %name, "flow without a session record: enforcing its deadline under a stand-in session");
-        self.index_session(id, record, name, "unknown".into(), "unknown".into());
+        let unknown = || "unknown".to_string();
+        self.index_session(id, record, name, unknown(), unknown(), unknown());
     }
 
     /// Adds a session to the in-memory indexes (its record is already in
     /// the kernel map).
-    fn index_session(
+    pub(super) fn index_session(
         &mut self,
         id: u64,
         record: SessionRecord,
         name: String,
         user: String,
         target: String,
+        class: String,
     ) {
         self.by_name.insert(name.clone(), id);
-        self.schedule.insert((record.deadline_ns, id));
+        self.queue.insert((record.deadline_ns, Due::Deadline(id)));
         self.sessions.insert(
             id,
             Session {
@@ -187,19 +242,28 @@ impl State {
                 name,
                 user,
                 target,
+                class,
                 flows: BTreeSet::new(),
+                pending: Vec::new(),
+                idle_check_at: None,
             },
         );
         self.next_id = self.next_id.max(id + 1);
     }
 
-    fn index_flow(&mut self, cookie: u64, flow: Flow) {
+    pub(super) fn allocate_session_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    pub(super) fn index_flow(&mut self, cookie: u64, flow: Flow) {
         self.by_tuple
             .insert((flow.netns_cookie, flow.tuple), cookie);
         self.flows.insert(cookie, flow);
     }
 
-    fn unindex_flow(&mut self, cookie: u64) -> Option<Flow> {
+    pub(super) fn unindex_flow(&mut self, cookie: u64) -> Option<Flow> {
         let flow = self.flows.remove(&cookie)?;
         let key = (flow.netns_cookie, flow.tuple);
         if self.by_tuple.get(&key) == Some(&cookie) {
@@ -211,446 +275,239 @@ impl State {
         Some(flow)
     }
 
+    /// Makes a tracked flow (already tagged with its session in the kernel)
+    /// part of that session, and its deadline the session's.
+    fn attach_flow(&mut self, cookie: u64, mut flow: Flow) {
+        let Some(session) = self.sessions.get_mut(&flow.session) else {
+            return;
+        };
+        session.flows.insert(cookie);
+        // A pre-registration it claimed is no longer pending; the other keys
+        // of the same `expect` item go too.
+        if let Some(i) = session
+            .pending
+            .iter()
+            .position(|keys| keys.iter().any(|k| claims(k, &flow)))
+        {
+            for key in session.pending.remove(i) {
+                self.enforcer.remove_pending(&key);
+            }
+        }
+        let deadline = session.record.deadline_ns;
+        if flow.deadline_ns != deadline {
+            flow.deadline_ns = deadline;
+            let _ = self.enforcer.update_flow(cookie, &flow);
+        }
+        self.index_flow(cookie, flow);
+    }
+
     /// Applies flow events from the kernel, in order.
     pub fn apply_events(&mut self, events: &[FlowEvent]) {
         for event in events {
             if event.kind == FlowEventKind::Established as u32 {
                 // The entry may already carry a grant (adopted state); keep ours.
                 let flow = self.flows.get(&event.cookie).copied().unwrap_or(event.flow);
-                self.index_flow(event.cookie, flow);
+                if flow.session != 0 {
+                    if !self.sessions.contains_key(&flow.session) {
+                        self.adopt_orphan(flow.session, &flow);
+                    }
+                    debug!(cookie = event.cookie, flow = %describe(&flow.tuple), "pre-registered flow established");
+                    self.attach_flow(event.cookie, flow);
+                } else {
+                    self.index_flow(event.cookie, flow);
+                    self.queue_fence_check(event.cookie, &flow);
+                }
             } else if event.kind == FlowEventKind::Closed as u32 {
                 if let Some(flow) = self.unindex_flow(event.cookie) {
                     debug!(cookie = event.cookie, flow = %describe(&flow.tuple), "flow closed");
                 }
             }
         }
+        self.rearm();
     }
 
-    /// Re-arms the timer for the earliest deadline.
-    fn rearm(&self) {
-        let next = self.schedule.first().map(|(deadline, _)| *deadline);
+    fn queue_fence_check(&mut self, cookie: u64, flow: &Flow) {
+        if flow.flags & flow_flags::FENCED != 0 && flow.session == 0 {
+            let at = flow.established_ns + self.config.fence_grace_ns;
+            self.queue.insert((at, Due::Fence(cookie)));
+        }
+    }
+
+    /// Queues (or moves) a session's idle check.
+    pub(super) fn queue_idle_check(&mut self, id: u64, at: u64) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if let Some(old) = session.idle_check_at.replace(at) {
+            self.queue.remove(&(old, Due::IdleCheck(id)));
+        }
+        self.queue.insert((at, Due::IdleCheck(id)));
+    }
+
+    /// Moves a session's deadline in the queue.
+    pub(super) fn requeue_deadline(&mut self, id: u64, old: u64, new: u64) {
+        self.queue.remove(&(old, Due::Deadline(id)));
+        self.queue.insert((new, Due::Deadline(id)));
+    }
+
+    /// Re-arms the timer for the earliest thing due.
+    pub(super) fn rearm(&self) {
+        let next = self.queue.first().map(|(at, _)| *at);
         if let Err(e) = self.timer.arm(next) {
             error!("arming the deadline timer: {e}");
         }
     }
 
-    /// Kills every session whose deadline has come. Called when the timer fires.
-    pub fn expire_due(&mut self) {
+    /// Does everything that has come due. Called when the timer fires.
+    pub fn run_due(&mut self) {
         let now = clock::boot_ns();
-        let due: Vec<u64> = self
-            .schedule
-            .iter()
-            .take_while(|(deadline, _)| *deadline <= now)
-            .map(|(_, id)| *id)
-            .collect();
-        if !due.is_empty() {
-            self.end_sessions(&due, Reason::Expired, None);
-        }
-        self.rearm();
-    }
-
-    pub fn handle(&mut self, command: Command, caller: Caller, fds: &[OwnedFd]) -> Reply {
-        if command.mutates() && !self.config.access.allows(caller.uid, caller.gid) {
-            let a = &self.config.access;
-            return refuse(
-                RefusalCode::PermissionDenied,
-                format!(
-                    "uid {} (gid {}) may not change grants; allowed are root, uids {:?} and gids {:?} (config [access])",
-                    caller.uid, caller.gid, a.uids, a.gids
-                ),
-            );
-        }
-        fn value(r: impl serde::Serialize) -> Reply {
-            serde_json::to_value(r).map_err(internal)
-        }
-        match command {
-            Command::Grant(g) => value(self.grant(g, caller, fds)?),
-            Command::Extend(e) => value(self.extend(e)?),
-            Command::Revoke(r) => value(self.revoke(r)?),
-            Command::List(l) => value(self.list(&l)),
-            Command::Status => value(self.status()),
-        }
-    }
-
-    fn limits(&self) -> DeadlineLimits {
-        DeadlineLimits {
-            max_ttl_ns: self.config.max_ttl_ns,
-        }
-    }
-
-    /// Finds the tracked sockets of a flow named by addresses, in the
-    /// daemon's own network namespace.
-    fn lookup_addrs(
-        &mut self,
-        local: std::net::SocketAddr,
-        remote: std::net::SocketAddr,
-    ) -> Vec<u64> {
-        let netns = self.enforcer.netns_cookie;
-        let candidates = socket::candidate_tuples(local, remote);
-        let mut found: Vec<u64> = candidates
-            .iter()
-            .filter_map(|t| self.by_tuple.get(&(netns, *t)).copied())
-            .collect();
-        if found.is_empty() {
-            // The ring buffer may have lost events: ask the kernel itself.
-            for (cookie, flow) in self.enforcer.flows() {
-                if flow.netns_cookie == netns && candidates.contains(&flow.tuple) {
-                    self.index_flow(cookie, flow);
-                    found.push(cookie);
-                }
+        let mut expired = Vec::new();
+        let mut idle_checks = Vec::new();
+        let mut fences = Vec::new();
+        while let Some(&(at, due)) = self.queue.first() {
+            if at > now {
+                break;
             }
-        }
-        found.sort_unstable();
-        found.dedup();
-        found
-    }
-
-    fn tracked_flow(&mut self, cookie: u64) -> Option<Flow> {
-        if let Some(flow) = self.flows.get(&cookie) {
-            return Some(*flow);
-        }
-        let flow = self.enforcer.flow(cookie)?;
-        self.index_flow(cookie, flow);
-        Some(flow)
-    }
-
-    fn resolve(&mut self, refs: &[FlowRef], fds: &[OwnedFd]) -> Result<Vec<u64>, Refusal> {
-        let mut cookies = Vec::new();
-        for (i, r) in refs.iter().enumerate() {
-            match *r {
-                FlowRef::Fd(index) => {
-                    let Some(fd) = fds.get(index) else {
-                        return refuse(
-                            RefusalCode::BadFd,
-                            format!(
-                                "flows[{i}].fd: descriptor {index} was not passed ({} came with the request; send them with SCM_RIGHTS in the same sendmsg as the line)",
-                                fds.len()
-                            ),
-                        );
-                    };
-                    let info = socket::inspect(fd.as_fd()).map_err(|why| {
-                        Refusal::new(RefusalCode::BadFd, format!("flows[{i}].fd: {why}"))
-                    })?;
-                    let Some(flow) = self.tracked_flow(info.cookie) else {
-                        return refuse(
-                            RefusalCode::FlowNotTracked,
-                            format!(
-                                "flows[{i}]: the socket {} <-> {} is not tracked: neither port is watched, or it belongs to a process outside cgroup {}",
-                                info.local,
-                                info.remote,
-                                self.enforcer.cgroup.display()
-                            ),
-                        );
-                    };
-                    if flow.netns_cookie != self.enforcer.netns_cookie {
-                        // Our netlink socket could not destroy it: refuse
-                        // rather than promise a kill we cannot deliver.
-                        return refuse(
-                            RefusalCode::FlowNotTracked,
-                            format!(
-                                "flows[{i}]: the socket {} <-> {} lives in another network namespace, which this daemon does not reach",
-                                info.local, info.remote
-                            ),
-                        );
+            self.queue.pop_first();
+            match due {
+                Due::Deadline(id) => expired.push(id),
+                Due::IdleCheck(id) => {
+                    if let Some(s) = self.sessions.get_mut(&id) {
+                        s.idle_check_at = None;
+                        idle_checks.push(id);
                     }
-                    cookies.push(info.cookie);
                 }
-                FlowRef::Addrs { local, remote } => {
-                    let found = self.lookup_addrs(local, remote);
-                    if found.is_empty() {
-                        return refuse(
-                            RefusalCode::NoSuchFlow,
-                            format!(
-                                "flows[{i}]: no tracked TCP flow {local} <-> {remote} in this network namespace (is it established, and is one of its ports watched?)"
-                            ),
-                        );
-                    }
-                    cookies.extend(found);
-                }
+                Due::Fence(cookie) => fences.push((cookie, at)),
             }
         }
-        cookies.sort_unstable();
-        cookies.dedup();
-        Ok(cookies)
-    }
-
-    fn grant(
-        &mut self,
-        g: GrantRequest,
-        caller: Caller,
-        fds: &[OwnedFd],
-    ) -> Result<GrantResult, Refusal> {
-        let now = clock::now();
-        let cookies = self.resolve(&g.flows, fds)?;
-        let existing = self.by_name.get(&g.session).copied();
-        for cookie in &cookies {
-            let flow = self.flows[cookie];
-            if flow.session != 0 && Some(flow.session) != existing {
-                let other = self
-                    .sessions
-                    .get(&flow.session)
-                    .map_or("?", |s| s.name.as_str());
-                return refuse(
-                    RefusalCode::FlowConflict,
-                    format!(
-                        "flow {} already belongs to session {other:?}",
-                        describe(&flow.tuple)
-                    ),
-                );
-            }
+        if !expired.is_empty() {
+            self.end_sessions(&expired, Reason::Expired, None);
         }
-        let requested =
-            match &g.expiry {
-                Some(expiry) => Some(policy::deadline_for(expiry, now, self.limits()).map_err(
-                    |e| Refusal::new(RefusalCode::DeadlineRefused, format!("grant: {e}")),
-                )?),
-                None => None,
-            };
-
-        let (id, created) = match existing {
-            Some(id) => {
-                let s = &self.sessions[&id];
-                if s.user != g.user || s.target != g.target {
-                    return refuse(
-                        RefusalCode::SessionConflict,
-                        format!(
-                            "session {:?} belongs to user {:?} on target {:?}, not {:?} on {:?}",
-                            g.session, s.user, s.target, g.user, g.target
-                        ),
-                    );
-                }
-                // Joining never lengthens a session; an earlier deadline tightens it.
-                let deadline =
-                    requested.map_or(s.record.deadline_ns, |d| d.min(s.record.deadline_ns));
-                self.set_deadline(id, deadline)?;
-                (id, false)
-            }
-            None => {
-                let Some(deadline) = requested else {
-                    return refuse(
-                        RefusalCode::BadRequest,
-                        format!(
-                            "grant: session {:?} is new, so it needs ttl or expires_at",
-                            g.session
-                        ),
-                    );
-                };
-                if self.sessions.len() >= self.config.max_sessions as usize {
-                    return refuse(
-                        RefusalCode::TableFull,
-                        format!(
-                            "the session table is full ({} sessions, max_sessions)",
-                            self.config.max_sessions
-                        ),
-                    );
-                }
-                let id = self.next_id;
-                let record = SessionRecord {
-                    deadline_ns: deadline,
-                    granted_ns: now.boot_ns,
-                    granted_unix_ns: now.unix_ns as u64,
-                    granted_by_uid: caller.uid,
-                    name: Label::new(&g.session).expect("length checked by the protocol"),
-                    user: Label::new(&g.user).expect("length checked by the protocol"),
-                    target: Label::new(&g.target).expect("length checked by the protocol"),
-                    ..Default::default()
-                };
-                if !self.enforcer.put_session(id, &record).map_err(internal)? {
-                    return refuse(RefusalCode::TableFull, "the kernel session table is full");
-                }
-                self.index_session(
-                    id,
-                    record,
-                    g.session.clone(),
-                    g.user.clone(),
-                    g.target.clone(),
-                );
-                (id, true)
-            }
-        };
-
-        let deadline = self.sessions[&id].record.deadline_ns;
-        let mut added = 0;
-        for cookie in cookies {
-            let mut flow = self.flows[&cookie];
-            flow.deadline_ns = deadline;
-            flow.session = id;
-            if self.enforcer.update_flow(cookie, &flow).map_err(internal)? {
-                self.flows.insert(cookie, flow);
-                self.sessions
-                    .get_mut(&id)
-                    .expect("present")
-                    .flows
-                    .insert(cookie);
-                added += 1;
-            } else {
-                self.unindex_flow(cookie);
-            }
+        if !idle_checks.is_empty() {
+            self.check_idle(&idle_checks);
         }
-        if added == 0 && created {
-            self.forget_session(id);
-            self.rearm();
-            return refuse(
-                RefusalCode::NoSuchFlow,
-                "grant: every named flow closed before it could be granted",
-            );
+        for (cookie, grace_end) in fences {
+            // Granted (or gone) since: nothing to do.
+            if self.enforcer.flow(cookie).is_some_and(|f| f.session == 0) {
+                self.kill_flows(&[cookie], Reason::Unauthorized, Some(grace_end));
+            }
         }
         self.rearm();
-        let session = self.view(id, now);
-        info!(session = %session.session, user = %session.user, target = %session.target,
-              flows = added, deadline = %session.deadline, created, "granted");
-        Ok(GrantResult { session, created })
     }
 
-    /// Moves a session's deadline, in the kernel first.
-    fn set_deadline(&mut self, id: u64, deadline: u64) -> Result<(), Refusal> {
-        let session = self.sessions.get_mut(&id).expect("caller checked");
-        let old = session.record.deadline_ns;
-        if old == deadline {
-            return Ok(());
-        }
-        session.record.deadline_ns = deadline;
-        let record = session.record;
-        let cookies: Vec<u64> = session.flows.iter().copied().collect();
-        self.enforcer.put_session(id, &record).map_err(internal)?;
-        for cookie in cookies {
-            if let Some(mut flow) = self.flows.get(&cookie).copied() {
-                flow.deadline_ns = deadline;
-                if self.enforcer.update_flow(cookie, &flow).map_err(internal)? {
-                    self.flows.insert(cookie, flow);
-                } else {
-                    self.unindex_flow(cookie);
+    /// Reads the kernel's activity for the sessions' sockets; ends the idle
+    /// ones and queues the next check for the others at their new idle
+    /// deadline.
+    fn check_idle(&mut self, ids: &[u64]) {
+        let mut targets = Vec::new();
+        // A session may have ended earlier in the same timer run.
+        let ids: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| self.sessions.contains_key(id))
+            .collect();
+        for id in &ids {
+            for cookie in &self.sessions[id].flows {
+                if let Some(flow) = self.flows.get(cookie) {
+                    targets.push(DiagTarget {
+                        cookie: *cookie,
+                        tuple: flow.tuple,
+                    });
                 }
             }
         }
-        self.schedule.remove(&(old, id));
-        self.schedule.insert((deadline, id));
-        Ok(())
-    }
-
-    fn extend(&mut self, e: ExtendRequest) -> Result<GrantResult, Refusal> {
-        let now = clock::now();
-        let Some(&id) = self.by_name.get(&e.session) else {
-            return refuse(
-                RefusalCode::NoSuchSession,
-                format!("extend: no session {:?}", e.session),
-            );
-        };
-        let deadline = policy::deadline_for(&e.expiry, now, self.limits())
-            .map_err(|err| Refusal::new(RefusalCode::DeadlineRefused, format!("extend: {err}")))?;
-        let current = self.sessions[&id].record.deadline_ns;
-        if deadline < current {
-            return refuse(
-                RefusalCode::DeadlineRefused,
-                format!(
-                    "extend: the new deadline {} is earlier than the current {}; extend never shortens (revoke ends a session now)",
-                    policy::format_rfc3339(now.unix_of(deadline)),
-                    policy::format_rfc3339(now.unix_of(current))
-                ),
-            );
-        }
-        self.set_deadline(id, deadline)?;
-        self.rearm();
-        let session = self.view(id, now);
-        info!(session = %session.session, deadline = %session.deadline, "extended");
-        Ok(GrantResult {
-            session,
-            created: false,
-        })
-    }
-
-    fn revoke(&mut self, selector: RevokeSelector) -> Result<RevokeResult, Refusal> {
-        let pick = |f: &dyn Fn(&Session) -> bool| -> Vec<u64> {
-            let mut ids: Vec<u64> = self
-                .sessions
+        let activity: HashMap<u64, SocketActivity> = match self.enforcer.activity(&targets) {
+            Ok(found) => targets
                 .iter()
-                .filter(|(_, s)| f(s))
-                .map(|(id, _)| *id)
-                .collect();
-            ids.sort_unstable();
-            ids
-        };
-        let ids = match &selector {
-            RevokeSelector::Session(name) => match self.by_name.get(name) {
-                Some(id) => vec![*id],
-                None => {
-                    return refuse(
-                        RefusalCode::NoSuchSession,
-                        format!("revoke: no session {name:?}"),
-                    )
+                .zip(found)
+                .filter_map(|(t, a)| {
+                    let a = a?;
+                    let passive = self.flows.get(&t.cookie)?.flags & flow_flags::PASSIVE != 0;
+                    Some((
+                        t.cookie,
+                        SocketActivity {
+                            passive,
+                            last_recv_ago_ms: a.last_recv_ago_ms,
+                            last_sent_ago_ms: a.last_sent_ago_ms,
+                        },
+                    ))
+                })
+                .collect(),
+            Err(e) => {
+                // Without evidence of idleness nobody is killed; look again soon.
+                error!("reading socket activity: {e}");
+                let retry = clock::boot_ns() + policy::NS_PER_SEC;
+                for id in ids {
+                    self.queue_idle_check(id, retry);
                 }
-            },
-            RevokeSelector::User(user) => pick(&|s| &s.user == user),
-            RevokeSelector::Target(target) => pick(&|s| &s.target == target),
-            RevokeSelector::Flow { local, remote } => {
-                let cookies = self.lookup_addrs(*local, *remote);
-                if cookies.is_empty() {
-                    return refuse(
-                        RefusalCode::NoSuchFlow,
-                        format!("revoke: no tracked TCP flow {local} <-> {remote} in this network namespace"),
-                    );
-                }
-                let requested = clock::boot_ns();
-                let kills = self.kill_flows(&cookies, Reason::Revoked, Some(requested));
-                return Ok(RevokeResult {
-                    sessions: vec![],
-                    kills,
-                });
+                return;
             }
         };
-        let names = ids
-            .iter()
-            .map(|id| self.sessions[id].name.clone())
-            .collect();
-        let kills = self.end_sessions(&ids, Reason::Revoked, Some(clock::boot_ns()));
-        self.rearm();
-        Ok(RevokeResult {
-            sessions: names,
-            kills,
-        })
+        let now = clock::boot_ns();
+        for id in ids {
+            let s = &self.sessions[&id];
+            let sockets: Vec<SocketActivity> = s
+                .flows
+                .iter()
+                .filter_map(|c| activity.get(c).copied())
+                .collect();
+            let floor = s.record.granted_ns.max(s.record.touched_ns);
+            let last = policy::last_activity(now, s.idle_direction(), &sockets, floor);
+            let idle_deadline = last + s.record.idle_timeout_ns;
+            if now >= idle_deadline {
+                info!(session = %s.name, idle_for_ms = (now - last) / policy::NS_PER_MS, "idle");
+                self.end_sessions(&[id], Reason::Idle, Some(idle_deadline));
+            } else {
+                self.queue_idle_check(id, idle_deadline);
+            }
+        }
     }
 
-    /// Kills every flow of the sessions and removes them.
-    fn end_sessions(
+    /// Kills every flow of the sessions and removes them. `due` is when
+    /// the kill became due (None: each flow's own deadline).
+    pub(super) fn end_sessions(
         &mut self,
         ids: &[u64],
         reason: Reason,
-        requested: Option<u64>,
+        due: Option<u64>,
     ) -> Vec<KillView> {
         let cookies: Vec<u64> = ids
             .iter()
             .filter_map(|id| self.sessions.get(id))
             .flat_map(|s| s.flows.iter().copied())
             .collect();
-        let kills = self.kill_flows(&cookies, reason, requested);
+        let kills = self.kill_flows(&cookies, reason, due);
         for id in ids {
             if let Some(s) = self.sessions.get(id) {
-                if s.flows.is_empty() {
-                    debug!(session = %s.name, ?reason, "session ended");
-                }
+                debug!(session = %s.name, ?reason, "session ended");
             }
             self.forget_session(*id);
         }
         kills
     }
 
-    fn forget_session(&mut self, id: u64) {
+    pub(super) fn forget_session(&mut self, id: u64) {
         if let Some(s) = self.sessions.remove(&id) {
             self.by_name.remove(&s.name);
-            self.schedule.remove(&(s.record.deadline_ns, id));
+            self.queue
+                .remove(&(s.record.deadline_ns, Due::Deadline(id)));
+            if let Some(at) = s.idle_check_at {
+                self.queue.remove(&(at, Due::IdleCheck(id)));
+            }
+            for key in s.pending.iter().flatten() {
+                self.enforcer.remove_pending(key);
+            }
             self.enforcer.remove_session(id);
         }
     }
 
     /// The kill path: deadline into the kernel (the backstop drops from now
     /// on), one batched socket destroy, an audit event per flow.
-    /// `requested`: when a revoke asked for it; expiry measures lateness
-    /// against each flow's deadline instead.
-    fn kill_flows(
+    pub(super) fn kill_flows(
         &mut self,
         cookies: &[u64],
         reason: Reason,
-        requested: Option<u64>,
+        due: Option<u64>,
     ) -> Vec<KillView> {
         let now = clock::boot_ns();
         let mut targets = Vec::new();
@@ -667,9 +524,9 @@ impl State {
                 None => gone.push(cookie),
             }
         }
-        let requests: Vec<DestroyTarget> = targets
+        let requests: Vec<DiagTarget> = targets
             .iter()
-            .map(|(cookie, flow)| DestroyTarget {
+            .map(|(cookie, flow)| DiagTarget {
                 cookie: *cookie,
                 tuple: flow.tuple,
             })
@@ -701,7 +558,7 @@ impl State {
                     "drop_only"
                 }
             };
-            let since = requested.unwrap_or(flow.deadline_ns);
+            let since = due.unwrap_or(flow.deadline_ns);
             views.push(self.audit_kill(cookie, &flow, reason, done, since, result));
             // Even a drop-only flow leaves the index: its session is ending,
             // and the kernel entry (with its deadline) stays until it closes.
@@ -709,7 +566,7 @@ impl State {
         }
         for cookie in gone {
             if let Some(flow) = self.unindex_flow(cookie) {
-                let since = requested.unwrap_or(flow.deadline_ns);
+                let since = due.unwrap_or(flow.deadline_ns);
                 views.push(self.audit_kill(cookie, &flow, reason, done, since, "already_closed"));
             }
         }
@@ -753,12 +610,43 @@ impl State {
         }
     }
 
-    /// The wall-clock time of a boot-clock instant.
-    fn wall(&self, boot_ns: u64) -> i128 {
-        boot_ns as i128 + self.wall_offset_ns
+    /// Finds the tracked sockets of a flow named by addresses, in the
+    /// daemon's own network namespace.
+    pub(super) fn lookup_addrs(
+        &mut self,
+        local: std::net::SocketAddr,
+        remote: std::net::SocketAddr,
+    ) -> Vec<u64> {
+        let netns = self.enforcer.netns_cookie;
+        let candidates = socket::candidate_tuples(local, remote);
+        let mut found: Vec<u64> = candidates
+            .iter()
+            .filter_map(|t| self.by_tuple.get(&(netns, *t)).copied())
+            .collect();
+        if found.is_empty() {
+            // The ring buffer may have lost events: ask the kernel itself.
+            for (cookie, flow) in self.enforcer.flows() {
+                if flow.netns_cookie == netns && candidates.contains(&flow.tuple) {
+                    self.index_flow(cookie, flow);
+                    found.push(cookie);
+                }
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        found
     }
 
-    fn view(&self, id: u64, now: Now) -> SessionView {
+    pub(super) fn tracked_flow(&mut self, cookie: u64) -> Option<Flow> {
+        if let Some(flow) = self.flows.get(&cookie) {
+            return Some(*flow);
+        }
+        let flow = self.enforcer.flow(cookie)?;
+        self.index_flow(cookie, flow);
+        Some(flow)
+    }
+
+    pub(super) fn view(&self, id: u64, now: Now) -> SessionView {
         let s = &self.sessions[&id];
         let flows = s
             .flows
@@ -779,50 +667,43 @@ impl State {
             session: s.name.clone(),
             user: s.user.clone(),
             target: s.target.clone(),
+            class: s.class.clone(),
             deadline: policy::format_rfc3339(self.wall(s.record.deadline_ns)),
             deadline_boot_ns: s.record.deadline_ns,
             time_left_ms: (left / policy::NS_PER_MS as i128) as i64,
             granted_at: policy::format_rfc3339(s.record.granted_unix_ns as i128),
             granted_by_uid: s.record.granted_by_uid,
+            idle_timeout_ms: (s.record.idle_timeout_ns != 0)
+                .then_some(s.record.idle_timeout_ns / policy::NS_PER_MS),
+            idle_direction: s.idle_direction(),
             flows,
+            expecting: s.pending.len(),
         }
     }
 
-    fn list(&self, filter: &ListArgs) -> ListResult {
-        let now = clock::now();
-        let keep = |s: &Session| {
-            filter.session.as_ref().is_none_or(|v| &s.name == v)
-                && filter.user.as_ref().is_none_or(|v| &s.user == v)
-                && filter.target.as_ref().is_none_or(|v| &s.target == v)
-        };
-        let sessions = self
-            .schedule
+    /// Sessions in deadline order.
+    pub(super) fn sessions_by_deadline(&self) -> Vec<u64> {
+        self.queue
             .iter()
-            .filter(|(_, id)| keep(&self.sessions[id]))
-            .map(|(_, id)| self.view(*id, now))
-            .collect();
-        ListResult {
-            now: policy::format_rfc3339(now.unix_ns),
-            sessions,
-        }
+            .filter_map(|(_, due)| match due {
+                Due::Deadline(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
     }
 
-    fn status(&self) -> StatusResult {
-        let counters: BTreeMap<String, u64> = self.enforcer.counters();
-        StatusResult {
-            version: env!("CARGO_PKG_VERSION").into(),
-            protocol: PROTOCOL_VERSION,
-            pid: std::process::id(),
-            uptime_ms: (clock::boot_ns() - self.started_boot_ns) / policy::NS_PER_MS,
-            cgroup: self.enforcer.cgroup.display().to_string(),
-            pin_path: self.enforcer.pin_path.display().to_string(),
-            sessions: self.sessions.len(),
-            tracked_flows: self.flows.len(),
-            granted_flows: self.sessions.values().map(|s| s.flows.len()).sum(),
-            max_flows: self.config.max_flows,
-            max_sessions: self.config.max_sessions,
-            counters,
-            watch: self.config.watch.clone(),
-        }
+    /// Applies a reloaded config: ports and grace go to the kernel at once;
+    /// classes, limits, access and max_ttl apply to requests from now on.
+    /// Live grants keep the terms they were given.
+    pub fn reload(&mut self, mut new: Config) -> Result<Vec<&'static str>, String> {
+        let restart_only = self.config.restart_only_changes(&new);
+        new.keep_restart_only(&self.config);
+        self.enforcer
+            .apply_ports(&new)
+            .map_err(|e| format!("writing the new ports to the kernel: {e}"))?;
+        self.config = new;
+        self.config_loads += 1;
+        self.last_reload_error = None;
+        Ok(restart_only)
     }
 }

@@ -7,7 +7,7 @@
 //! their links replace the old pins atomically (a rename), so enforcement
 //! never has a gap.
 
-pub mod destroy;
+pub mod diag;
 mod pins;
 pub mod socket;
 
@@ -19,13 +19,14 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use reaper_common::{
-    counter, map_names, program_names, watch_slot, Flow, PortSide, SessionRecord, WATCH_WORDS,
+    counter, map_names, program_names, setting, watch_slot, Flow, FlowTuple, PendingGrant, PortSet,
+    PortSide, SessionRecord, WATCH_WORDS,
 };
 use tracing::{info, warn};
 
 use crate::config::{Config, Side, Watch};
 use crate::error::{Error, Result};
-pub use destroy::{DestroyOutcome, DestroyTarget, Destroyer};
+pub use diag::{Activity, DestroyOutcome, DiagTarget, SockDiag};
 pub use pins::{ensure_bpffs, unload};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
@@ -44,7 +45,10 @@ pub struct Enforcer {
     flows: HashMap<MapData, u64, Flow>,
     sessions: HashMap<MapData, u64, SessionRecord>,
     counters: PerCpuArray<MapData, u64>,
-    destroyer: Destroyer,
+    watch: Array<MapData, u64>,
+    settings: Array<MapData, u64>,
+    pending: HashMap<MapData, FlowTuple, PendingGrant>,
+    diag: SockDiag,
     /// The namespace the daemon (and its destroyer) lives in.
     pub netns_cookie: u64,
     pub cgroup: PathBuf,
@@ -97,6 +101,8 @@ impl Enforcer {
             map_names::WATCH,
             map_names::EVENTS,
             map_names::COUNTERS,
+            map_names::PENDING,
+            map_names::SETTINGS,
         ];
         for name in names {
             loader.map_pin_path(name, pin(name));
@@ -107,7 +113,39 @@ impl Enforcer {
         let mut ebpf = loader.load(OBJECT)?;
         check_pinned_geometry(&ebpf, config)?;
 
-        write_watch(&mut ebpf, &config.watch)?;
+        // The maps leave the object now (the programs were relocated against
+        // their descriptors at load) so that the daemon owns them.
+        let take = |ebpf: &mut Ebpf, name: &str| -> Result<Map> {
+            ebpf.take_map(name)
+                .ok_or_else(|| Error::Setup(format!("map {name} missing from the object")))
+        };
+        let flows = HashMap::try_from(take(&mut ebpf, map_names::FLOWS)?)?;
+        let sessions = HashMap::try_from(take(&mut ebpf, map_names::SESSIONS)?)?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, map_names::COUNTERS)?)?;
+        let events = RingBuf::try_from(take(&mut ebpf, map_names::EVENTS)?)?;
+        let watch = Array::try_from(take(&mut ebpf, map_names::WATCH)?)?;
+        let settings = Array::try_from(take(&mut ebpf, map_names::SETTINGS)?)?;
+        let pending = HashMap::try_from(take(&mut ebpf, map_names::PENDING)?)?;
+        let diag = SockDiag::open().map_err(Error::io("opening the sock_diag netlink socket"))?;
+        let netns_cookie = diag
+            .netns_cookie()
+            .map_err(Error::io("reading the network namespace cookie"))?;
+        let mut enforcer = Enforcer {
+            _ebpf: ebpf,
+            flows,
+            sessions,
+            counters,
+            watch,
+            settings,
+            pending,
+            diag,
+            netns_cookie,
+            cgroup,
+            pin_path: config.pin_path.clone(),
+        };
+        // Ports and settings are in place before the programs run.
+        enforcer.apply_ports(config)?;
+        let ebpf = &mut enforcer._ebpf;
 
         for (program, link) in LINK_PINS {
             let prog = ebpf.program_mut(program).ok_or_else(|| {
@@ -132,44 +170,21 @@ impl Enforcer {
             pins::replace_link_pin(fd_link, &pin(link))?;
         }
 
-        let kernel_log = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog) {
+        let kernel_log = match aya_log::EbpfLogger::init_with_logger(ebpf, KernelLog) {
             Ok(logger) => Some(logger),
             Err(e) => {
                 warn!("kernel-side logging unavailable: {e}");
                 None
             }
         };
-        let take = |ebpf: &mut Ebpf, name: &str| -> Result<Map> {
-            ebpf.take_map(name)
-                .ok_or_else(|| Error::Setup(format!("map {name} missing from the object")))
-        };
-        let flows = HashMap::try_from(take(&mut ebpf, map_names::FLOWS)?)?;
-        let sessions = HashMap::try_from(take(&mut ebpf, map_names::SESSIONS)?)?;
-        let counters = PerCpuArray::try_from(take(&mut ebpf, map_names::COUNTERS)?)?;
-        let events = RingBuf::try_from(take(&mut ebpf, map_names::EVENTS)?)?;
-
-        let destroyer =
-            Destroyer::open().map_err(Error::io("opening the sock_diag netlink socket"))?;
-        let netns_cookie = destroyer
-            .netns_cookie()
-            .map_err(Error::io("reading the network namespace cookie"))?;
         info!(
-            cgroup = %cgroup.display(),
+            cgroup = %enforcer.cgroup.display(),
             pin_path = %config.pin_path.display(),
             adopted = adopting,
             "kernel programs attached"
         );
         Ok(Started {
-            enforcer: Enforcer {
-                _ebpf: ebpf,
-                flows,
-                sessions,
-                counters,
-                destroyer,
-                netns_cookie,
-                cgroup,
-                pin_path: config.pin_path.clone(),
-            },
+            enforcer,
             events,
             kernel_log,
         })
@@ -215,8 +230,46 @@ impl Enforcer {
         let _ = self.sessions.remove(&id);
     }
 
-    pub fn destroy(&mut self, targets: &[DestroyTarget]) -> std::io::Result<Vec<DestroyOutcome>> {
-        self.destroyer.destroy(targets)
+    pub fn destroy(&mut self, targets: &[DiagTarget]) -> std::io::Result<Vec<DestroyOutcome>> {
+        self.diag.destroy(targets)
+    }
+
+    /// Each socket's last data received/sent, from the kernel's tcp_info.
+    pub fn activity(&mut self, targets: &[DiagTarget]) -> std::io::Result<Vec<Option<Activity>>> {
+        self.diag.activity(targets)
+    }
+
+    /// Writes the watch and fence bitmaps and the fence grace. Used at start
+    /// and on reload; the programs read them at the next connection.
+    pub fn apply_ports(&mut self, config: &Config) -> Result<()> {
+        for (i, word) in port_bitmap(&config.watch, &config.fence)
+            .into_iter()
+            .enumerate()
+        {
+            self.watch.set(i as u32, word, 0)?;
+        }
+        self.settings
+            .set(setting::FENCE_GRACE_NS, config.fence_grace_ns, 0)?;
+        Ok(())
+    }
+
+    /// Registers a grant for a connection to come; `Ok(false)` when the
+    /// table is full.
+    pub fn put_pending(&mut self, key: &FlowTuple, grant: &PendingGrant) -> Result<bool> {
+        match self.pending.insert(key, grant, 0) {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::E2BIG) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn remove_pending(&mut self, key: &FlowTuple) {
+        let _ = self.pending.remove(key);
+    }
+
+    /// Every registration not yet claimed by a connection.
+    pub fn pending(&self) -> Vec<(FlowTuple, PendingGrant)> {
+        self.pending.iter().filter_map(|r| r.ok()).collect()
     }
 
     /// Kernel counters, summed over CPUs.
@@ -227,6 +280,7 @@ impl Enforcer {
             (counter::DROPPED, "dropped_packets"),
             (counter::TABLE_FULL, "table_full"),
             (counter::EVENTS_LOST, "events_lost"),
+            (counter::PENDING_MATCHED, "pending_matched"),
         ];
         names
             .iter()
@@ -250,55 +304,104 @@ fn is_errno(e: &MapError, errno: i32) -> bool {
 /// make the kernel and the daemon read each other's bytes wrongly.
 fn check_pinned_geometry(ebpf: &Ebpf, config: &Config) -> Result<()> {
     use std::mem::size_of;
+    struct Expect {
+        name: &'static str,
+        key: usize,
+        value: usize,
+        entries: Option<u32>,
+        /// Whether another size is an error (arrays indexed by layout) or
+        /// only a warning (tables whose size the config chose).
+        strict: bool,
+    }
     let expected = [
-        (
-            map_names::FLOWS,
-            8,
-            size_of::<Flow>(),
-            Some(config.max_flows),
-        ),
-        (
-            map_names::SESSIONS,
-            8,
-            size_of::<SessionRecord>(),
-            Some(config.max_sessions),
-        ),
-        (map_names::WATCH, 4, 8, None),
+        Expect {
+            name: map_names::FLOWS,
+            key: 8,
+            value: size_of::<Flow>(),
+            entries: Some(config.max_flows),
+            strict: false,
+        },
+        Expect {
+            name: map_names::SESSIONS,
+            key: 8,
+            value: size_of::<SessionRecord>(),
+            entries: Some(config.max_sessions),
+            strict: false,
+        },
+        Expect {
+            name: map_names::PENDING,
+            key: size_of::<FlowTuple>(),
+            value: size_of::<PendingGrant>(),
+            entries: None,
+            strict: false,
+        },
+        Expect {
+            name: map_names::WATCH,
+            key: 4,
+            value: 8,
+            entries: Some(WATCH_WORDS),
+            strict: true,
+        },
+        Expect {
+            name: map_names::SETTINGS,
+            key: 4,
+            value: 8,
+            entries: Some(setting::COUNT),
+            strict: true,
+        },
     ];
-    for (name, key, value, entries) in expected {
-        let Some(map) = ebpf.map(name) else { continue };
+    let incompatible = |name: &str, what: String| {
+        Error::Setup(format!(
+            "the pinned map {} {what}: it was left by an incompatible reaper; \
+             run `reaper unload` to remove the old state",
+            config.pin_path.join(name).display()
+        ))
+    };
+    for e in expected {
+        let Some(map) = ebpf.map(e.name) else {
+            continue;
+        };
         let data: &MapData = match map {
             Map::HashMap(d) | Map::Array(d) => d,
             _ => continue,
         };
         let info = data.info()?;
-        if info.key_size() as usize != key || info.value_size() as usize != value {
-            return Err(Error::Setup(format!(
-                "the pinned map {} has key/value sizes {}/{} but this reaper needs {key}/{value}: \
-                 it was left by an incompatible version; run `reaper unload` to remove the old state",
-                config.pin_path.join(name).display(),
-                info.key_size(),
-                info.value_size()
-            )));
+        if info.key_size() as usize != e.key || info.value_size() as usize != e.value {
+            return Err(incompatible(
+                e.name,
+                format!(
+                    "has key/value sizes {}/{} where {}/{} are needed",
+                    info.key_size(),
+                    info.value_size(),
+                    e.key,
+                    e.value
+                ),
+            ));
         }
-        if let Some(want) = entries {
-            if info.max_entries() != want {
-                warn!(
-                    map = name,
-                    pinned = info.max_entries(),
-                    configured = want,
-                    "the pinned map keeps its size; `reaper unload` and restart to resize it"
-                );
+        match e.entries {
+            Some(want) if info.max_entries() != want && e.strict => {
+                return Err(incompatible(
+                    e.name,
+                    format!("has {} entries where {want} are needed", info.max_entries()),
+                ));
             }
+            Some(want) if info.max_entries() != want => warn!(
+                map = e.name,
+                pinned = info.max_entries(),
+                configured = want,
+                "the pinned map keeps its size; `reaper unload` and restart to resize it"
+            ),
+            _ => {}
         }
     }
     Ok(())
 }
 
-/// The watch bitmap for a set of port ranges.
-pub fn watch_bitmap(watch: &[Watch]) -> Vec<u64> {
+/// The `WATCH` array for the watched and fenced port ranges (fenced ports
+/// are marked in both bitmaps: a fence implies tracking).
+pub fn port_bitmap(watch: &[Watch], fence: &[Watch]) -> Vec<u64> {
     let mut words = vec![0u64; WATCH_WORDS as usize];
-    for w in watch {
+    let mut mark = |set: PortSet, w: &Watch| {
         let sides: &[PortSide] = match w.side {
             Side::Local => &[PortSide::Local],
             Side::Remote => &[PortSide::Remote],
@@ -306,23 +409,18 @@ pub fn watch_bitmap(watch: &[Watch]) -> Vec<u64> {
         };
         for &side in sides {
             for port in w.first..=w.last {
-                let (word, bit) = watch_slot(side, port);
+                let (word, bit) = watch_slot(set, side, port);
                 words[word as usize] |= bit;
             }
         }
+    };
+    for w in watch {
+        mark(PortSet::Watch, w);
+    }
+    for w in fence {
+        mark(PortSet::Fence, w);
     }
     words
-}
-
-fn write_watch(ebpf: &mut Ebpf, watch: &[Watch]) -> Result<()> {
-    let map = ebpf
-        .map_mut(map_names::WATCH)
-        .ok_or_else(|| Error::Setup("map WATCH missing from the object".into()))?;
-    let mut array: Array<&mut MapData, u64> = Array::try_from(map)?;
-    for (i, word) in watch_bitmap(watch).into_iter().enumerate() {
-        array.set(i as u32, word, 0)?;
-    }
-    Ok(())
 }
 
 /// The cgroup v2 mount point, from the mount table.
@@ -346,8 +444,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bitmap_marks_exactly_the_watched_ports() {
-        let bits = watch_bitmap(&[
+    fn bitmaps_mark_exactly_the_watched_and_fenced_ports() {
+        let watch = [
             Watch {
                 first: 5900,
                 last: 5901,
@@ -358,15 +456,24 @@ mod tests {
                 last: 22,
                 side: Side::Any,
             },
-        ]);
-        let set = |side, port| {
-            let (w, b) = watch_slot(side, port);
+        ];
+        let fence = [Watch {
+            first: 6000,
+            last: 6000,
+            side: Side::Local,
+        }];
+        let bits = port_bitmap(&watch, &fence);
+        let set = |kind, side, port| {
+            let (w, b) = watch_slot(kind, side, port);
             bits[w as usize] & b != 0
         };
-        assert!(set(PortSide::Local, 5900) && set(PortSide::Local, 5901));
-        assert!(!set(PortSide::Local, 5902) && !set(PortSide::Remote, 5900));
-        assert!(set(PortSide::Local, 22) && set(PortSide::Remote, 22));
+        use PortSet::{Fence, Watch as W};
+        assert!(set(W, PortSide::Local, 5900) && set(W, PortSide::Local, 5901));
+        assert!(!set(W, PortSide::Local, 5902) && !set(W, PortSide::Remote, 5900));
+        assert!(set(W, PortSide::Local, 22) && set(W, PortSide::Remote, 22));
+        assert!(set(Fence, PortSide::Local, 6000) && !set(W, PortSide::Local, 6000));
+        assert!(!set(Fence, PortSide::Local, 5900));
         let total: u32 = bits.iter().map(|w| w.count_ones()).sum();
-        assert_eq!(total, 4);
+        assert_eq!(total, 5);
     }
 }

@@ -1,0 +1,429 @@
+//! The sock_diag netlink interface, for the two things reaper asks of it:
+//!
+//! * **destroy** (`SOCK_DESTROY`, what `ss -K` does): the kernel looks the
+//!   socket up by its 4-tuple, checks the socket cookie we pass (so a socket
+//!   that merely reuses the addresses is never touched), and calls
+//!   `tcp_abort`: the local application gets `ECONNABORTED`, the peer a RST;
+//! * **activity** (`SOCK_DIAG_BY_FAMILY` with `INET_DIAG_INFO`): the
+//!   kernel's own per-socket times of the last data received and sent
+//!   (`tcp_info`), so idle tracking costs nothing per packet.
+//!
+//! Requests for many sockets go out in as few `sendmsg` calls as possible,
+//! one reply each. A netlink socket acts in the network namespace it was
+//! created in, so one `SockDiag` serves the daemon's own namespace.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use reaper_common::FlowTuple;
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x01;
+const NLM_F_ACK: u16 = 0x04;
+const SOL_NETLINK: libc::c_int = 270;
+const NETLINK_CAP_ACK: libc::c_int = 10;
+const NLMSG_HDR: usize = 16;
+/// `struct inet_diag_req_v2`: 8 bytes of header, then `inet_diag_sockid` (48).
+const REQ_LEN: usize = 56;
+const MSG_LEN: usize = NLMSG_HDR + REQ_LEN;
+/// `struct inet_diag_msg`, before its attributes.
+const DIAG_MSG_LEN: usize = 72;
+const INET_DIAG_INFO: u16 = 2;
+/// Offsets in `struct tcp_info`.
+const TCPI_LAST_DATA_SENT: usize = 44;
+const TCPI_LAST_DATA_RECV: usize = 52;
+/// Requests per sendmsg: 512 × 72 B stays far below the socket buffers, and
+/// their replies fit the default receive buffer.
+const BATCH: usize = 512;
+/// TCP states a console flow can be in while it still carries data; listeners,
+/// TIME_WAIT and request sockets are never asked for.
+const LIVE_STATES: u32 = (1 << 1) // ESTABLISHED
+    | (1 << 2) // SYN_SENT
+    | (1 << 3) // SYN_RECV
+    | (1 << 4) // FIN_WAIT1
+    | (1 << 5) // FIN_WAIT2
+    | (1 << 8) // CLOSE_WAIT
+    | (1 << 9) // LAST_ACK
+    | (1 << 11); // CLOSING
+
+/// One socket, as sock_diag finds it.
+#[derive(Debug, Clone, Copy)]
+pub struct DiagTarget {
+    pub cookie: u64,
+    pub tuple: FlowTuple,
+}
+
+/// What the kernel said about one destroy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestroyOutcome {
+    /// Aborted: the peer got a RST.
+    Destroyed,
+    /// No such socket (it closed on its own), or the addresses now belong to
+    /// another socket (cookie mismatch): nothing was touched.
+    Gone,
+    /// The kernel refused (errno); the in-kernel drop stays in force.
+    Failed(i32),
+}
+
+/// How long ago a socket last received and sent data, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    pub last_recv_ago_ms: u32,
+    pub last_sent_ago_ms: u32,
+}
+
+/// One reply to one request.
+enum Reply {
+    /// NLMSG_ERROR: 0 for an ack, else an errno.
+    Status(i32),
+    /// A `SOCK_DIAG_BY_FAMILY` answer: the message after its netlink header.
+    Info(Vec<u8>),
+}
+
+pub struct SockDiag {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl SockDiag {
+    pub fn open() -> io::Result<SockDiag> {
+        // SAFETY: plain syscall; the descriptor is owned right below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Acks without the echoed request keep the replies small.
+        setsockopt(&fd, SOL_NETLINK, NETLINK_CAP_ACK, &1i32)?;
+        // A kernel that never answers must not hang the daemon.
+        let timeout = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
+        Ok(SockDiag { fd, seq: 1 })
+    }
+
+    /// The cookie of the network namespace this socket acts in.
+    pub fn netns_cookie(&self) -> io::Result<u64> {
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SO_NETNS_COOKIE (71): supported on every socket since 5.14.
+        // SAFETY: cookie is a valid out-buffer of len bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                71,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cookie)
+    }
+
+    /// Destroys every target; the outcomes come back in the same order.
+    pub fn destroy(&mut self, targets: &[DiagTarget]) -> io::Result<Vec<DestroyOutcome>> {
+        let replies = self.exchange(targets, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 0)?;
+        Ok(replies
+            .into_iter()
+            .map(|reply| match reply {
+                Reply::Status(0) => DestroyOutcome::Destroyed,
+                Reply::Status(libc::ENOENT | libc::ESTALE) => DestroyOutcome::Gone,
+                Reply::Status(e) => DestroyOutcome::Failed(e),
+                Reply::Info(_) => DestroyOutcome::Failed(libc::EPROTO),
+            })
+            .collect())
+    }
+
+    /// Reads each target's activity; `None` for a socket that is gone.
+    pub fn activity(&mut self, targets: &[DiagTarget]) -> io::Result<Vec<Option<Activity>>> {
+        // No NLM_F_ACK: a found socket answers with its info, a missing one
+        // with an error, so there is exactly one reply either way.
+        let ext = 1u8 << (INET_DIAG_INFO - 1);
+        let replies = self.exchange(targets, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, ext)?;
+        Ok(replies
+            .into_iter()
+            .map(|reply| match reply {
+                Reply::Info(msg) => parse_activity(&msg),
+                Reply::Status(_) => None,
+            })
+            .collect())
+    }
+
+    /// Sends one request per target, in batches, and collects one reply per
+    /// request, in order.
+    fn exchange(
+        &mut self,
+        targets: &[DiagTarget],
+        kind: u16,
+        flags: u16,
+        ext: u8,
+    ) -> io::Result<Vec<Reply>> {
+        let mut replies = Vec::with_capacity(targets.len());
+        for chunk in targets.chunks(BATCH) {
+            replies.extend(self.exchange_batch(chunk, kind, flags, ext)?);
+        }
+        Ok(replies)
+    }
+
+    fn exchange_batch(
+        &mut self,
+        targets: &[DiagTarget],
+        kind: u16,
+        flags: u16,
+        ext: u8,
+    ) -> io::Result<Vec<Reply>> {
+        let first_seq = self.seq;
+        self.seq = self.seq.wrapping_add(targets.len() as u32);
+        let mut buf = Vec::with_capacity(targets.len() * MSG_LEN);
+        for (i, target) in targets.iter().enumerate() {
+            let seq = first_seq.wrapping_add(i as u32);
+            encode_request(&mut buf, kind, flags, ext, seq, target);
+        }
+        // SAFETY: a zeroed sockaddr_nl addresses the kernel.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: buf and addr are live for the call.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+
+        let mut replies: Vec<Option<Reply>> = (0..targets.len()).map(|_| None).collect();
+        let mut pending = targets.len();
+        let mut rbuf = vec![0u8; 64 * 1024];
+        while pending > 0 {
+            // SAFETY: rbuf is a live buffer of its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), rbuf.as_mut_ptr().cast(), rbuf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for (seq, reply) in parse_replies(&rbuf[..n as usize]) {
+                let index = seq.wrapping_sub(first_seq) as usize;
+                if let Some(slot @ None) = replies.get_mut(index) {
+                    *slot = Some(reply);
+                    pending -= 1;
+                }
+            }
+        }
+        Ok(replies
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect())
+    }
+}
+
+fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: value points at a live T of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Appends one request (nlmsghdr + inet_diag_req_v2) for one socket.
+fn encode_request(
+    buf: &mut Vec<u8>,
+    kind: u16,
+    flags: u16,
+    ext: u8,
+    seq: u32,
+    target: &DiagTarget,
+) {
+    let t = &target.tuple;
+    buf.extend_from_slice(&(MSG_LEN as u32).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+                                                // inet_diag_req_v2
+    buf.push(t.family as u8);
+    buf.push(libc::IPPROTO_TCP as u8);
+    buf.push(ext);
+    buf.push(0); // pad
+    buf.extend_from_slice(&LIVE_STATES.to_ne_bytes());
+    // inet_diag_sockid: ports big-endian, addresses as the kernel gave them.
+    buf.extend_from_slice(&t.local_port.to_be_bytes());
+    buf.extend_from_slice(&t.remote_port.to_be_bytes());
+    for word in t.local_addr.iter().chain(t.remote_addr.iter()) {
+        buf.extend_from_slice(&word.to_ne_bytes());
+    }
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // idiag_if
+    buf.extend_from_slice(&(target.cookie as u32).to_ne_bytes());
+    buf.extend_from_slice(&((target.cookie >> 32) as u32).to_ne_bytes());
+}
+
+/// (sequence number, reply) of every message in a receive buffer.
+fn parse_replies(mut data: &[u8]) -> Vec<(u32, Reply)> {
+    let mut out = Vec::new();
+    while data.len() >= NLMSG_HDR {
+        let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
+        let kind = u16::from_ne_bytes(data[4..6].try_into().unwrap());
+        let seq = u32::from_ne_bytes(data[8..12].try_into().unwrap());
+        if len < NLMSG_HDR || len > data.len() {
+            break;
+        }
+        if kind == NLMSG_ERROR && len >= NLMSG_HDR + 4 {
+            let error = i32::from_ne_bytes(data[16..20].try_into().unwrap());
+            out.push((seq, Reply::Status(-error)));
+        } else if kind == SOCK_DIAG_BY_FAMILY {
+            out.push((seq, Reply::Info(data[NLMSG_HDR..len].to_vec())));
+        }
+        let aligned = (len + 3) & !3;
+        data = &data[aligned.min(data.len())..];
+    }
+    out
+}
+
+/// The tcp_info times in an `inet_diag_msg` and its attributes.
+fn parse_activity(msg: &[u8]) -> Option<Activity> {
+    let mut attrs = msg.get(DIAG_MSG_LEN..)?;
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if kind == INET_DIAG_INFO {
+            let info = &attrs[4..len];
+            let word = |at: usize| {
+                info.get(at..at + 4)
+                    .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+            };
+            return Some(Activity {
+                last_sent_ago_ms: word(TCPI_LAST_DATA_SENT)?,
+                last_recv_ago_ms: word(TCPI_LAST_DATA_RECV)?,
+            });
+        }
+        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_layout_matches_the_kernel_abi() {
+        let target = DiagTarget {
+            cookie: 0x1122_3344_5566_7788,
+            tuple: FlowTuple {
+                family: reaper_common::AF_INET,
+                local_port: 5900,
+                remote_port: 40000,
+                _pad: 0,
+                local_addr: [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0],
+                remote_addr: [u32::from_ne_bytes([127, 0, 0, 2]), 0, 0, 0],
+            },
+        };
+        let mut buf = Vec::new();
+        encode_request(
+            &mut buf,
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            2,
+            9,
+            &target,
+        );
+        assert_eq!(buf.len(), MSG_LEN);
+        assert_eq!(&buf[0..4], &(72u32).to_ne_bytes());
+        assert_eq!(&buf[4..6], &21u16.to_ne_bytes());
+        assert_eq!(&buf[8..12], &9u32.to_ne_bytes(), "seq");
+        assert_eq!(buf[16], 2, "family");
+        assert_eq!(buf[17], 6, "protocol");
+        assert_eq!(buf[18], 2, "idiag_ext");
+        assert_eq!(&buf[24..26], &5900u16.to_be_bytes(), "sport");
+        assert_eq!(&buf[26..28], &40000u16.to_be_bytes(), "dport");
+        assert_eq!(&buf[28..32], &[127, 0, 0, 1], "src");
+        assert_eq!(&buf[44..48], &[127, 0, 0, 2], "dst");
+        assert_eq!(&buf[64..68], &0x5566_7788u32.to_ne_bytes(), "cookie low");
+        assert_eq!(&buf[68..72], &0x1122_3344u32.to_ne_bytes(), "cookie high");
+    }
+
+    fn netlink(kind: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&((NLMSG_HDR + payload.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(payload);
+        m
+    }
+
+    #[test]
+    fn replies_carry_their_errno_or_activity() {
+        let mut data = Vec::new();
+        for (seq, err) in [(5u32, 0i32), (6, -libc::ENOENT)] {
+            let mut payload = err.to_ne_bytes().to_vec();
+            payload.extend_from_slice(&[0u8; 16]);
+            data.extend(netlink(NLMSG_ERROR, seq, &payload));
+        }
+        let mut info = vec![0u8; 64];
+        info[TCPI_LAST_DATA_SENT..TCPI_LAST_DATA_SENT + 4].copy_from_slice(&1500u32.to_ne_bytes());
+        info[TCPI_LAST_DATA_RECV..TCPI_LAST_DATA_RECV + 4].copy_from_slice(&250u32.to_ne_bytes());
+        let mut msg = vec![0u8; DIAG_MSG_LEN];
+        msg.extend_from_slice(&((4 + info.len()) as u16).to_ne_bytes());
+        msg.extend_from_slice(&INET_DIAG_INFO.to_ne_bytes());
+        msg.extend_from_slice(&info);
+        data.extend(netlink(SOCK_DIAG_BY_FAMILY, 7, &msg));
+
+        let replies = parse_replies(&data);
+        assert_eq!(replies.len(), 3);
+        assert!(matches!(replies[0], (5, Reply::Status(0))));
+        assert!(matches!(replies[1], (6, Reply::Status(libc::ENOENT))));
+        let (7, Reply::Info(body)) = &replies[2] else {
+            panic!("third reply is not the diag message")
+        };
+        let expected = Activity {
+            last_recv_ago_ms: 250,
+            last_sent_ago_ms: 1500,
+        };
+        assert_eq!(parse_activity(body), Some(expected));
+        assert!(
+            parse_replies(&data[..20]).is_empty(),
+            "a truncated message is ignored"
+        );
+        assert_eq!(
+            parse_activity(&msg[..DIAG_MSG_LEN]),
+            None,
+            "no attribute, no activity"
+        );
+    }
+}
