@@ -88,6 +88,8 @@ pub struct Sandbox {
     peers: Vec<Peer>,
     /// Other processes a test started; killed with the sandbox.
     children: Vec<Child>,
+    /// Named network namespaces (other hosts) the test made.
+    hosts: Vec<String>,
 }
 
 impl Sandbox {
@@ -116,7 +118,7 @@ impl Sandbox {
         let dir = std::env::temp_dir().join(&unique);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut sandbox = Sandbox {
+        let sandbox = Sandbox {
             name: unique.clone(),
             pin_path: Path::new(BPFFS).join(&unique),
             socket: dir.join("reaper.sock"),
@@ -127,13 +129,14 @@ impl Sandbox {
             daemon: None,
             peers: Vec::new(),
             children: Vec::new(),
+            hosts: Vec::new(),
         };
         sandbox.write_config("[[watch]]\nports = \"5900-5999\"\nside = \"local\"\n");
         sandbox
     }
 
     /// Writes the config: the sandbox's own paths plus `extra` TOML.
-    pub fn write_config(&mut self, extra: &str) {
+    pub fn write_config(&self, extra: &str) {
         let text = format!(
             "socket = {:?}\npin_path = {:?}\ncgroup = {:?}\naudit_file = {:?}\n{extra}",
             self.socket, self.pin_path, self.cgroup, self.audit_path
@@ -183,6 +186,12 @@ impl Sandbox {
         child.wait().unwrap();
     }
 
+    /// Sends SIGHUP (reload the config) to the daemon.
+    pub fn hangup(&self) {
+        let pid = self.daemon.as_ref().expect("daemon running").id();
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
@@ -226,6 +235,20 @@ impl Sandbox {
             .expect("run reaper CLI")
     }
 
+    /// Runs the `reaper` CLI as another user (gid = uid), the way an
+    /// unprivileged proxy would call the daemon.
+    pub fn cli_as(&self, uid: u32, args: &[&str]) -> Output {
+        use std::os::unix::process::CommandExt;
+        Command::new(reaper_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("run reaper CLI")
+    }
+
     /// Audit events written so far.
     pub fn audit(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.audit_path)
@@ -258,6 +281,44 @@ impl Sandbox {
         &mut self.peers[index]
     }
 
+    /// Makes another host: a named network namespace joined to the test's
+    /// namespace by a veth pair, the test side 198.18.0.1/24 and the host
+    /// 198.18.0.2/24 (the benchmarking range: only ever these two hosts).
+    /// Returns the namespace's name; it is deleted with the sandbox.
+    pub fn other_host(&mut self) -> String {
+        let name = format!("{}-b", self.name);
+        check(
+            Command::new("ip").args(["netns", "add", &name]).status(),
+            "ip netns add",
+        );
+        self.hosts.push(name.clone());
+        let ip = |args: &[&str]| {
+            check(
+                Command::new("ip").args(args).status(),
+                &format!("ip {args:?}"),
+            )
+        };
+        ip(&[
+            "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", &name,
+        ]);
+        ip(&["addr", "add", "198.18.0.1/24", "dev", "veth0"]);
+        ip(&["link", "set", "veth0", "up"]);
+        ip(&["-n", &name, "addr", "add", "198.18.0.2/24", "dev", "veth1"]);
+        ip(&["-n", &name, "link", "set", "veth1", "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        name
+    }
+
+    /// Starts a peer (server) process inside the named namespace `host`.
+    pub fn peer_on(&mut self, host: &str, addrs: &[&str]) -> usize {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", host])
+            .arg(peer_bin())
+            .args(addrs);
+        self.peers.push(Peer::spawn_cmd(cmd, addrs.len()));
+        self.peers.len() - 1
+    }
+
     /// Starts `cmd` (stdout piped) and makes the sandbox responsible for
     /// killing it; returns its stdout.
     pub fn spawn(&mut self, cmd: &mut Command) -> std::process::ChildStdout {
@@ -281,6 +342,9 @@ impl Drop for Sandbox {
         for mut c in self.children.drain(..) {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for host in self.hosts.drain(..) {
+            let _ = Command::new("ip").args(["netns", "del", &host]).status();
         }
         if std::thread::panicking() {
             eprintln!("--- daemon log ({}) ---\n{}", self.name, self.daemon_log());
@@ -330,8 +394,13 @@ pub struct Peer {
 
 impl Peer {
     fn spawn(addrs: &[&str]) -> Peer {
-        let mut child = Command::new(peer_bin())
-            .args(addrs)
+        let mut cmd = Command::new(peer_bin());
+        cmd.args(addrs);
+        Peer::spawn_cmd(cmd, addrs.len())
+    }
+
+    fn spawn_cmd(mut cmd: Command, listeners: usize) -> Peer {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -352,7 +421,7 @@ impl Peer {
             lines: rx,
             seen: VecDeque::new(),
         };
-        for _ in addrs {
+        for _ in 0..listeners {
             peer.expect(|l| l.starts_with("ready "), Duration::from_secs(10));
         }
         peer
@@ -484,6 +553,49 @@ pub fn count_tcp_state(state: &str) -> usize {
                 .count()
         })
         .sum()
+}
+
+/// Waits until something in this namespace listens on TCP `port`, without
+/// connecting to it (a one-shot server must keep its one connection).
+pub fn wait_listening(port: u16, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    let hex = format!(":{port:04X} ");
+    while Instant::now() < end {
+        let listening = ["tcp", "tcp6"].iter().any(|f| {
+            std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .any(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    cols.get(3) == Some(&"0A")
+                        && cols.get(1).is_some_and(|a| format!("{a} ").ends_with(&hex))
+                })
+        });
+        if listening {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// `python3` with the test's Python packages (websockify, installed by
+/// `cargo xtask setup` under target/pydeps) on its path.
+pub fn python() -> Command {
+    let deps = std::env::var_os("REAPER_PYDEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps"));
+    let mut cmd = Command::new("python3");
+    cmd.env("PYTHONPATH", deps).env("PYTHONUNBUFFERED", "1");
+    cmd
+}
+
+/// A script under tests/scripts.
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
 }
 
 pub const SECOND: Duration = Duration::from_secs(1);

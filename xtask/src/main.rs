@@ -25,6 +25,9 @@ const APT_PACKAGES: &[&str] = &[
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
+/// Python packages the integration tests use (a real third-party proxy),
+/// installed under target/ so the system Python stays untouched.
+const PYTHON_PACKAGES: &[&str] = &["websockify==0.13.0"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -179,6 +182,31 @@ fn setup() -> Result<(), String> {
         }
     }
 
+    let pydeps = root().join("target/pydeps");
+    let have_websockify = Command::new("python3")
+        .args(["-c", "import websockify"])
+        .env("PYTHONPATH", &pydeps)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_websockify {
+        step(&format!(
+            "installing {PYTHON_PACKAGES:?} from PyPI into target/pydeps (for the tests)"
+        ));
+        sh(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&pydeps)
+            .args(PYTHON_PACKAGES))?;
+    }
+
     if is_root() && !bpffs_mounted() {
         step("mounting the bpf filesystem at /sys/fs/bpf");
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
@@ -266,13 +294,28 @@ fn test(args: &[String]) -> Result<(), String> {
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .args(args)
         .env("REAPER_BIN", target.join("reaper"))
-        .env("REAPER_TEST_PEER", target.join("reaper-test-peer")))
+        .env("REAPER_TEST_PEER", target.join("reaper-test-peer"))
+        .env("REAPER_PYDEPS", root().join("target/pydeps")))
 }
 
-/// Removes the cgroups, pins and files of test runs that were killed before
-/// they could clean up (their process is gone).
+/// Removes the cgroups, pins, files and network namespaces of test runs
+/// that were killed before they could clean up (their process is gone).
 fn sweep_leftovers() {
     const PREFIX: &str = "reaper-test-";
+    let dead = |name: &str| {
+        name.strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .is_some_and(|pid| !pid.is_empty() && !Path::new("/proc").join(pid).exists())
+    };
+    for netns in output("ip", &["netns", "list"]).lines() {
+        let name = netns.split_whitespace().next().unwrap_or("");
+        if dead(name) {
+            step(&format!(
+                "removing network namespace {name} left by a killed test run"
+            ));
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
     let dirs = ["/sys/fs/cgroup/unified", "/sys/fs/bpf", "/tmp"];
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -280,11 +323,7 @@ fn sweep_leftovers() {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(PREFIX) else {
-                continue;
-            };
-            let pid = rest.split('-').next().unwrap_or("");
-            if pid.is_empty() || Path::new("/proc").join(pid).exists() {
+            if !dead(&name) {
                 continue;
             }
             let path = entry.path();

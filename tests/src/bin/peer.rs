@@ -1,6 +1,8 @@
-//! `reaper-test-peer LISTEN_ADDR...`: the server side of the integration
-//! tests, as a process of its own. It listens on every address, accepts
-//! everything, echoes what it reads, and reports each event on stdout:
+//! `reaper-test-peer [stream:]LISTEN_ADDR...`: the server side of the
+//! integration tests, as a process of its own. It listens on every address,
+//! accepts everything, echoes what it reads, and reports each event on
+//! stdout. On a `stream:` address it also sends 64 bytes every 50 ms to each
+//! connection, like a console server sending screen updates:
 //!
 //! ```text
 //! ready 127.0.0.1:5900
@@ -16,27 +18,49 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+const TICK: Duration = Duration::from_millis(50);
+
+/// An accepted connection: its stream, the peer's address as seen at
+/// accept time, and whether it gets the screen-update stream.
+struct Conn {
+    stream: TcpStream,
+    peer: String,
+    streaming: bool,
+}
 
 fn main() {
-    let listeners: Vec<TcpListener> = std::env::args()
+    // (listener, stream mode)
+    let listeners: Vec<(TcpListener, bool)> = std::env::args()
         .skip(1)
         .map(|a| {
-            let l = TcpListener::bind(&a).unwrap_or_else(|e| panic!("bind {a}: {e}"));
+            let (addr, streaming) = match a.strip_prefix("stream:") {
+                Some(addr) => (addr.to_string(), true),
+                None => (a.clone(), false),
+            };
+            let l = TcpListener::bind(&addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
             l.set_nonblocking(true).unwrap();
-            l
+            (l, streaming)
         })
         .collect();
     let mut out = std::io::stdout();
-    for l in &listeners {
+    for (l, _) in &listeners {
         writeln!(out, "ready {}", l.local_addr().unwrap()).unwrap();
     }
     out.flush().unwrap();
-    // fd -> (stream, peer address as seen at accept time)
-    let mut conns: HashMap<i32, (TcpStream, String)> = HashMap::new();
+    let mut conns: HashMap<i32, Conn> = HashMap::new();
     let stdin_fd = 0;
+    let mut next_tick = Instant::now() + TICK;
     loop {
+        if Instant::now() >= next_tick {
+            next_tick += TICK;
+            for c in conns.values_mut().filter(|c| c.streaming) {
+                let _ = c.stream.write(&[b'#'; 64]);
+            }
+        }
         let mut fds: Vec<libc::pollfd> = std::iter::once(stdin_fd)
-            .chain(listeners.iter().map(|l| l.as_raw_fd()))
+            .chain(listeners.iter().map(|(l, _)| l.as_raw_fd()))
             .chain(conns.keys().copied())
             .map(|fd| libc::pollfd {
                 fd,
@@ -44,7 +68,10 @@ fn main() {
                 revents: 0,
             })
             .collect();
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let wait_ms = next_tick
+            .saturating_duration_since(Instant::now())
+            .as_millis() as i32;
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
         if n < 0 {
             continue;
         }
@@ -54,15 +81,22 @@ fn main() {
                 if unsafe { libc::read(0, b.as_mut_ptr().cast(), 64) } <= 0 {
                     return;
                 }
-            } else if let Some(l) = listeners.iter().find(|l| l.as_raw_fd() == p.fd) {
+            } else if let Some((l, streaming)) =
+                listeners.iter().find(|(l, _)| l.as_raw_fd() == p.fd)
+            {
                 while let Ok((s, peer)) = l.accept() {
                     s.set_nonblocking(true).unwrap();
                     writeln!(out, "accept {} {peer}", s.local_addr().unwrap()).unwrap();
-                    conns.insert(s.as_raw_fd(), (s, peer.to_string()));
+                    let conn = Conn {
+                        peer: peer.to_string(),
+                        streaming: *streaming,
+                        stream: s,
+                    };
+                    conns.insert(conn.stream.as_raw_fd(), conn);
                 }
             } else {
-                let (s, peer) = conns.get_mut(&p.fd).expect("polled connection");
-                let peer = peer.clone();
+                let conn = conns.get_mut(&p.fd).expect("polled connection");
+                let (s, peer) = (&mut conn.stream, conn.peer.clone());
                 let mut buf = [0u8; 4096];
                 let end = match s.read(&mut buf) {
                     Ok(0) => Some("eof".to_string()),
