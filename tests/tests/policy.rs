@@ -61,6 +61,34 @@ fn idle_input_ignores_the_servers_stream() {
     );
 }
 
+/// Keeps a session alive with `activity` every `every` for 2.5 s (three
+/// idle timeouts of 800 ms), checks it is still there, then expects the kill
+/// one idle timeout after the last activity.
+fn alive_while_active_then_idle(
+    sb: &Sandbox,
+    flow: &mut Flow,
+    session: &str,
+    every: Duration,
+    mut activity: impl FnMut(&mut Flow),
+) {
+    let granted = grant_idle(sb, flow, session, "800ms", "input");
+    let mut last = granted;
+    while boot_ns() < granted + 2_500 * MS {
+        activity(flow);
+        last = boot_ns();
+        std::thread::sleep(every);
+    }
+    assert!(
+        listed(sb, session),
+        "activity kept the session alive past 3 idle timeouts"
+    );
+    let (err, seen_at) = flow.wait_reset(10 * SECOND);
+    assert_reset(&err);
+    let since_last = (seen_at - last) as f64 / 1e6;
+    println!("{session}: killed {since_last:.0} ms after the last activity (idle timeout 800 ms)");
+    assert!((800.0..1800.0).contains(&since_last));
+}
+
 /// Test 1b: under `input`, the client's keystrokes keep the flow alive; once
 /// they stop, the flow dies an idle timeout later.
 #[test]
@@ -68,22 +96,9 @@ fn idle_input_counts_the_clients_keystrokes() {
     let sb = streaming_sandbox("idle-keys");
     let mut flow = Flow::connect("127.0.0.1:5900");
     flow.echo().unwrap();
-    let granted = grant_idle(&sb, &flow, "typing", "800ms", "input");
-    let mut last_key = granted;
-    while boot_ns() < granted + 2_500 * MS {
-        flow.stream.write_all(b"k").unwrap();
-        last_key = boot_ns();
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        listed(&sb, "typing"),
-        "typing kept the session alive past 3 idle timeouts"
-    );
-    let (err, seen_at) = flow.wait_reset(10 * SECOND);
-    assert_reset(&err);
-    let since_last_key = (seen_at - last_key) as f64 / 1e6;
-    println!("killed {since_last_key:.0} ms after the last keystroke (idle timeout 800 ms)");
-    assert!((800.0..1800.0).contains(&since_last_key));
+    alive_while_active_then_idle(&sb, &mut flow, "typing", Duration::from_millis(200), |f| {
+        f.stream.write_all(b"k").unwrap()
+    });
 }
 
 /// Test 1c: under `any`, the server's stream counts as activity.
@@ -111,22 +126,10 @@ fn touch_keeps_an_idle_flow_alive() {
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
     let mut flow = Flow::connect("127.0.0.1:5900");
-    let granted = grant_idle(&sb, &flow, "vnc", "800ms", "input");
-    let mut last_touch = granted;
-    while boot_ns() < granted + 2_500 * MS {
+    let touch = |_: &mut Flow| {
         sb.ok(json!({"op": "touch", "session": "vnc"}));
-        last_touch = boot_ns();
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    assert!(
-        listed(&sb, "vnc"),
-        "touch kept the session alive past 3 idle timeouts"
-    );
-    let (err, seen_at) = flow.wait_reset(10 * SECOND);
-    assert_reset(&err);
-    let since = (seen_at - last_touch) as f64 / 1e6;
-    println!("killed {since:.0} ms after the last touch (idle timeout 800 ms)");
-    assert!((800.0..1800.0).contains(&since));
+    };
+    alive_while_active_then_idle(&sb, &mut flow, "vnc", Duration::from_millis(300), touch);
     let out = sb.cli(&["touch", "--session", "vnc"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_session"));

@@ -74,6 +74,29 @@ pub struct Activity {
     pub last_sent_ago_ms: u32,
 }
 
+/// What a batch asks of each socket: message type, netlink flags and the
+/// inet_diag extensions wanted.
+#[derive(Clone, Copy)]
+struct Ask {
+    kind: u16,
+    flags: u16,
+    ext: u8,
+}
+
+const DESTROY: Ask = Ask {
+    kind: SOCK_DESTROY,
+    flags: NLM_F_REQUEST | NLM_F_ACK,
+    ext: 0,
+};
+
+/// No NLM_F_ACK: a found socket answers with its info, a missing one with
+/// an error, so there is exactly one reply either way.
+const INFO: Ask = Ask {
+    kind: SOCK_DIAG_BY_FAMILY,
+    flags: NLM_F_REQUEST,
+    ext: 1 << (INET_DIAG_INFO - 1),
+};
+
 /// One reply to one request.
 enum Reply {
     /// NLMSG_ERROR: 0 for an ack, else an errno.
@@ -135,7 +158,7 @@ impl SockDiag {
 
     /// Destroys every target; the outcomes come back in the same order.
     pub fn destroy(&mut self, targets: &[DiagTarget]) -> io::Result<Vec<DestroyOutcome>> {
-        let replies = self.exchange(targets, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 0)?;
+        let replies = self.exchange(targets, DESTROY)?;
         Ok(replies
             .into_iter()
             .map(|reply| match reply {
@@ -149,10 +172,7 @@ impl SockDiag {
 
     /// Reads each target's activity; `None` for a socket that is gone.
     pub fn activity(&mut self, targets: &[DiagTarget]) -> io::Result<Vec<Option<Activity>>> {
-        // No NLM_F_ACK: a found socket answers with its info, a missing one
-        // with an error, so there is exactly one reply either way.
-        let ext = 1u8 << (INET_DIAG_INFO - 1);
-        let replies = self.exchange(targets, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, ext)?;
+        let replies = self.exchange(targets, INFO)?;
         Ok(replies
             .into_iter()
             .map(|reply| match reply {
@@ -164,33 +184,21 @@ impl SockDiag {
 
     /// Sends one request per target, in batches, and collects one reply per
     /// request, in order.
-    fn exchange(
-        &mut self,
-        targets: &[DiagTarget],
-        kind: u16,
-        flags: u16,
-        ext: u8,
-    ) -> io::Result<Vec<Reply>> {
+    fn exchange(&mut self, targets: &[DiagTarget], ask: Ask) -> io::Result<Vec<Reply>> {
         let mut replies = Vec::with_capacity(targets.len());
         for chunk in targets.chunks(BATCH) {
-            replies.extend(self.exchange_batch(chunk, kind, flags, ext)?);
+            replies.extend(self.exchange_batch(chunk, ask)?);
         }
         Ok(replies)
     }
 
-    fn exchange_batch(
-        &mut self,
-        targets: &[DiagTarget],
-        kind: u16,
-        flags: u16,
-        ext: u8,
-    ) -> io::Result<Vec<Reply>> {
+    fn exchange_batch(&mut self, targets: &[DiagTarget], ask: Ask) -> io::Result<Vec<Reply>> {
         let first_seq = self.seq;
         self.seq = self.seq.wrapping_add(targets.len() as u32);
         let mut buf = Vec::with_capacity(targets.len() * MSG_LEN);
         for (i, target) in targets.iter().enumerate() {
             let seq = first_seq.wrapping_add(i as u32);
-            encode_request(&mut buf, kind, flags, ext, seq, target);
+            encode_request(&mut buf, ask, seq, target);
         }
         // SAFETY: a zeroed sockaddr_nl addresses the kernel.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -257,24 +265,17 @@ fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T)
 }
 
 /// Appends one request (nlmsghdr + inet_diag_req_v2) for one socket.
-fn encode_request(
-    buf: &mut Vec<u8>,
-    kind: u16,
-    flags: u16,
-    ext: u8,
-    seq: u32,
-    target: &DiagTarget,
-) {
+fn encode_request(buf: &mut Vec<u8>, ask: Ask, seq: u32, target: &DiagTarget) {
     let t = &target.tuple;
     buf.extend_from_slice(&(MSG_LEN as u32).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&ask.kind.to_ne_bytes());
+    buf.extend_from_slice(&ask.flags.to_ne_bytes());
     buf.extend_from_slice(&seq.to_ne_bytes());
     buf.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
                                                 // inet_diag_req_v2
     buf.push(t.family as u8);
     buf.push(libc::IPPROTO_TCP as u8);
-    buf.push(ext);
+    buf.push(ask.ext);
     buf.push(0); // pad
     buf.extend_from_slice(&LIVE_STATES.to_ne_bytes());
     // inet_diag_sockid: ports big-endian, addresses as the kernel gave them.
@@ -353,17 +354,11 @@ mod tests {
             },
         };
         let mut buf = Vec::new();
-        encode_request(
-            &mut buf,
-            SOCK_DESTROY,
-            NLM_F_REQUEST | NLM_F_ACK,
-            2,
-            9,
-            &target,
-        );
+        encode_request(&mut buf, INFO, 9, &target);
         assert_eq!(buf.len(), MSG_LEN);
         assert_eq!(&buf[0..4], &(72u32).to_ne_bytes());
-        assert_eq!(&buf[4..6], &21u16.to_ne_bytes());
+        assert_eq!(&buf[4..6], &20u16.to_ne_bytes(), "SOCK_DIAG_BY_FAMILY");
+        assert_eq!(&buf[6..8], &1u16.to_ne_bytes(), "NLM_F_REQUEST, no ack");
         assert_eq!(&buf[8..12], &9u32.to_ne_bytes(), "seq");
         assert_eq!(buf[16], 2, "family");
         assert_eq!(buf[17], 6, "protocol");
@@ -374,6 +369,15 @@ mod tests {
         assert_eq!(&buf[44..48], &[127, 0, 0, 2], "dst");
         assert_eq!(&buf[64..68], &0x5566_7788u32.to_ne_bytes(), "cookie low");
         assert_eq!(&buf[68..72], &0x1122_3344u32.to_ne_bytes(), "cookie high");
+        let mut destroy = Vec::new();
+        encode_request(&mut destroy, DESTROY, 1, &target);
+        assert_eq!(&destroy[4..6], &21u16.to_ne_bytes(), "SOCK_DESTROY");
+        assert_eq!(
+            &destroy[6..8],
+            &5u16.to_ne_bytes(),
+            "NLM_F_REQUEST | NLM_F_ACK"
+        );
+        assert_eq!(destroy[18], 0, "no extensions");
     }
 
     fn netlink(kind: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
