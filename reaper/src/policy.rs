@@ -455,6 +455,12 @@ pub struct SocketActivity {
     pub last_sent_ago_ms: u32,
 }
 
+/// tcp_info reports "ms ago" from jiffies, so the true moment of the last
+/// data can be up to one jiffy later than the reported one. Activity is
+/// credited one jiffy at the slowest tick (HZ=100) later, so that an idle
+/// kill can come a few milliseconds late but never early.
+pub const JIFFY_SLACK_MS: u32 = 10;
+
 /// When a session was last active: the latest of its sockets' activity in
 /// `direction`, a proxy's `touch`, and the grant itself.
 pub fn last_activity(
@@ -463,7 +469,10 @@ pub fn last_activity(
     sockets: &[SocketActivity],
     floor_ns: u64,
 ) -> u64 {
-    let at = |ago_ms: u32| now_ns.saturating_sub(ago_ms as u64 * NS_PER_MS);
+    let at = |ago_ms: u32| {
+        let ago_ms = ago_ms.saturating_sub(JIFFY_SLACK_MS);
+        now_ns.saturating_sub(ago_ms as u64 * NS_PER_MS)
+    };
     sockets
         .iter()
         .map(|s| match (direction, s.passive) {
@@ -881,6 +890,7 @@ mod tests {
     #[test]
     fn idle_activity_follows_direction_and_socket_role() {
         let now = 100 * NS_PER_SEC;
+        let slack = JIFFY_SLACK_MS as u64 * NS_PER_MS;
         // The client-facing socket received nothing for 40 s but sent a
         // second ago (screen updates); the upstream socket forwarded input
         // 10 s ago.
@@ -894,21 +904,36 @@ mod tests {
             last_recv_ago_ms: 1_000,
             last_sent_ago_ms: 10_000,
         };
+        let input = IdleDirection::Input;
         assert_eq!(
-            last_activity(now, IdleDirection::Input, &[client], 0),
-            60 * NS_PER_SEC
+            last_activity(now, input, &[client], 0),
+            60 * NS_PER_SEC + slack
         );
         assert_eq!(
-            last_activity(now, IdleDirection::Input, &[client, upstream], 0),
-            90 * NS_PER_SEC
+            last_activity(now, input, &[client, upstream], 0),
+            90 * NS_PER_SEC + slack
         );
         assert_eq!(
             last_activity(now, IdleDirection::Any, &[client], 0),
-            99 * NS_PER_SEC
+            99 * NS_PER_SEC + slack
         );
         assert_eq!(
-            last_activity(now, IdleDirection::Input, &[client], 95 * NS_PER_SEC),
+            last_activity(now, input, &[client], 95 * NS_PER_SEC),
             95 * NS_PER_SEC
+        );
+    }
+
+    #[test]
+    fn idle_activity_is_never_placed_earlier_than_it_may_have_been() {
+        // Reported 5 ms ago (less than a jiffy): counts as now.
+        let s = SocketActivity {
+            passive: true,
+            last_recv_ago_ms: 5,
+            last_sent_ago_ms: 5,
+        };
+        assert_eq!(
+            last_activity(NS_PER_SEC, IdleDirection::Input, &[s], 0),
+            NS_PER_SEC
         );
     }
 
