@@ -334,12 +334,13 @@ pub fn terms_for(
     })
 }
 
-/// A live session, as the limit rules see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
+/// A live session, as the limit rules see it (borrowed from the daemon's
+/// state: admission allocates nothing per live session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder<'a> {
     pub id: u64,
-    pub user: String,
-    pub target: String,
+    pub user: &'a str,
+    pub target: &'a str,
     pub granted_unix_ns: i128,
 }
 
@@ -360,10 +361,17 @@ pub enum Admission {
     Evict(Vec<u64>),
 }
 
+impl Class {
+    /// Whether any limit applies to grants of this class.
+    pub fn is_limited(&self, global: GlobalLimit) -> bool {
+        self.max_per_target != 0 || self.max_per_user != 0 || global.max_sessions != 0
+    }
+}
+
 /// Decides whether a new session for `user` on `target` fits the limits.
 /// Sessions are counted, not flows. `live` is every live session.
 pub fn admit(
-    live: &[Holder],
+    live: &[Holder<'_>],
     user: &str,
     target: &str,
     class: &Class,
@@ -375,7 +383,7 @@ pub fn admit(
         User,
         Host,
     }
-    let covers = |scope: &Scope, h: &Holder| match scope {
+    let covers = |scope: &Scope, h: &Holder<'_>| match scope {
         Scope::Target => h.target == target,
         Scope::User => h.user == user,
         Scope::Host => true,
@@ -405,7 +413,7 @@ pub fn admit(
         if max == 0 {
             continue;
         }
-        let mut holders: Vec<&Holder> = live
+        let mut holders: Vec<&Holder<'_>> = live
             .iter()
             .filter(|h| covers(&scope, h) && !evict.contains(&h.id))
             .collect();
@@ -824,11 +832,11 @@ mod tests {
         );
     }
 
-    fn holder(id: u64, user: &str, target: &str, at: i128) -> Holder {
+    fn holder<'a>(id: u64, user: &'a str, target: &'a str, at: i128) -> Holder<'a> {
         Holder {
             id,
-            user: user.into(),
-            target: target.into(),
+            user,
+            target,
             granted_unix_ns: at,
         }
     }

@@ -36,6 +36,7 @@ impl State {
         fn value(r: impl serde::Serialize) -> Reply {
             serde_json::to_value(r).map_err(internal)
         }
+        let mutates = command.mutates();
         let result = match command {
             Command::Grant(g) => value(self.grant(g, caller, fds)?),
             Command::Extend(e) => value(self.extend(e)?),
@@ -44,7 +45,10 @@ impl State {
             Command::List(l) => value(self.list(&l)),
             Command::Status => value(self.status()),
         };
-        self.rearm();
+        if mutates {
+            // A grant, extend, touch or revoke may have moved what is due first.
+            self.rearm();
+        }
         result
     }
 
@@ -284,17 +288,22 @@ impl State {
                 ),
             );
         }
-        let holders: Vec<Holder> = self
-            .sessions
-            .iter()
-            .map(|(id, s)| Holder {
-                id: *id,
-                user: s.user.clone(),
-                target: s.target.clone(),
-                granted_unix_ns: s.record.granted_unix_ns as i128,
-            })
-            .collect();
-        match policy::admit(&holders, &g.user, &g.target, &class, self.config.limits) {
+        let admission = if class.is_limited(self.config.limits) {
+            let holders: Vec<Holder<'_>> = self
+                .sessions
+                .iter()
+                .map(|(id, s)| Holder {
+                    id: *id,
+                    user: &s.user,
+                    target: &s.target,
+                    granted_unix_ns: s.record.granted_unix_ns as i128,
+                })
+                .collect();
+            policy::admit(&holders, &g.user, &g.target, &class, self.config.limits)
+        } else {
+            Admission::Admit
+        };
+        match admission {
             Admission::Admit => {}
             Admission::Reject(why) => {
                 // The flows came without a right to exist: they die now.
