@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::policy;
 use crate::policy::IdleDirection;
 use crate::protocol::{
-    DurationArg, ExtendArgs, FlowSpec, GrantArgs, GrantResult, ListArgs, ListResult, Response,
-    RevokeArgs, RevokeResult, SessionView, StatusResult, TouchArgs, WireOp,
+    DurationArg, ExtendArgs, FlowSpec, GrantArgs, GrantResult, ListArgs, ListResult, NetnsRef,
+    Response, RevokeArgs, RevokeResult, SessionView, StatusResult, TouchArgs, WireOp,
 };
 
 #[derive(Parser, Debug)]
@@ -102,6 +102,10 @@ pub struct GrantCmd {
     /// (e.g. 10.0.0.9:5900,10.0.0.5:0); repeatable.
     #[arg(long, value_parser = parse_flow)]
     pub expect: Vec<(String, String)>,
+    /// The network namespace of the --flow/--expect addresses: a name under
+    /// /run/netns, a path, or a pid (default: the daemon's).
+    #[arg(long, value_parser = parse_netns)]
+    pub netns: Option<NetnsRef>,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -138,6 +142,9 @@ pub struct RevokeCmd {
     /// One flow as LOCAL,REMOTE.
     #[arg(long, group = "selector", value_parser = parse_flow)]
     pub flow: Option<(String, String)>,
+    /// The network namespace of --flow (name, path or pid).
+    #[arg(long, requires = "flow", value_parser = parse_netns)]
+    pub netns: Option<NetnsRef>,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -169,11 +176,19 @@ fn duration_arg(ttl: Option<String>) -> Option<DurationArg> {
     ttl.map(DurationArg::Text)
 }
 
-fn flow_spec((local, remote): (String, String)) -> FlowSpec {
+fn parse_netns(text: &str) -> std::result::Result<NetnsRef, String> {
+    Ok(match text.parse::<u32>() {
+        Ok(pid) => NetnsRef::Pid(pid),
+        Err(_) => NetnsRef::Text(text.to_owned()),
+    })
+}
+
+fn flow_spec((local, remote): (String, String), netns: &Option<NetnsRef>) -> FlowSpec {
     FlowSpec {
         local: Some(local),
         remote: Some(remote),
         fd: None,
+        netns: netns.clone(),
     }
 }
 
@@ -221,8 +236,16 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                         IdleDirection::Input
                     }
                 }),
-                flows: g.flows.into_iter().map(flow_spec).collect(),
-                expect: g.expect.into_iter().map(flow_spec).collect(),
+                flows: g
+                    .flows
+                    .into_iter()
+                    .map(|f| flow_spec(f, &g.netns))
+                    .collect(),
+                expect: g
+                    .expect
+                    .into_iter()
+                    .map(|f| flow_spec(f, &g.netns))
+                    .collect(),
             }),
         ),
         CliCommand::Extend(e) => (
@@ -241,7 +264,7 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                 class: r.class,
                 user: r.user,
                 target: r.target,
-                flow: r.flow.map(flow_spec),
+                flow: r.flow.map(|f| flow_spec(f, &r.netns)),
             }),
         ),
         CliCommand::List(l) => (
@@ -321,6 +344,12 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                 .map(|w| format!("{}-{} ({:?})", w.first, w.last, w.side).to_lowercase())
                 .collect();
             println!("watching   {}", watch.join(", "));
+            if s.namespaces > 0 {
+                println!(
+                    "netns      reaching {} other network namespace(s)",
+                    s.namespaces
+                );
+            }
             let fence: Vec<String> = s
                 .fence
                 .iter()

@@ -105,8 +105,44 @@ pub enum DurationArg {
     Text(String),
 }
 
-/// A flow, named by its addresses (from either end's point of view) or by the
-/// index of a socket descriptor sent with the request.
+/// A network namespace as a request names it: a name under /run/netns, a
+/// path to a namespace file, or the pid of a process living in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NetnsRef {
+    Pid(u32),
+    Text(String),
+}
+
+impl NetnsRef {
+    /// The namespace file it designates.
+    pub fn path(&self) -> std::path::PathBuf {
+        match self {
+            NetnsRef::Pid(pid) => format!("/proc/{pid}/ns/net").into(),
+            NetnsRef::Text(t) if t.starts_with('/') => t.into(),
+            NetnsRef::Text(name) => std::path::Path::new("/run/netns").join(name),
+        }
+    }
+
+    fn check(&self, field: &str) -> Result<(), Refusal> {
+        match self {
+            NetnsRef::Text(t)
+                if t.is_empty()
+                    || (!t.starts_with('/') && (t.contains('/') || t == "." || t == "..")) =>
+            {
+                Err(Refusal::new(
+                    RefusalCode::BadValue,
+                    format!("{field}: {t:?} is neither a namespace name (as in /run/netns) nor an absolute path"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A flow, named by its addresses (from either end's point of view, in the
+/// daemon's network namespace unless `netns` says otherwise) or by the index
+/// of a socket descriptor sent with the request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlowSpec {
@@ -116,6 +152,8 @@ pub struct FlowSpec {
     pub remote: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<NetnsRef>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -239,6 +277,7 @@ pub enum FlowRef {
     Addrs {
         local: SocketAddr,
         remote: SocketAddr,
+        netns: Option<NetnsRef>,
     },
     /// Index into the descriptors passed with the request.
     Fd(usize),
@@ -254,8 +293,8 @@ pub struct GrantRequest {
     /// A grant joining an existing session keeps that session's terms.
     pub asked: Asked,
     pub flows: Vec<FlowRef>,
-    /// (local, remote) of connections to come; port 0 matches any.
-    pub expect: Vec<(SocketAddr, SocketAddr)>,
+    /// (local, remote, namespace) of connections to come; port 0 matches any.
+    pub expect: Vec<(SocketAddr, SocketAddr, Option<NetnsRef>)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -273,6 +312,7 @@ pub enum RevokeSelector {
     Flow {
         local: SocketAddr,
         remote: SocketAddr,
+        netns: Option<NetnsRef>,
     },
 }
 
@@ -446,6 +486,7 @@ fn flow_ref(field: &str, spec: FlowSpec, allow_fd: bool) -> Result<FlowRef, Refu
             local: Some(l),
             remote: Some(r),
             fd: None,
+            netns,
         } => {
             let local = parse_addr(&format!("{field}.local"), &l)?;
             let remote = parse_addr(&format!("{field}.remote"), &r)?;
@@ -455,21 +496,38 @@ fn flow_ref(field: &str, spec: FlowSpec, allow_fd: bool) -> Result<FlowRef, Refu
                     format!("{field}: local and remote must both be IPv4 or both IPv6"),
                 ));
             }
-            Ok(FlowRef::Addrs { local, remote })
+            if let Some(n) = &netns {
+                n.check(&format!("{field}.netns"))?;
+            }
+            Ok(FlowRef::Addrs {
+                local,
+                remote,
+                netns,
+            })
         }
         FlowSpec {
             local: None,
             remote: None,
             fd: Some(fd),
+            netns: None,
         } if allow_fd => {
             if fd as usize >= MAX_FDS_PER_REQUEST {
                 return Err(Refusal::new(
                     RefusalCode::BadFd,
-                    format!("{field}.fd: {fd} is beyond the {MAX_FDS_PER_REQUEST} descriptors a request may carry"),
+                    format!(
+                        "{field}.fd: {fd} is beyond the {MAX_FDS_PER_REQUEST} descriptors a request may carry"
+                    ),
                 ));
             }
             Ok(FlowRef::Fd(fd as usize))
         }
+        FlowSpec {
+            fd: Some(_),
+            netns: Some(_),
+            ..
+        } => Err(bad(format!(
+            "{field}: a descriptor already says which namespace its socket is in; drop \"netns\""
+        ))),
         _ if allow_fd => Err(bad(format!(
             "{field}: give either \"fd\" or both \"local\" and \"remote\""
         ))),
@@ -506,13 +564,17 @@ fn validate_grant(a: GrantArgs) -> Result<GrantRequest, Refusal> {
         .map(|(i, f)| {
             let field = format!("grant.expect[{i}]");
             match flow_ref(&field, f, false)? {
-                FlowRef::Addrs { local, remote } if local.port() == 0 && remote.port() == 0 => {
+                FlowRef::Addrs { local, remote, .. } if local.port() == 0 && remote.port() == 0 => {
                     Err(Refusal::new(
                         RefusalCode::BadValue,
                         format!("{field}: at most one of the two ports may be 0 (any)"),
                     ))
                 }
-                FlowRef::Addrs { local, remote } => Ok((local, remote)),
+                FlowRef::Addrs {
+                    local,
+                    remote,
+                    netns,
+                } => Ok((local, remote, netns)),
                 FlowRef::Fd(_) => unreachable!("fds are refused for expect"),
             }
         })
@@ -583,7 +645,15 @@ fn validate_revoke(a: RevokeArgs) -> Result<RevokeSelector, Refusal> {
             target: Some(t), ..
         } => RevokeSelector::Target(name("target", t)?),
         RevokeArgs { flow: Some(f), .. } => match flow_ref("revoke.flow", f, false)? {
-            FlowRef::Addrs { local, remote } => RevokeSelector::Flow { local, remote },
+            FlowRef::Addrs {
+                local,
+                remote,
+                netns,
+            } => RevokeSelector::Flow {
+                local,
+                remote,
+                netns,
+            },
             FlowRef::Fd(_) => unreachable!("fds are refused for revoke"),
         },
         _ => unreachable!("exactly one selector was counted"),
@@ -709,6 +779,8 @@ pub struct StatusResult {
     pub max_flows: u32,
     pub max_sessions: u32,
     pub counters: BTreeMap<String, u64>,
+    /// Network namespaces other than the daemon's that it reaches now.
+    pub namespaces: usize,
     pub watch: Vec<Watch>,
     pub fence: Vec<Watch>,
     pub classes: Vec<String>,

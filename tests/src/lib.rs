@@ -449,6 +449,11 @@ impl Peer {
         }
     }
 
+    /// The peer process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Forgets everything reported so far (and not yet matched).
     pub fn drain(&mut self) {
         self.seen.clear();

@@ -15,8 +15,8 @@ use crate::clock;
 use crate::enforcer::socket;
 use crate::policy::{self, Admission, DeadlineLimits, Holder};
 use crate::protocol::{
-    Command, ExtendRequest, FlowRef, GrantRequest, GrantResult, ListArgs, ListResult, Refusal,
-    RefusalCode, RevokeResult, RevokeSelector, StatusResult, PROTOCOL_VERSION,
+    Command, ExtendRequest, FlowRef, GrantRequest, GrantResult, ListArgs, ListResult, NetnsRef,
+    Refusal, RefusalCode, RevokeResult, RevokeSelector, StatusResult, PROTOCOL_VERSION,
 };
 
 type Reply = Result<serde_json::Value, Refusal>;
@@ -76,37 +76,36 @@ impl State {
                     let info = socket::inspect(fd.as_fd()).map_err(|why| {
                         Refusal::new(RefusalCode::BadFd, format!("flows[{i}].fd: {why}"))
                     })?;
-                    let Some(flow) = self.tracked_flow(info.cookie) else {
+                    if self.tracked_flow(info.cookie).is_none() {
                         return refuse(
                             RefusalCode::FlowNotTracked,
                             format!(
                                 "flows[{i}]: the socket {} <-> {} is not tracked: neither port is watched, or it belongs to a process outside cgroup {}",
                                 info.local,
                                 info.remote,
-                                self.enforcer.cgroup.display()
-                            ),
-                        );
-                    };
-                    if flow.netns_cookie != self.enforcer.netns_cookie {
-                        // Our netlink socket could not destroy it: refuse
-                        // rather than promise a kill we cannot deliver.
-                        return refuse(
-                            RefusalCode::FlowNotTracked,
-                            format!(
-                                "flows[{i}]: the socket {} <-> {} lives in another network namespace, which this daemon does not reach",
-                                info.local, info.remote
+                                                                self.enforcer.cgroup.display()
                             ),
                         );
                     }
                     cookies.push(info.cookie);
                 }
-                FlowRef::Addrs { local, remote } => {
-                    let found = self.lookup_addrs(local, remote);
+                FlowRef::Addrs {
+                    local,
+                    remote,
+                    ref netns,
+                } => {
+                    let netns_cookie = self.netns_of(netns.as_ref())?;
+                    let found = self.lookup_addrs(local, remote, netns_cookie);
                     if found.is_empty() {
+                        let place = netns
+                            .as_ref()
+                            .map_or("this network namespace".to_string(), |n| {
+                                format!("network namespace {}", n.path().display())
+                            });
                         return refuse(
                             RefusalCode::NoSuchFlow,
                             format!(
-                                "flows[{i}]: no tracked TCP flow {local} <-> {remote} in this network namespace (is it established, and is one of its ports watched?)"
+                                "flows[{i}]: no tracked TCP flow {local} <-> {remote} in {place} (is it established, and is one of its ports watched?)"
                             ),
                         );
                     }
@@ -361,14 +360,14 @@ impl State {
         &mut self,
         id: u64,
         deadline: u64,
-        expect: &[(SocketAddr, SocketAddr)],
+        expect: &[(SocketAddr, SocketAddr, Option<NetnsRef>)],
     ) -> Result<usize, Refusal> {
-        let grant = PendingGrant {
-            deadline_ns: deadline,
-            session: id,
-            netns_cookie: self.enforcer.netns_cookie,
-        };
-        for (local, remote) in expect {
+        for (local, remote, netns) in expect {
+            let grant = PendingGrant {
+                deadline_ns: deadline,
+                session: id,
+                netns_cookie: self.netns_of(netns.as_ref())?,
+            };
             let keys = pending_keys(*local, *remote);
             for key in &keys {
                 if !self.enforcer.put_pending(key, &grant).map_err(internal)? {
@@ -412,13 +411,12 @@ impl State {
                 }
             }
         }
-        let grant = PendingGrant {
-            deadline_ns: deadline,
-            session: id,
-            netns_cookie: self.enforcer.netns_cookie,
-        };
         for key in pending {
-            let _ = self.enforcer.put_pending(&key, &grant);
+            // Same registration, new deadline (and the namespace it had).
+            if let Some(mut grant) = self.enforcer.pending_grant(&key) {
+                grant.deadline_ns = deadline;
+                let _ = self.enforcer.put_pending(&key, &grant);
+            }
         }
         self.requeue_deadline(id, old, deadline);
         Ok(())
@@ -490,8 +488,13 @@ impl State {
             RevokeSelector::Class(class) => pick(&|s| &s.class == class),
             RevokeSelector::User(user) => pick(&|s| &s.user == user),
             RevokeSelector::Target(target) => pick(&|s| &s.target == target),
-            RevokeSelector::Flow { local, remote } => {
-                let cookies = self.lookup_addrs(*local, *remote);
+            RevokeSelector::Flow {
+                local,
+                remote,
+                netns,
+            } => {
+                let netns_cookie = self.netns_of(netns.as_ref())?;
+                let cookies = self.lookup_addrs(*local, *remote, netns_cookie);
                 if cookies.is_empty() {
                     return refuse(
                         RefusalCode::NoSuchFlow,
@@ -549,6 +552,7 @@ impl State {
             max_flows: self.config.max_flows,
             max_sessions: self.config.max_sessions,
             counters: self.enforcer.counters(),
+            namespaces: self.enforcer.namespaces_open(),
             watch: self.config.watch.clone(),
             fence: self.config.fence.clone(),
             classes: self.config.classes.keys().cloned().collect(),

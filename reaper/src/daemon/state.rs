@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::audit::{Audit, KillEvent, Reason};
 use crate::clock::{self, DeadlineTimer};
 use crate::config::Config;
-use crate::enforcer::{socket, DestroyOutcome, DiagTarget, Enforcer};
+use crate::enforcer::{socket, DestroyOutcome, DiagTarget, Enforcer, Reading};
 use crate::policy::{self, IdleDirection, Now, SocketActivity};
 use crate::protocol::{FlowView, KillView, Refusal, RefusalCode, SessionView};
 
@@ -83,6 +83,9 @@ pub struct State {
     pub(super) flows: HashMap<u64, Flow>,
     /// (netns cookie, tuple) → socket cookie.
     by_tuple: HashMap<(u64, FlowTuple), u64>,
+    /// Tracked flows per network namespace: the enforcer keeps a socket
+    /// open in each namespace that has any.
+    per_netns: HashMap<u64, usize>,
 }
 
 pub(super) fn refuse<T>(code: RefusalCode, message: impl Into<String>) -> Result<T, Refusal> {
@@ -131,6 +134,7 @@ impl State {
             queue: BTreeSet::new(),
             flows: HashMap::new(),
             by_tuple: HashMap::new(),
+            per_netns: HashMap::new(),
         }
     }
 
@@ -260,7 +264,9 @@ impl State {
     pub(super) fn index_flow(&mut self, cookie: u64, flow: Flow) {
         self.by_tuple
             .insert((flow.netns_cookie, flow.tuple), cookie);
-        self.flows.insert(cookie, flow);
+        if self.flows.insert(cookie, flow).is_none() {
+            *self.per_netns.entry(flow.netns_cookie).or_default() += 1;
+        }
     }
 
     pub(super) fn unindex_flow(&mut self, cookie: u64) -> Option<Flow> {
@@ -268,6 +274,13 @@ impl State {
         let key = (flow.netns_cookie, flow.tuple);
         if self.by_tuple.get(&key) == Some(&cookie) {
             self.by_tuple.remove(&key);
+        }
+        if let Some(count) = self.per_netns.get_mut(&flow.netns_cookie) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_netns.remove(&flow.netns_cookie);
+                self.enforcer.release_netns(flow.netns_cookie);
+            }
         }
         if let Some(session) = self.sessions.get_mut(&flow.session) {
             session.flows.remove(&cookie);
@@ -412,40 +425,39 @@ impl State {
                     targets.push(DiagTarget {
                         cookie: *cookie,
                         tuple: flow.tuple,
+                        netns_cookie: flow.netns_cookie,
                     });
                 }
             }
         }
-        let activity: HashMap<u64, SocketActivity> = match self.enforcer.activity(&targets) {
-            Ok(found) => targets
-                .iter()
-                .zip(found)
-                .filter_map(|(t, a)| {
-                    let a = a?;
-                    let passive = self.flows.get(&t.cookie)?.flags & flow_flags::PASSIVE != 0;
-                    Some((
-                        t.cookie,
-                        SocketActivity {
-                            passive,
-                            last_recv_ago_ms: a.last_recv_ago_ms,
-                            last_sent_ago_ms: a.last_sent_ago_ms,
-                        },
-                    ))
-                })
-                .collect(),
-            Err(e) => {
-                // Without evidence of idleness nobody is killed; look again soon.
-                error!("reading socket activity: {e}");
-                let retry = clock::boot_ns() + policy::NS_PER_SEC;
-                for id in ids {
-                    self.queue_idle_check(id, retry);
+        let readings = self.enforcer.activity(&targets);
+        let mut activity: HashMap<u64, SocketActivity> = HashMap::new();
+        let mut unknown: BTreeSet<u64> = BTreeSet::new();
+        for (t, reading) in targets.iter().zip(readings) {
+            match reading {
+                Reading::Seen(a) => {
+                    let flags = self.flows.get(&t.cookie).map_or(0, |f| f.flags);
+                    let seen = SocketActivity {
+                        passive: flags & flow_flags::PASSIVE != 0,
+                        last_recv_ago_ms: a.last_recv_ago_ms,
+                        last_sent_ago_ms: a.last_sent_ago_ms,
+                    };
+                    activity.insert(t.cookie, seen);
                 }
-                return;
+                Reading::Gone => {}
+                Reading::Unknown => {
+                    unknown.insert(t.cookie);
+                }
             }
-        };
+        }
         let now = clock::boot_ns();
         for id in ids {
             let s = &self.sessions[&id];
+            if s.flows.iter().any(|c| unknown.contains(c)) {
+                // Without evidence of idleness nobody is killed; look again soon.
+                self.queue_idle_check(id, now + policy::NS_PER_SEC);
+                continue;
+            }
             let sockets: Vec<SocketActivity> = s
                 .flows
                 .iter()
@@ -529,17 +541,10 @@ impl State {
             .map(|(cookie, flow)| DiagTarget {
                 cookie: *cookie,
                 tuple: flow.tuple,
+                netns_cookie: flow.netns_cookie,
             })
             .collect();
-        let outcomes = match self.enforcer.destroy(&requests) {
-            Ok(o) => o,
-            Err(e) => {
-                error!(
-                    "socket destroy failed: {e}; the kernel keeps dropping these flows' packets"
-                );
-                vec![DestroyOutcome::Failed(e.raw_os_error().unwrap_or(0)); requests.len()]
-            }
-        };
+        let outcomes = self.enforcer.destroy(&requests);
         let done = clock::now();
         let mut views = Vec::new();
         for ((cookie, flow), outcome) in targets.into_iter().zip(outcomes) {
@@ -610,14 +615,29 @@ impl State {
         }
     }
 
+    /// The cookie of the namespace a request names (the daemon's own when
+    /// it names none).
+    pub(super) fn netns_of(
+        &mut self,
+        netns: Option<&crate::protocol::NetnsRef>,
+    ) -> Result<u64, Refusal> {
+        match netns {
+            None => Ok(self.enforcer.netns_cookie),
+            Some(n) => self
+                .enforcer
+                .resolve_netns(&n.path())
+                .map_err(|why| Refusal::new(RefusalCode::BadValue, format!("netns: {why}"))),
+        }
+    }
+
     /// Finds the tracked sockets of a flow named by addresses, in the
-    /// daemon's own network namespace.
+    /// network namespace with cookie `netns`.
     pub(super) fn lookup_addrs(
         &mut self,
         local: std::net::SocketAddr,
         remote: std::net::SocketAddr,
+        netns: u64,
     ) -> Vec<u64> {
-        let netns = self.enforcer.netns_cookie;
         let candidates = socket::candidate_tuples(local, remote);
         let mut found: Vec<u64> = candidates
             .iter()

@@ -53,6 +53,8 @@ const LIVE_STATES: u32 = (1 << 1) // ESTABLISHED
 pub struct DiagTarget {
     pub cookie: u64,
     pub tuple: FlowTuple,
+    /// The namespace the socket lives in (which `SockDiag` reaches it).
+    pub netns_cookie: u64,
 }
 
 /// What the kernel said about one destroy.
@@ -72,6 +74,16 @@ pub enum DestroyOutcome {
 pub struct Activity {
     pub last_recv_ago_ms: u32,
     pub last_sent_ago_ms: u32,
+}
+
+/// What reading a socket's activity gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    Seen(Activity),
+    /// No such socket (closed, or its namespace is gone).
+    Gone,
+    /// The request failed: no evidence either way.
+    Unknown,
 }
 
 /// What a batch asks of each socket: message type, netlink flags and the
@@ -352,6 +364,7 @@ mod tests {
                 local_addr: [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0],
                 remote_addr: [u32::from_ne_bytes([127, 0, 0, 2]), 0, 0, 0],
             },
+            netns_cookie: 1,
         };
         let mut buf = Vec::new();
         encode_request(&mut buf, INFO, 9, &target);

@@ -8,6 +8,7 @@
 //! never has a gap.
 
 pub mod diag;
+pub mod netns;
 mod pins;
 pub mod socket;
 
@@ -26,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Side, Watch};
 use crate::error::{Error, Result};
-pub use diag::{Activity, DestroyOutcome, DiagTarget, SockDiag};
+pub use diag::{DestroyOutcome, DiagTarget, Reading, SockDiag};
 pub use pins::{ensure_bpffs, unload};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
@@ -49,6 +50,7 @@ pub struct Enforcer {
     settings: Array<MapData, u64>,
     pending: HashMap<MapData, FlowTuple, PendingGrant>,
     diag: SockDiag,
+    namespaces: netns::Namespaces,
     /// The namespace the daemon (and its destroyer) lives in.
     pub netns_cookie: u64,
     pub cgroup: PathBuf,
@@ -139,6 +141,7 @@ impl Enforcer {
             settings,
             pending,
             diag,
+            namespaces: netns::Namespaces::new(netns_cookie),
             netns_cookie,
             cgroup,
             pin_path: config.pin_path.clone(),
@@ -230,13 +233,88 @@ impl Enforcer {
         let _ = self.sessions.remove(&id);
     }
 
-    pub fn destroy(&mut self, targets: &[DiagTarget]) -> std::io::Result<Vec<DestroyOutcome>> {
-        self.diag.destroy(targets)
+    /// Destroys the sockets, each through the sock_diag socket of its own
+    /// namespace; outcomes come back in order.
+    pub fn destroy(&mut self, targets: &[DiagTarget]) -> Vec<DestroyOutcome> {
+        self.per_namespace(
+            targets,
+            |diag, batch| diag.destroy(batch),
+            // A namespace that is gone took its sockets with it.
+            DestroyOutcome::Gone,
+            |e| DestroyOutcome::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
+        )
     }
 
     /// Each socket's last data received/sent, from the kernel's tcp_info.
-    pub fn activity(&mut self, targets: &[DiagTarget]) -> std::io::Result<Vec<Option<Activity>>> {
-        self.diag.activity(targets)
+    pub fn activity(&mut self, targets: &[DiagTarget]) -> Vec<Reading> {
+        self.per_namespace(
+            targets,
+            |diag, batch| {
+                let found = diag.activity(batch)?;
+                Ok(found
+                    .into_iter()
+                    .map(|a| a.map_or(Reading::Gone, Reading::Seen))
+                    .collect())
+            },
+            Reading::Gone,
+            |_| Reading::Unknown,
+        )
+    }
+
+    /// Runs `op` once per namespace over that namespace's targets, in
+    /// batches, and puts the answers back in the targets' order.
+    fn per_namespace<T: Clone>(
+        &mut self,
+        targets: &[DiagTarget],
+        mut op: impl FnMut(&mut SockDiag, &[DiagTarget]) -> std::io::Result<Vec<T>>,
+        unreachable: T,
+        failed: impl Fn(&std::io::Error) -> T,
+    ) -> Vec<T> {
+        let mut groups: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, t) in targets.iter().enumerate() {
+            groups.entry(t.netns_cookie).or_default().push(i);
+        }
+        let mut out: Vec<T> = vec![unreachable.clone(); targets.len()];
+        for (cookie, indexes) in groups {
+            let batch: Vec<DiagTarget> = indexes.iter().map(|&i| targets[i]).collect();
+            let diag = if cookie == self.netns_cookie {
+                Some(&mut self.diag)
+            } else {
+                self.namespaces.get(cookie)
+            };
+            let Some(diag) = diag else {
+                continue;
+            };
+            match op(diag, &batch) {
+                Ok(answers) => {
+                    for (i, a) in indexes.into_iter().zip(answers) {
+                        out[i] = a;
+                    }
+                }
+                Err(e) => {
+                    warn!(netns = cookie, "sock_diag request failed: {e}");
+                    for i in indexes {
+                        out[i] = failed(&e);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Opens the namespace a request names; returns its cookie.
+    pub fn resolve_netns(&mut self, path: &std::path::Path) -> std::result::Result<u64, String> {
+        self.namespaces.resolve(path)
+    }
+
+    /// Lets go of a namespace whose last tracked flow closed.
+    pub fn release_netns(&mut self, cookie: u64) {
+        self.namespaces.release(cookie);
+    }
+
+    /// Other namespaces reached now.
+    pub fn namespaces_open(&self) -> usize {
+        self.namespaces.open_count()
     }
 
     /// Writes the watch and fence bitmaps and the fence grace. Used at start
@@ -261,6 +339,10 @@ impl Enforcer {
             Err(e) if is_errno(&e, libc::E2BIG) => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    pub fn pending_grant(&self, key: &FlowTuple) -> Option<PendingGrant> {
+        self.pending.get(key, 0).ok()
     }
 
     pub fn remove_pending(&mut self, key: &FlowTuple) {
