@@ -91,6 +91,12 @@ pub struct Flow {
     pub session: u64,
     /// [`flow_flags`] bits.
     pub flags: u32,
+    /// SND.NXT and RCV.NXT when the connection was established (each
+    /// initial sequence number + 1). With tcp_info's byte counters they give
+    /// the exact sequence numbers an injected RST needs, at kill time, with
+    /// no per-packet tracking.
+    pub snd_isn1: u32,
+    pub rcv_isn1: u32,
     pub _pad: u32,
 }
 
@@ -297,8 +303,8 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<FlowTuple>(), 40);
-        assert_eq!(size_of::<Flow>(), 80);
-        assert_eq!(size_of::<FlowEvent>(), 96);
+        assert_eq!(size_of::<Flow>(), 88);
+        assert_eq!(size_of::<FlowEvent>(), 104);
         assert_eq!(size_of::<PendingGrant>(), 24);
         assert_eq!(
             size_of::<SessionRecord>(),

@@ -82,15 +82,24 @@ fn marked(set: PortSet, side: PortSide, port: u16) -> bool {
     }
 }
 
+/// Reports a flow on the ring buffer, writing straight into the reserved
+/// record: a `FlowEvent` built on the stack would not fit next to a `Flow`
+/// in the 512 bytes the verifier allows.
+#[inline(always)]
 fn emit(kind: FlowEventKind, cookie: u64, flow: &Flow) {
-    let event = FlowEvent {
-        kind: kind as u32,
-        _pad: 0,
-        cookie,
-        flow: *flow,
-    };
-    if EVENTS.output::<FlowEvent>(&event, 0).is_err() {
-        count(counter::EVENTS_LOST);
+    match EVENTS.reserve::<FlowEvent>(0) {
+        Some(mut entry) => {
+            let event = entry.as_mut_ptr();
+            // SAFETY: the reserved record is ours until submitted.
+            unsafe {
+                (*event).kind = kind as u32;
+                (*event)._pad = 0;
+                (*event).cookie = cookie;
+                (*event).flow = *flow;
+            }
+            entry.submit(0);
+        }
+        None => count(counter::EVENTS_LOST),
     }
 }
 
@@ -126,6 +135,12 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
     // loads: reading them inside the branch lets the compiler select between
     // two context pointers, which the verifier refuses.
     let ops = ctx.ops;
+    let (snd_isn1, rcv_isn1) = unsafe {
+        (
+            read_volatile(&(*ops).snd_nxt),
+            read_volatile(&(*ops).rcv_nxt),
+        )
+    };
     let (v4, v6) = unsafe {
         (
             (
@@ -167,6 +182,8 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         deadline_ns: 0,
         session: 0,
         flags,
+        snd_isn1,
+        rcv_isn1,
         _pad: 0,
     };
     // A grant registered before the connection: exact tuple first, then the
@@ -215,13 +232,13 @@ fn take_pending(key: &FlowTuple, netns_cookie: u64) -> Option<PendingGrant> {
 
 fn on_close(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-    let flow = match unsafe { FLOWS.get(&cookie) } {
-        Some(flow) => *flow,
+    // Report straight from the map entry, then remove it.
+    match unsafe { FLOWS.get(&cookie) } {
+        Some(flow) => emit(FlowEventKind::Closed, cookie, flow),
         None => return,
-    };
+    }
     let _ = FLOWS.remove(&cookie);
     count(counter::CLOSED);
-    emit(FlowEventKind::Closed, cookie, &flow);
 }
 
 #[cgroup_skb]

@@ -309,8 +309,8 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
             );
             for k in r.kills {
                 println!(
-                    "  {} <-> {}  {}  {}",
-                    k.local, k.remote, k.session, k.result
+                    "  {} <-> {}  {}  {} ({})",
+                    k.local, k.remote, k.session, k.result, k.path
                 );
             }
         }
@@ -332,6 +332,7 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                 policy::format_duration(s.uptime_ms * policy::NS_PER_MS)
             );
             println!("cgroup     {}", s.cgroup);
+            println!("kill path  {} (local flows)", s.kill_path);
             println!("pins       {}", s.pin_path);
             println!("sessions   {} of {}", s.sessions, s.max_sessions);
             println!(
@@ -427,7 +428,7 @@ fn print_sessions(sessions: &[SessionView]) {
         line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
         println!("    deadline {}", s.deadline);
         for f in &s.flows {
-            println!("    {} <-> {}", f.local, f.remote);
+            println!("    {} <-> {}  ({})", f.local, f.remote, f.path);
         }
         if s.expecting > 0 {
             println!("    expecting {} connection(s)", s.expecting);

@@ -56,6 +56,9 @@ pub struct Config {
     pub limits: GlobalLimit,
     /// Policy classes by name.
     pub classes: BTreeMap<String, Class>,
+    /// Kill local flows with SOCK_DESTROY where the kernel has it; false
+    /// forces RST + drop.
+    pub socket_destroy: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +79,7 @@ struct RawConfig {
     fence_grace: Option<String>,
     limits: Option<RawLimits>,
     classes: Option<BTreeMap<String, RawClass>>,
+    socket_destroy: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,6 +255,7 @@ impl Config {
             fence_grace_ns,
             limits,
             classes,
+            socket_destroy: raw.socket_destroy.unwrap_or(true),
         })
     }
 
@@ -279,6 +284,7 @@ impl Config {
         self.audit_file = running.audit_file.clone();
         self.max_flows = running.max_flows;
         self.max_sessions = running.max_sessions;
+        self.socket_destroy = running.socket_destroy;
     }
 
     /// Keys that differ from `new` but only take effect at a restart (the
@@ -298,6 +304,7 @@ impl Config {
         check(self.audit_file != new.audit_file, "audit_file");
         check(self.max_flows != new.max_flows, "max_flows");
         check(self.max_sessions != new.max_sessions, "max_sessions");
+        check(self.socket_destroy != new.socket_destroy, "socket_destroy");
         keys
     }
 }

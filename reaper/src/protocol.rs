@@ -710,6 +710,8 @@ pub struct FlowView {
     pub local: String,
     pub remote: String,
     pub established: String,
+    /// How it will be killed: `destroy` (SOCK_DESTROY) or `rst` (RST + drop).
+    pub path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -748,6 +750,8 @@ pub struct KillView {
     pub cookie: u64,
     pub local: String,
     pub remote: String,
+    /// `destroy` or `rst`.
+    pub path: String,
     /// `destroyed`, `already_closed` or `drop_only`.
     pub result: String,
 }
@@ -781,6 +785,8 @@ pub struct StatusResult {
     pub counters: BTreeMap<String, u64>,
     /// Network namespaces other than the daemon's that it reaches now.
     pub namespaces: usize,
+    /// How local flows are killed: `destroy` or `rst`.
+    pub kill_path: String,
     pub watch: Vec<Watch>,
     pub fence: Vec<Watch>,
     pub classes: Vec<String>,

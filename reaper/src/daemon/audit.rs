@@ -43,6 +43,8 @@ pub struct KillEvent {
     /// of the fence grace, or the request that asked for it) the socket
     /// was destroyed, in microseconds.
     pub late_us: u64,
+    /// How it was killed: `destroy` (SOCK_DESTROY) or `rst` (RST + drop).
+    pub path: crate::enforcer::KillPath,
     /// `destroyed`, `already_closed` or `drop_only`.
     pub result: &'static str,
 }

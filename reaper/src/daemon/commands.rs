@@ -553,6 +553,7 @@ impl State {
             max_sessions: self.config.max_sessions,
             counters: self.enforcer.counters(),
             namespaces: self.enforcer.namespaces_open(),
+            kill_path: super::state::path_name(self.enforcer.kill_path).to_string(),
             watch: self.config.watch.clone(),
             fence: self.config.fence.clone(),
             classes: self.config.classes.keys().cloned().collect(),

@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::audit::{Audit, KillEvent, Reason};
 use crate::clock::{self, DeadlineTimer};
 use crate::config::Config;
-use crate::enforcer::{socket, DestroyOutcome, DiagTarget, Enforcer, Reading};
+use crate::enforcer::{socket, DestroyOutcome, DiagTarget, Enforcer, KillPath, Reading};
 use crate::policy::{self, IdleDirection, Now, SocketActivity};
 use crate::protocol::{FlowView, KillView, Refusal, RefusalCode, SessionView};
 
@@ -94,6 +94,22 @@ pub(super) fn refuse<T>(code: RefusalCode, message: impl Into<String>) -> Result
 
 pub(super) fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::new(RefusalCode::Internal, e.to_string())
+}
+
+/// What the flows killed together share in their audit events.
+#[derive(Clone, Copy)]
+struct KillBatch {
+    reason: Reason,
+    path: KillPath,
+    /// When the kill completed.
+    done: Now,
+}
+
+pub(super) fn path_name(path: KillPath) -> &'static str {
+    match path {
+        KillPath::Destroy => "destroy",
+        KillPath::Rst => "rst",
+    }
 }
 
 pub(super) fn describe(t: &FlowTuple) -> String {
@@ -544,8 +560,23 @@ impl State {
                 netns_cookie: flow.netns_cookie,
             })
             .collect();
-        let outcomes = self.enforcer.destroy(&requests);
-        let done = clock::now();
+        let path = self.enforcer.kill_path;
+        let outcomes = match path {
+            KillPath::Destroy => self.enforcer.destroy(&requests),
+            KillPath::Rst => {
+                let with_flows: Vec<(DiagTarget, Flow)> = requests
+                    .iter()
+                    .zip(&targets)
+                    .map(|(r, (_, f))| (*r, *f))
+                    .collect();
+                self.enforcer.reset(&with_flows)
+            }
+        };
+        let batch = KillBatch {
+            reason,
+            path,
+            done: clock::now(),
+        };
         let mut views = Vec::new();
         for ((cookie, flow), outcome) in targets.into_iter().zip(outcomes) {
             let result = match outcome {
@@ -564,7 +595,7 @@ impl State {
                 }
             };
             let since = due.unwrap_or(flow.deadline_ns);
-            views.push(self.audit_kill(cookie, &flow, reason, done, since, result));
+            views.push(self.audit_kill(&batch, cookie, &flow, since, result));
             // Even a drop-only flow leaves the index: its session is ending,
             // and the kernel entry (with its deadline) stays until it closes.
             self.unindex_flow(cookie);
@@ -572,7 +603,7 @@ impl State {
         for cookie in gone {
             if let Some(flow) = self.unindex_flow(cookie) {
                 let since = due.unwrap_or(flow.deadline_ns);
-                views.push(self.audit_kill(cookie, &flow, reason, done, since, "already_closed"));
+                views.push(self.audit_kill(&batch, cookie, &flow, since, "already_closed"));
             }
         }
         views
@@ -580,13 +611,13 @@ impl State {
 
     fn audit_kill(
         &mut self,
+        batch: &KillBatch,
         cookie: u64,
         flow: &Flow,
-        reason: Reason,
-        done: Now,
         since_ns: u64,
         result: &'static str,
     ) -> KillView {
+        let KillBatch { reason, path, done } = *batch;
         let (session, user, target) = match self.sessions.get(&flow.session) {
             Some(s) => (s.name.clone(), s.user.clone(), s.target.clone()),
             None => (String::new(), String::new(), String::new()),
@@ -604,6 +635,7 @@ impl State {
             remote: remote.to_string(),
             cookie,
             late_us,
+            path,
             result,
         });
         KillView {
@@ -611,6 +643,7 @@ impl State {
             cookie,
             local: local.to_string(),
             remote: remote.to_string(),
+            path: path_name(path).to_string(),
             result: result.to_string(),
         }
     }
@@ -679,6 +712,7 @@ impl State {
                     local: local.to_string(),
                     remote: remote.to_string(),
                     established: policy::format_rfc3339(self.wall(f.established_ns)),
+                    path: path_name(self.enforcer.kill_path).to_string(),
                 }
             })
             .collect();

@@ -17,6 +17,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use reaper_common::FlowTuple;
 
+use super::rst::Counters;
+
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const NLMSG_ERROR: u16 = 2;
@@ -31,9 +33,13 @@ const MSG_LEN: usize = NLMSG_HDR + REQ_LEN;
 /// `struct inet_diag_msg`, before its attributes.
 const DIAG_MSG_LEN: usize = 72;
 const INET_DIAG_INFO: u16 = 2;
-/// Offsets in `struct tcp_info`.
+/// Offsets in `struct tcp_info` (append-only ABI).
 const TCPI_LAST_DATA_SENT: usize = 44;
 const TCPI_LAST_DATA_RECV: usize = 52;
+const TCPI_BYTES_ACKED: usize = 120;
+const TCPI_BYTES_RECEIVED: usize = 128;
+const TCPI_BYTES_SENT: usize = 200;
+const TCPI_BYTES_RETRANS: usize = 208;
 /// Requests per sendmsg: 512 × 72 B stays far below the socket buffers, and
 /// their replies fit the default receive buffer.
 const BATCH: usize = 512;
@@ -69,11 +75,13 @@ pub enum DestroyOutcome {
     Failed(i32),
 }
 
-/// How long ago a socket last received and sent data, in milliseconds.
+/// What sock_diag tells about one socket: its state, how long ago it last
+/// received and sent data (ms), and its byte counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Activity {
     pub last_recv_ago_ms: u32,
     pub last_sent_ago_ms: u32,
+    pub counters: Counters,
 }
 
 /// What reading a socket's activity gave.
@@ -180,6 +188,24 @@ impl SockDiag {
                 Reply::Info(_) => DestroyOutcome::Failed(libc::EPROTO),
             })
             .collect())
+    }
+
+    /// Whether this kernel destroys sockets on request: a destroy of a
+    /// socket that cannot exist answers "no such socket" where the feature
+    /// is built in (CONFIG_INET_DIAG_DESTROY), "not supported" where not.
+    pub fn destroy_supported(&mut self) -> io::Result<bool> {
+        let nothing = DiagTarget {
+            cookie: 0,
+            tuple: FlowTuple {
+                family: reaper_common::AF_INET,
+                ..Default::default()
+            },
+            netns_cookie: 0,
+        };
+        match self.destroy(&[nothing])?[0] {
+            DestroyOutcome::Failed(libc::EOPNOTSUPP) => Ok(false),
+            _ => Ok(true),
+        }
     }
 
     /// Reads each target's activity; `None` for a socket that is gone.
@@ -323,8 +349,9 @@ fn parse_replies(mut data: &[u8]) -> Vec<(u32, Reply)> {
     out
 }
 
-/// The tcp_info times in an `inet_diag_msg` and its attributes.
+/// The state and tcp_info of an `inet_diag_msg` and its attributes.
 fn parse_activity(msg: &[u8]) -> Option<Activity> {
+    let state = *msg.get(1)?;
     let mut attrs = msg.get(DIAG_MSG_LEN..)?;
     while attrs.len() >= 4 {
         let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
@@ -338,9 +365,21 @@ fn parse_activity(msg: &[u8]) -> Option<Activity> {
                 info.get(at..at + 4)
                     .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
             };
+            // Older kernels report a shorter tcp_info: missing counters read as 0.
+            let long = |at: usize| {
+                info.get(at..at + 8)
+                    .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()))
+            };
             return Some(Activity {
                 last_sent_ago_ms: word(TCPI_LAST_DATA_SENT)?,
                 last_recv_ago_ms: word(TCPI_LAST_DATA_RECV)?,
+                counters: Counters {
+                    state,
+                    bytes_acked: long(TCPI_BYTES_ACKED),
+                    bytes_received: long(TCPI_BYTES_RECEIVED),
+                    bytes_sent: long(TCPI_BYTES_SENT),
+                    bytes_retrans: long(TCPI_BYTES_RETRANS),
+                },
             });
         }
         attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
@@ -412,10 +451,12 @@ mod tests {
             payload.extend_from_slice(&[0u8; 16]);
             data.extend(netlink(NLMSG_ERROR, seq, &payload));
         }
-        let mut info = vec![0u8; 64];
+        let mut info = vec![0u8; 232];
+        info[TCPI_BYTES_RECEIVED..TCPI_BYTES_RECEIVED + 8].copy_from_slice(&77u64.to_ne_bytes());
         info[TCPI_LAST_DATA_SENT..TCPI_LAST_DATA_SENT + 4].copy_from_slice(&1500u32.to_ne_bytes());
         info[TCPI_LAST_DATA_RECV..TCPI_LAST_DATA_RECV + 4].copy_from_slice(&250u32.to_ne_bytes());
         let mut msg = vec![0u8; DIAG_MSG_LEN];
+        msg[1] = 1; // ESTABLISHED
         msg.extend_from_slice(&((4 + info.len()) as u16).to_ne_bytes());
         msg.extend_from_slice(&INET_DIAG_INFO.to_ne_bytes());
         msg.extend_from_slice(&info);
@@ -431,6 +472,11 @@ mod tests {
         let expected = Activity {
             last_recv_ago_ms: 250,
             last_sent_ago_ms: 1500,
+            counters: Counters {
+                state: 1,
+                bytes_received: 77,
+                ..Default::default()
+            },
         };
         assert_eq!(parse_activity(body), Some(expected));
         assert!(

@@ -10,6 +10,7 @@
 pub mod diag;
 pub mod netns;
 mod pins;
+pub mod rst;
 pub mod socket;
 
 use std::collections::BTreeMap;
@@ -27,11 +28,26 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Side, Watch};
 use crate::error::{Error, Result};
-pub use diag::{DestroyOutcome, DiagTarget, Reading, SockDiag};
+pub use diag::{DestroyOutcome, DiagTarget, Reading};
+
+/// How a local flow is killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KillPath {
+    /// netlink SOCK_DESTROY: the socket is aborted, the peer gets a RST.
+    Destroy,
+    /// Without SOCK_DESTROY (kernel built without it, or `socket_destroy =
+    /// false`): a RST with the exact sequence number to each end, and the
+    /// in-kernel drop.
+    Rst,
+}
 pub use pins::{ensure_bpffs, unload};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
+
+/// TCP_CLOSE as sock_diag reports states.
+const TCP_CLOSE: u8 = 7;
 
 /// Name of a pinned link under `pin_path`.
 const LINK_PINS: [(&str, &str); 3] = [
@@ -49,8 +65,12 @@ pub struct Enforcer {
     watch: Array<MapData, u64>,
     settings: Array<MapData, u64>,
     pending: HashMap<MapData, FlowTuple, PendingGrant>,
-    diag: SockDiag,
+    /// The daemon's own namespace.
+    own: netns::Netns,
+    /// Other namespaces with tracked flows.
     namespaces: netns::Namespaces,
+    /// How local flows die.
+    pub kill_path: KillPath,
     /// The namespace the daemon (and its destroyer) lives in.
     pub netns_cookie: u64,
     pub cgroup: PathBuf,
@@ -128,10 +148,24 @@ impl Enforcer {
         let watch = Array::try_from(take(&mut ebpf, map_names::WATCH)?)?;
         let settings = Array::try_from(take(&mut ebpf, map_names::SETTINGS)?)?;
         let pending = HashMap::try_from(take(&mut ebpf, map_names::PENDING)?)?;
-        let diag = SockDiag::open().map_err(Error::io("opening the sock_diag netlink socket"))?;
-        let netns_cookie = diag
+        let mut own =
+            netns::Netns::open().map_err(Error::io("opening the sock_diag and raw sockets"))?;
+        let netns_cookie = own
+            .diag
             .netns_cookie()
             .map_err(Error::io("reading the network namespace cookie"))?;
+        let kill_path = if !config.socket_destroy {
+            info!("socket_destroy = false: local flows are killed with RST + drop");
+            KillPath::Rst
+        } else if own.diag.destroy_supported().unwrap_or(true) {
+            KillPath::Destroy
+        } else {
+            warn!(
+                "this kernel has no SOCK_DESTROY (built without CONFIG_INET_DIAG_DESTROY): \
+                 local flows are killed with RST + drop instead"
+            );
+            KillPath::Rst
+        };
         let mut enforcer = Enforcer {
             _ebpf: ebpf,
             flows,
@@ -140,8 +174,9 @@ impl Enforcer {
             watch,
             settings,
             pending,
-            diag,
+            own,
             namespaces: netns::Namespaces::new(netns_cookie),
+            kill_path,
             netns_cookie,
             cgroup,
             pin_path: config.pin_path.clone(),
@@ -238,7 +273,7 @@ impl Enforcer {
     pub fn destroy(&mut self, targets: &[DiagTarget]) -> Vec<DestroyOutcome> {
         self.per_namespace(
             targets,
-            |diag, batch| diag.destroy(batch),
+            |ns, batch| ns.diag.destroy(batch),
             // A namespace that is gone took its sockets with it.
             DestroyOutcome::Gone,
             |e| DestroyOutcome::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
@@ -249,8 +284,8 @@ impl Enforcer {
     pub fn activity(&mut self, targets: &[DiagTarget]) -> Vec<Reading> {
         self.per_namespace(
             targets,
-            |diag, batch| {
-                let found = diag.activity(batch)?;
+            |ns, batch| {
+                let found = ns.diag.activity(batch)?;
                 Ok(found
                     .into_iter()
                     .map(|a| a.map_or(Reading::Gone, Reading::Seen))
@@ -266,7 +301,7 @@ impl Enforcer {
     fn per_namespace<T: Clone>(
         &mut self,
         targets: &[DiagTarget],
-        mut op: impl FnMut(&mut SockDiag, &[DiagTarget]) -> std::io::Result<Vec<T>>,
+        mut op: impl FnMut(&mut netns::Netns, &[DiagTarget]) -> std::io::Result<Vec<T>>,
         unreachable: T,
         failed: impl Fn(&std::io::Error) -> T,
     ) -> Vec<T> {
@@ -277,15 +312,15 @@ impl Enforcer {
         let mut out: Vec<T> = vec![unreachable.clone(); targets.len()];
         for (cookie, indexes) in groups {
             let batch: Vec<DiagTarget> = indexes.iter().map(|&i| targets[i]).collect();
-            let diag = if cookie == self.netns_cookie {
-                Some(&mut self.diag)
+            let ns = if cookie == self.netns_cookie {
+                Some(&mut self.own)
             } else {
                 self.namespaces.get(cookie)
             };
-            let Some(diag) = diag else {
+            let Some(ns) = ns else {
                 continue;
             };
-            match op(diag, &batch) {
+            match op(ns, &batch) {
                 Ok(answers) => {
                     for (i, a) in indexes.into_iter().zip(answers) {
                         out[i] = a;
@@ -300,6 +335,82 @@ impl Enforcer {
             }
         }
         out
+    }
+
+    /// Kills local flows without SOCK_DESTROY: reads each socket's counters,
+    /// sends it (from its peer) and its peer (from it) a RST with the exact
+    /// next sequence number, then checks the socket is gone. The in-kernel
+    /// drop is already in force, so the flow is dead either way.
+    pub fn reset(&mut self, targets: &[(DiagTarget, Flow)]) -> Vec<DestroyOutcome> {
+        let sockets: Vec<DiagTarget> = targets.iter().map(|(t, _)| *t).collect();
+        let before = self.activity(&sockets);
+        let mut sent = vec![false; targets.len()];
+        for (i, ((target, flow), reading)) in targets.iter().zip(&before).enumerate() {
+            let Reading::Seen(now) = reading else {
+                continue;
+            };
+            let (rcv_nxt, snd_nxt, snd_una) = rst::next_sequences(flow, &now.counters);
+            let (local, remote) = socket::addrs_of(&target.tuple);
+            let mut segments = vec![
+                rst::Rst {
+                    src: remote,
+                    dst: local,
+                    seq: rcv_nxt,
+                },
+                rst::Rst {
+                    src: local,
+                    dst: remote,
+                    seq: snd_nxt,
+                },
+            ];
+            if snd_una != snd_nxt {
+                // Data in flight: the peer's RCV.NXT is one of the two.
+                segments.push(rst::Rst {
+                    src: local,
+                    dst: remote,
+                    seq: snd_una,
+                });
+            }
+            let ns = if target.netns_cookie == self.netns_cookie {
+                Some(&mut self.own)
+            } else {
+                self.namespaces.get(target.netns_cookie)
+            };
+            if let Some(ns) = ns {
+                sent[i] = segments.iter().all(|s| match ns.inject.send(s) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(cookie = target.cookie, "injecting a RST: {e}");
+                        false
+                    }
+                });
+            }
+        }
+        // The RSTs are delivered by the stack shortly; give them a moment.
+        let mut after = self.activity(&sockets);
+        for _ in 0..20 {
+            if after
+                .iter()
+                .all(|r| !matches!(r, Reading::Seen(a) if a.counters.state != TCP_CLOSE))
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            after = self.activity(&sockets);
+        }
+        before
+            .iter()
+            .zip(after)
+            .zip(sent)
+            .map(|((b, a), sent)| match (b, a) {
+                (Reading::Gone, _) => DestroyOutcome::Gone,
+                (_, Reading::Gone) if sent => DestroyOutcome::Destroyed,
+                (_, Reading::Seen(a)) if sent && a.counters.state == TCP_CLOSE => {
+                    DestroyOutcome::Destroyed
+                }
+                _ => DestroyOutcome::Failed(libc::ETIMEDOUT),
+            })
+            .collect()
     }
 
     /// Opens the namespace a request names; returns its cookie.

@@ -20,21 +20,118 @@ use std::path::Path;
 
 use tracing::{debug, info};
 
+use std::os::fd::{FromRawFd, OwnedFd};
+
 use super::diag::SockDiag;
+use super::rst::{self, Rst};
+
+/// Raw IP sockets that put hand-built RSTs into a namespace's stack: one to
+/// a local address is delivered to the local socket, one to a remote
+/// address is routed out like any packet.
+pub struct Injector {
+    raw4: OwnedFd,
+    /// None where the namespace has no IPv6.
+    raw6: Option<OwnedFd>,
+}
+
+fn raw_socket(family: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; IPPROTO_RAW implies we write the IP header.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Injector {
+    pub fn open() -> io::Result<Injector> {
+        Ok(Injector {
+            raw4: raw_socket(libc::AF_INET)?,
+            raw6: raw_socket(libc::AF_INET6).ok(),
+        })
+    }
+
+    /// Sends one RST into the stack.
+    pub fn send(&self, segment: &Rst) -> io::Result<()> {
+        let packet = rst::ip_packet(segment);
+        // SAFETY: the sockaddr structs are fully initialised and outlive the call.
+        let rc = match segment.dst {
+            std::net::SocketAddr::V4(d) => {
+                let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                sin.sin_family = libc::AF_INET as u16;
+                sin.sin_addr.s_addr = u32::from_ne_bytes(d.ip().octets());
+                unsafe {
+                    libc::sendto(
+                        self.raw4.as_raw_fd(),
+                        packet.as_ptr().cast(),
+                        packet.len(),
+                        0,
+                        (&sin as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as u32,
+                    )
+                }
+            }
+            std::net::SocketAddr::V6(d) => {
+                let Some(raw6) = &self.raw6 else {
+                    return Err(io::Error::other("no IPv6 in this network namespace"));
+                };
+                let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+                sin6.sin6_family = libc::AF_INET6 as u16;
+                sin6.sin6_addr.s6_addr = d.ip().octets();
+                unsafe {
+                    libc::sendto(
+                        raw6.as_raw_fd(),
+                        packet.as_ptr().cast(),
+                        packet.len(),
+                        0,
+                        (&sin6 as *const libc::sockaddr_in6).cast(),
+                        std::mem::size_of::<libc::sockaddr_in6>() as u32,
+                    )
+                }
+            }
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The daemon's reach into one network namespace.
+pub struct Netns {
+    pub diag: SockDiag,
+    pub inject: Injector,
+}
+
+impl Netns {
+    /// Opens the sockets in the calling thread's namespace.
+    pub fn open() -> io::Result<Netns> {
+        Ok(Netns {
+            diag: SockDiag::open()?,
+            inject: Injector::open()?,
+        })
+    }
+}
 
 pub struct Namespaces {
     own_cookie: u64,
-    others: HashMap<u64, SockDiag>,
+    others: HashMap<u64, Netns>,
 }
 
-/// Opens a sock_diag socket inside the namespace behind `file`.
-fn open_in(file: File) -> io::Result<SockDiag> {
+/// Opens the sockets inside the namespace behind `file`.
+fn open_in(file: File) -> io::Result<Netns> {
     std::thread::spawn(move || {
         // SAFETY: setns on a namespace descriptor; only this thread moves.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        SockDiag::open()
+        Netns::open()
     })
     .join()
     .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
@@ -50,7 +147,7 @@ impl Namespaces {
 
     /// The socket for another namespace, scanning for it if needed. `None`
     /// when it cannot be found (the namespace is gone).
-    pub fn get(&mut self, cookie: u64) -> Option<&mut SockDiag> {
+    pub fn get(&mut self, cookie: u64) -> Option<&mut Netns> {
         if !self.others.contains_key(&cookie) {
             self.scan_for(cookie);
         }
@@ -62,13 +159,14 @@ impl Namespaces {
     pub fn resolve(&mut self, path: &Path) -> Result<u64, String> {
         let file = File::open(path)
             .map_err(|e| format!("cannot open network namespace {} ({e})", path.display()))?;
-        let diag = open_in(file)
+        let netns = open_in(file)
             .map_err(|e| format!("cannot enter network namespace {} ({e})", path.display()))?;
-        let cookie = diag
+        let cookie = netns
+            .diag
             .netns_cookie()
             .map_err(|e| format!("cannot identify network namespace {} ({e})", path.display()))?;
         if cookie != self.own_cookie {
-            self.others.entry(cookie).or_insert(diag);
+            self.others.entry(cookie).or_insert(netns);
         }
         Ok(cookie)
     }
@@ -103,12 +201,12 @@ impl Namespaces {
             let Ok(file) = File::open(&path) else {
                 continue;
             };
-            let Ok(diag) = open_in(file) else {
+            let Ok(netns) = open_in(file) else {
                 continue;
             };
-            if diag.netns_cookie().ok() == Some(wanted) {
+            if netns.diag.netns_cookie().ok() == Some(wanted) {
                 info!(netns = %path.display(), cookie = wanted, "reaching flows in another network namespace");
-                self.others.insert(wanted, diag);
+                self.others.insert(wanted, netns);
                 return;
             }
         }
