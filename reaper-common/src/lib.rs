@@ -23,6 +23,8 @@ pub const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 /// Size of the pre-registration table (`PENDING`).
 pub const MAX_PENDING: u32 = 16_384;
+/// Size of the forwarded-flow table (`FORWARDED`).
+pub const MAX_FORWARDED: u32 = 65_536;
 
 /// Names of the maps, as the daemon finds them in the object and pins them.
 pub mod map_names {
@@ -33,6 +35,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const PENDING: &str = "PENDING";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const FORWARDED: &str = "FORWARDED";
+    pub const FORWARDED_GRANTS: &str = "FORWARDED_GRANTS";
 }
 
 /// Names of the programs in the object.
@@ -40,6 +44,7 @@ pub mod program_names {
     pub const SOCKOPS: &str = "reaper_sockops";
     pub const INGRESS: &str = "reaper_ingress";
     pub const EGRESS: &str = "reaper_egress";
+    pub const FORWARD: &str = "reaper_forward";
 }
 
 /// A TCP connection as one of its sockets sees it.
@@ -128,6 +133,78 @@ pub mod setting {
     /// How long a fenced flow may live without a grant, in nanoseconds.
     pub const FENCE_GRACE_NS: u32 = 0;
     pub const COUNT: u32 = 4;
+}
+
+/// The key of a forwarded flow: the tuple with its endpoints in a fixed
+/// order (the lower address, then port, as `local`), so that both
+/// directions of a connection find the same entry. Returns the key and
+/// whether (`src_addr`, `src_port`) became its `local` end.
+#[inline(always)]
+pub fn forwarded_key(
+    family: u16,
+    src_addr: [u32; 4],
+    src_port: u16,
+    dst_addr: [u32; 4],
+    dst_port: u16,
+) -> (FlowTuple, bool) {
+    let mut src_first = src_port < dst_port;
+    let mut i = 0;
+    while i < 4 {
+        if src_addr[i] != dst_addr[i] {
+            src_first = src_addr[i] < dst_addr[i];
+            break;
+        }
+        i += 1;
+    }
+    let (local, remote) = if src_first {
+        ((src_addr, src_port), (dst_addr, dst_port))
+    } else {
+        ((dst_addr, dst_port), (src_addr, src_port))
+    };
+    let key = FlowTuple {
+        family,
+        local_port: local.1,
+        remote_port: remote.1,
+        _pad: 0,
+        local_addr: local.0,
+        remote_addr: remote.0,
+    };
+    (key, src_first)
+}
+
+/// One end of a forwarded flow, as the router sees it: what an RST to that
+/// end needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ForwardedEnd {
+    /// Source MAC of this end's packets (the end, or its last hop).
+    pub mac: [u8; 6],
+    /// Their destination MAC: this host's, on the link toward this end.
+    pub via_mac: [u8; 6],
+    /// The interface this end's packets come in on (and RSTs go out on).
+    pub ifindex: u32,
+    /// This end's SND.NXT: the highest sequence number it has sent, + 1.
+    pub next_seq: u32,
+    /// The last acknowledgement number this end sent.
+    pub ack: u32,
+    /// Packets seen from this end.
+    pub seen: u32,
+}
+
+/// A forwarded flow: the value of `FORWARDED`, keyed by [`forwarded_key`].
+/// Only the tc program writes it (the daemon only deletes stale entries):
+/// grants live in `FORWARDED_GRANTS` (a [`PendingGrant`] per key), so a
+/// daemon write can never put back an older sequence number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Forwarded {
+    /// `[local end, remote end]` of the key.
+    pub ends: [ForwardedEnd; 2],
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// Packets dropped since the deadline.
+    pub dropped: u64,
+    pub _pad: u64,
 }
 
 /// What happened to a flow, as reported on the `EVENTS` ring buffer.
@@ -293,6 +370,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::SessionRecord {}
     unsafe impl aya::Pod for super::PendingGrant {}
+    unsafe impl aya::Pod for super::Forwarded {}
 }
 
 #[cfg(test)]
@@ -326,6 +404,23 @@ mod tests {
         assert_eq!(watch_slot(Watch, Remote, 0), (WATCH_WORDS_PER_SIDE, 1));
         assert_eq!(watch_slot(Fence, Local, 0), (2 * WATCH_WORDS_PER_SIDE, 1));
         assert_eq!(watch_slot(Fence, Remote, 65535), (WATCH_WORDS - 1, 1 << 63));
+    }
+
+    #[test]
+    fn forwarded_keys_are_the_same_both_ways() {
+        use core::mem::size_of;
+        let a = [1, 0, 0, 0];
+        let b = [2, 0, 0, 0];
+        let (k1, a_first) = forwarded_key(AF_INET, a, 40000, b, 5900);
+        let (k2, b_first) = forwarded_key(AF_INET, b, 5900, a, 40000);
+        assert_eq!(k1, k2);
+        assert!(a_first && !b_first);
+        assert_eq!((k1.local_addr, k1.local_port), (a, 40000));
+        // Same address: the port decides.
+        let (k3, low_first) = forwarded_key(AF_INET, a, 1, a, 2);
+        assert!(low_first && k3.local_port == 1);
+        assert_eq!(size_of::<ForwardedEnd>(), 28);
+        assert_eq!(size_of::<Forwarded>(), 88);
     }
 
     #[test]

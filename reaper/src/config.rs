@@ -59,6 +59,9 @@ pub struct Config {
     /// Kill local flows with SOCK_DESTROY where the kernel has it; false
     /// forces RST + drop.
     pub socket_destroy: bool,
+    /// Interfaces whose forwarded console flows are tracked (a router or
+    /// gateway in front of the consoles).
+    pub forward_interfaces: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +83,14 @@ struct RawConfig {
     limits: Option<RawLimits>,
     classes: Option<BTreeMap<String, RawClass>>,
     socket_destroy: Option<bool>,
+    forward: Option<RawForward>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    #[serde(default)]
+    interfaces: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,6 +245,18 @@ impl Config {
             .map(|(name, c)| class_of(name, c, max_ttl_ns))
             .map(|c| c.map(|c| (c.name.clone(), c)))
             .collect::<Result<BTreeMap<_, _>, String>>()?;
+        let forward_interfaces = raw.forward.unwrap_or_default().interfaces;
+        for (i, name) in forward_interfaces.iter().enumerate() {
+            if name.is_empty()
+                || name.len() > 15
+                || name.contains('/')
+                || name.chars().any(char::is_whitespace)
+            {
+                return Err(format!(
+                    "forward.interfaces[{i}]: {name:?} is not an interface name"
+                ));
+            }
+        }
         let access = raw.access.unwrap_or_default();
         let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         Ok(Config {
@@ -256,6 +279,7 @@ impl Config {
             limits,
             classes,
             socket_destroy: raw.socket_destroy.unwrap_or(true),
+            forward_interfaces,
         })
     }
 
@@ -285,6 +309,7 @@ impl Config {
         self.max_flows = running.max_flows;
         self.max_sessions = running.max_sessions;
         self.socket_destroy = running.socket_destroy;
+        self.forward_interfaces = running.forward_interfaces.clone();
     }
 
     /// Keys that differ from `new` but only take effect at a restart (the
@@ -305,6 +330,10 @@ impl Config {
         check(self.max_flows != new.max_flows, "max_flows");
         check(self.max_sessions != new.max_sessions, "max_sessions");
         check(self.socket_destroy != new.socket_destroy, "socket_destroy");
+        check(
+            self.forward_interfaces != new.forward_interfaces,
+            "forward.interfaces",
+        );
         keys
     }
 }
@@ -564,6 +593,7 @@ mod tests {
             ("[classes.\"a b\"]", "classes.a b"),
             ("fence_grace = \"0s\"", "fence_grace"),
             ("[[fence]]\nports = \"x\"", "fence[0].ports"),
+            ("[forward]\ninterfaces = [\"a b\"]", "forward.interfaces[0]"),
         ] {
             let e = Config::from_toml(text).unwrap_err();
             assert!(e.contains(needle), "{text:?} -> {e}");

@@ -309,6 +309,67 @@ impl Sandbox {
         name
     }
 
+    /// Makes the test's namespace a router R between two hosts: A on link
+    /// `ra` (198.18.1.0/24, 2001:db8:1::/64) and B on link `rb`
+    /// (198.18.2.0/24, 2001:db8:2::/64), R being .1/::1 on each and the
+    /// hosts .2/::2 with R as their default route. Returns (A, B).
+    pub fn router(&mut self) -> (String, String) {
+        let ip = |args: &[&str]| {
+            check(
+                Command::new("ip").args(args).status(),
+                &format!("ip {args:?}"),
+            )
+        };
+        let mut hosts = Vec::new();
+        for (side, n) in [("a", 1), ("b", 2)] {
+            let host = format!("{}-{side}", self.name);
+            check(
+                Command::new("ip").args(["netns", "add", &host]).status(),
+                "ip netns add",
+            );
+            self.hosts.push(host.clone());
+            let link = format!("r{side}");
+            let (v4r, v4h) = (format!("198.18.{n}.1/24"), format!("198.18.{n}.2/24"));
+            let (v6r, v6h) = (format!("2001:db8:{n}::1/64"), format!("2001:db8:{n}::2/64"));
+            ip(&[
+                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &host,
+            ]);
+            ip(&["addr", "add", &v4r, "dev", &link]);
+            ip(&["-6", "addr", "add", &v6r, "dev", &link, "nodad"]);
+            ip(&["link", "set", &link, "up"]);
+            ip(&["-n", &host, "addr", "add", &v4h, "dev", "eth0"]);
+            ip(&[
+                "-n", &host, "-6", "addr", "add", &v6h, "dev", "eth0", "nodad",
+            ]);
+            ip(&["-n", &host, "link", "set", "eth0", "up"]);
+            ip(&["-n", &host, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &host,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.18.{n}.1"),
+            ]);
+            ip(&[
+                "-n",
+                &host,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("2001:db8:{n}::1"),
+            ]);
+            hosts.push(host);
+        }
+        for knob in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            check(Command::new("sysctl").args(["-qw", knob]).status(), knob);
+        }
+        (hosts.remove(0), hosts.remove(0))
+    }
+
     /// Starts a peer (server) process inside the named namespace `host`.
     pub fn peer_on(&mut self, host: &str, addrs: &[&str]) -> usize {
         let mut cmd = Command::new("ip");
@@ -494,6 +555,24 @@ impl Flow {
             client: stream.local_addr().unwrap(),
             stream,
         }
+    }
+
+    /// Connects from inside the named namespace `host` (a thread enters it
+    /// to make the socket; the socket stays there).
+    pub fn connect_from(host: &str, server: &str) -> Flow {
+        let (host, server) = (host.to_string(), server.to_string());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/run/netns/{host}")).expect("open netns");
+            use std::os::fd::AsRawFd;
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            Flow::connect(&server)
+        })
+        .join()
+        .expect("connect thread")
     }
 
     /// The flow as the protocol names it, from the server socket's side.

@@ -45,8 +45,13 @@ pub struct KillEvent {
     pub late_us: u64,
     /// How it was killed: `destroy` (SOCK_DESTROY) or `rst` (RST + drop).
     pub path: crate::enforcer::KillPath,
-    /// `destroyed`, `already_closed` or `drop_only`.
+    /// `destroyed`, `already_closed`, `drop_only`, or for a forwarded flow
+    /// `reset` (its packets stopped after the RSTs).
     pub result: &'static str,
+    /// Forwarded flows: whether the peers took the RSTs (no packet of the
+    /// flow reached this host after them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<bool>,
 }
 
 pub struct Audit {

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 
-use reaper_common::{flow_flags, FlowTuple, Label, PendingGrant, SessionRecord};
+use reaper_common::{flow_flags, forwarded_key, FlowTuple, Label, PendingGrant, SessionRecord};
 use tracing::info;
 
 use super::audit::Reason;
@@ -58,9 +58,29 @@ impl State {
         }
     }
 
-    /// The socket cookies a grant names, each checked to be tracked here.
-    fn resolve(&mut self, refs: &[FlowRef], fds: &[OwnedFd]) -> Result<Vec<u64>, Refusal> {
+    /// A flow named by addresses that has no local socket, but that this
+    /// host forwards.
+    fn forwarded_key(&self, local: SocketAddr, remote: SocketAddr) -> Option<FlowTuple> {
+        let t = socket::tuple_of(local, remote);
+        let (key, _) = forwarded_key(
+            t.family,
+            t.local_addr,
+            t.local_port,
+            t.remote_addr,
+            t.remote_port,
+        );
+        self.enforcer.forwarded(&key).map(|_| key)
+    }
+
+    /// The flows a grant names: socket cookies of local flows, each checked
+    /// to be tracked here, and keys of forwarded flows.
+    fn resolve(
+        &mut self,
+        refs: &[FlowRef],
+        fds: &[OwnedFd],
+    ) -> Result<(Vec<u64>, Vec<FlowTuple>), Refusal> {
         let mut cookies = Vec::new();
+        let mut forwarded = Vec::new();
         for (i, r) in refs.iter().enumerate() {
             match *r {
                 FlowRef::Fd(index) => {
@@ -96,6 +116,12 @@ impl State {
                 } => {
                     let netns_cookie = self.netns_of(netns.as_ref())?;
                     let found = self.lookup_addrs(local, remote, netns_cookie);
+                    if found.is_empty() && netns.is_none() {
+                        if let Some(key) = self.forwarded_key(local, remote) {
+                            forwarded.push(key);
+                            continue;
+                        }
+                    }
                     if found.is_empty() {
                         let place = netns
                             .as_ref()
@@ -115,7 +141,7 @@ impl State {
         }
         cookies.sort_unstable();
         cookies.dedup();
-        Ok(cookies)
+        Ok((cookies, forwarded))
     }
 
     fn grant(
@@ -125,8 +151,23 @@ impl State {
         fds: &[OwnedFd],
     ) -> Result<GrantResult, Refusal> {
         let now = clock::now();
-        let cookies = self.resolve(&g.flows, fds)?;
+        let (cookies, forwarded) = self.resolve(&g.flows, fds)?;
         let existing = self.by_name.get(&g.session).copied();
+        for key in &forwarded {
+            if let Some(grant) = self.enforcer.forwarded_grant(key) {
+                let holder = self.sessions.get(&grant.session);
+                if let Some(other) = holder.filter(|_| Some(grant.session) != existing) {
+                    return refuse(
+                        RefusalCode::FlowConflict,
+                        format!(
+                            "forwarded flow {} already belongs to session {:?}",
+                            describe(key),
+                            other.name
+                        ),
+                    );
+                }
+            }
+        }
         for cookie in &cookies {
             let flow = self.flows[cookie];
             if flow.session != 0 && Some(flow.session) != existing {
@@ -178,6 +219,29 @@ impl State {
             } else {
                 self.unindex_flow(cookie);
             }
+        }
+        for key in forwarded {
+            let grant = PendingGrant {
+                deadline_ns: deadline,
+                session: id,
+                netns_cookie: self.enforcer.netns_cookie,
+            };
+            if !self
+                .enforcer
+                .put_forwarded_grant(&key, &grant)
+                .map_err(internal)?
+            {
+                return refuse(
+                    RefusalCode::TableFull,
+                    "the forwarded-flow grant table is full",
+                );
+            }
+            self.sessions
+                .get_mut(&id)
+                .expect("present")
+                .forwarded
+                .insert(key);
+            added += 1;
         }
         let expected = self.register_expected(id, deadline, &g.expect)?;
         if added == 0 && expected == 0 && created {
@@ -400,6 +464,7 @@ impl State {
         let record = session.record;
         let cookies: Vec<u64> = session.flows.iter().copied().collect();
         let pending: Vec<FlowTuple> = session.pending.iter().flatten().copied().collect();
+        let forwarded: Vec<FlowTuple> = session.forwarded.iter().copied().collect();
         self.enforcer.put_session(id, &record).map_err(internal)?;
         for cookie in cookies {
             if let Some(mut flow) = self.flows.get(&cookie).copied() {
@@ -409,6 +474,14 @@ impl State {
                 } else {
                     self.unindex_flow(cookie);
                 }
+            }
+        }
+        for key in forwarded {
+            if let Some(mut grant) = self.enforcer.forwarded_grant(&key) {
+                grant.deadline_ns = deadline;
+                self.enforcer
+                    .put_forwarded_grant(&key, &grant)
+                    .map_err(internal)?;
             }
         }
         for key in pending {
@@ -495,6 +568,16 @@ impl State {
             } => {
                 let netns_cookie = self.netns_of(netns.as_ref())?;
                 let cookies = self.lookup_addrs(*local, *remote, netns_cookie);
+                if cookies.is_empty() && netns.is_none() {
+                    if let Some(key) = self.forwarded_key(*local, *remote) {
+                        let kills =
+                            self.kill_forwarded(&[key], Reason::Revoked, Some(clock::boot_ns()));
+                        return Ok(RevokeResult {
+                            sessions: vec![],
+                            kills,
+                        });
+                    }
+                }
                 if cookies.is_empty() {
                     return refuse(
                         RefusalCode::NoSuchFlow,

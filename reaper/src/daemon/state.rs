@@ -10,7 +10,7 @@
 //!
 //! The request handlers live in `commands.rs`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use reaper_common::{flow_flags, Flow, FlowEvent, FlowEventKind, FlowTuple, Label, SessionRecord};
 use tracing::{debug, error, info, warn};
@@ -38,6 +38,31 @@ pub(super) enum Due {
     IdleCheck(u64),
     /// A fenced flow's grace window is over (by socket cookie).
     Fence(u64),
+    /// Time to see whether a forwarded flow's packets stopped after its
+    /// RSTs (by check id), and write its audit event.
+    RstCheck(u64),
+    /// Time to forget forwarded flows nobody uses any more.
+    ForwardGc,
+}
+
+/// How long after its RSTs a forwarded flow is checked for silence.
+const RST_CHECK_NS: u64 = 250 * policy::NS_PER_MS;
+/// Forwarded flows not seen for this long (and not granted, or long past
+/// their deadline) are forgotten; the collection runs this often.
+const FORWARD_IDLE_NS: u64 = 120 * policy::NS_PER_SEC;
+const FORWARD_GC_EVERY_NS: u64 = 30 * policy::NS_PER_SEC;
+
+/// A forwarded flow killed by RSTs, waiting for its audit event.
+struct RstCheck {
+    key: FlowTuple,
+    reason: Reason,
+    since_ns: u64,
+    done: Now,
+    dropped_before: u64,
+    sent: usize,
+    session: String,
+    user: String,
+    target: String,
 }
 
 pub(super) struct Session {
@@ -47,6 +72,8 @@ pub(super) struct Session {
     pub target: String,
     pub class: String,
     pub flows: BTreeSet<u64>,
+    /// Forwarded flows (no local socket), by `forwarded_key`.
+    pub forwarded: HashSet<FlowTuple>,
     /// Pre-registered connections not yet seen: each entry is the set of
     /// kernel `PENDING` keys one `expect` item was registered under.
     pub pending: Vec<Vec<FlowTuple>>,
@@ -86,6 +113,8 @@ pub struct State {
     /// Tracked flows per network namespace: the enforcer keeps a socket
     /// open in each namespace that has any.
     per_netns: HashMap<u64, usize>,
+    rst_checks: HashMap<u64, RstCheck>,
+    next_check: u64,
 }
 
 pub(super) fn refuse<T>(code: RefusalCode, message: impl Into<String>) -> Result<T, Refusal> {
@@ -109,6 +138,7 @@ pub(super) fn path_name(path: KillPath) -> &'static str {
     match path {
         KillPath::Destroy => "destroy",
         KillPath::Rst => "rst",
+        KillPath::Forward => "forward",
     }
 }
 
@@ -151,6 +181,8 @@ impl State {
             flows: HashMap::new(),
             by_tuple: HashMap::new(),
             per_netns: HashMap::new(),
+            rst_checks: HashMap::new(),
+            next_check: 1,
         }
     }
 
@@ -185,6 +217,15 @@ impl State {
             let strings = [name, user, target, class].map(str::to_owned);
             let [name, user, target, class] = strings;
             self.index_session(id, record, name, user, target, class);
+        }
+        for (key, grant) in self.enforcer.forwarded_grants() {
+            if let Some(s) = self.sessions.get_mut(&grant.session) {
+                s.forwarded.insert(key);
+            }
+        }
+        if !self.config.forward_interfaces.is_empty() {
+            self.queue
+                .insert((clock::boot_ns() + FORWARD_GC_EVERY_NS, Due::ForwardGc));
         }
         for (key, grant) in self.enforcer.pending() {
             match self.sessions.get_mut(&grant.session) {
@@ -264,6 +305,7 @@ impl State {
                 target,
                 class,
                 flows: BTreeSet::new(),
+                forwarded: HashSet::new(),
                 pending: Vec::new(),
                 idle_check_at: None,
             },
@@ -407,6 +449,12 @@ impl State {
                     }
                 }
                 Due::Fence(cookie) => fences.push((cookie, at)),
+                Due::RstCheck(id) => self.finish_rst_check(id),
+                Due::ForwardGc => {
+                    self.collect_forwarded(now);
+                    self.queue
+                        .insert((now + FORWARD_GC_EVERY_NS, Due::ForwardGc));
+                }
             }
         }
         if !expired.is_empty() {
@@ -504,7 +552,13 @@ impl State {
             .filter_map(|id| self.sessions.get(id))
             .flat_map(|s| s.flows.iter().copied())
             .collect();
-        let kills = self.kill_flows(&cookies, reason, due);
+        let mut kills = self.kill_flows(&cookies, reason, due);
+        let forwarded: Vec<FlowTuple> = ids
+            .iter()
+            .filter_map(|id| self.sessions.get(id))
+            .flat_map(|s| s.forwarded.iter().copied())
+            .collect();
+        kills.extend(self.kill_forwarded(&forwarded, reason, due));
         for id in ids {
             if let Some(s) = self.sessions.get(id) {
                 debug!(session = %s.name, ?reason, "session ended");
@@ -563,7 +617,7 @@ impl State {
         let path = self.enforcer.kill_path;
         let outcomes = match path {
             KillPath::Destroy => self.enforcer.destroy(&requests),
-            KillPath::Rst => {
+            KillPath::Rst | KillPath::Forward => {
                 let with_flows: Vec<(DiagTarget, Flow)> = requests
                     .iter()
                     .zip(&targets)
@@ -609,6 +663,120 @@ impl State {
         views
     }
 
+    /// Kills forwarded flows: deadline into the kernel (the tc program drops
+    /// every further packet), a RST to each end, and a check a moment later
+    /// of whether the flow's packets stopped, which completes the audit
+    /// event.
+    pub(super) fn kill_forwarded(
+        &mut self,
+        keys: &[FlowTuple],
+        reason: Reason,
+        due: Option<u64>,
+    ) -> Vec<KillView> {
+        let mut views = Vec::new();
+        for key in keys {
+            let now = clock::boot_ns();
+            let mut grant =
+                self.enforcer
+                    .forwarded_grant(key)
+                    .unwrap_or(reaper_common::PendingGrant {
+                        deadline_ns: 0,
+                        session: 0,
+                        netns_cookie: self.enforcer.netns_cookie,
+                    });
+            if grant.deadline_ns == 0 || grant.deadline_ns > now {
+                grant.deadline_ns = now;
+                let _ = self.enforcer.put_forwarded_grant(key, &grant);
+            }
+            let (session, user, target) = match self.sessions.get_mut(&grant.session) {
+                Some(s) => {
+                    s.forwarded.remove(key);
+                    (s.name.clone(), s.user.clone(), s.target.clone())
+                }
+                None => Default::default(),
+            };
+            let (local, remote) = socket::addrs_of(key);
+            let view = |result: &str| KillView {
+                session: session.clone(),
+                cookie: 0,
+                local: local.to_string(),
+                remote: remote.to_string(),
+                path: path_name(KillPath::Forward).to_string(),
+                result: result.to_string(),
+            };
+            let Some(flow) = self.enforcer.forwarded(key) else {
+                views.push(view("already_closed"));
+                continue;
+            };
+            let sent = self.enforcer.reset_forwarded(key, &flow);
+            let id = self.next_check;
+            self.next_check += 1;
+            let done = clock::now();
+            self.rst_checks.insert(
+                id,
+                RstCheck {
+                    key: *key,
+                    reason,
+                    since_ns: due.unwrap_or(grant.deadline_ns),
+                    done,
+                    dropped_before: flow.dropped,
+                    sent,
+                    session: session.clone(),
+                    user,
+                    target,
+                },
+            );
+            self.queue
+                .insert((done.boot_ns + RST_CHECK_NS, Due::RstCheck(id)));
+            views.push(view("rst_sent"));
+        }
+        views
+    }
+
+    /// The audit event of a forwarded kill: the peers acknowledged when
+    /// none of the flow's packets had to be dropped since the RSTs.
+    fn finish_rst_check(&mut self, id: u64) {
+        let Some(check) = self.rst_checks.remove(&id) else {
+            return;
+        };
+        let dropped_after = self
+            .enforcer
+            .forwarded(&check.key)
+            .map_or(check.dropped_before, |f| f.dropped);
+        let acknowledged = check.sent > 0 && dropped_after == check.dropped_before;
+        let (local, remote) = socket::addrs_of(&check.key);
+        self.audit.record(&KillEvent {
+            ts: policy::format_rfc3339(check.done.unix_ns),
+            event: "kill",
+            reason: check.reason,
+            session: check.session,
+            user: check.user,
+            target: check.target,
+            local: local.to_string(),
+            remote: remote.to_string(),
+            cookie: 0,
+            late_us: check.done.boot_ns.saturating_sub(check.since_ns) / policy::NS_PER_US,
+            path: KillPath::Forward,
+            result: if acknowledged { "reset" } else { "drop_only" },
+            acknowledged: Some(acknowledged),
+        });
+    }
+
+    /// Forgets forwarded flows unseen for a while that no live grant holds:
+    /// their RSTs are long sent and their drop long enforced.
+    fn collect_forwarded(&mut self, now: u64) {
+        let live: HashSet<FlowTuple> = self
+            .sessions
+            .values()
+            .flat_map(|s| s.forwarded.iter().copied())
+            .collect();
+        for (key, flow) in self.enforcer.forwarded_flows() {
+            if !live.contains(&key) && now.saturating_sub(flow.last_seen_ns) > FORWARD_IDLE_NS {
+                self.enforcer.remove_forwarded(&key);
+            }
+        }
+    }
+
     fn audit_kill(
         &mut self,
         batch: &KillBatch,
@@ -637,6 +805,7 @@ impl State {
             late_us,
             path,
             result,
+            acknowledged: None,
         });
         KillView {
             session,
@@ -701,7 +870,7 @@ impl State {
 
     pub(super) fn view(&self, id: u64, now: Now) -> SessionView {
         let s = &self.sessions[&id];
-        let flows = s
+        let flows: Vec<FlowView> = s
             .flows
             .iter()
             .filter_map(|c| self.flows.get(c).map(|f| (*c, f)))
@@ -716,6 +885,18 @@ impl State {
                 }
             })
             .collect();
+        let mut flows: Vec<FlowView> = flows;
+        for key in &s.forwarded {
+            let (local, remote) = socket::addrs_of(key);
+            let first_seen = self.enforcer.forwarded(key).map_or(0, |f| f.first_seen_ns);
+            flows.push(FlowView {
+                cookie: 0,
+                local: local.to_string(),
+                remote: remote.to_string(),
+                established: policy::format_rfc3339(self.wall(first_seen)),
+                path: path_name(KillPath::Forward).to_string(),
+            });
+        }
         let left = s.record.deadline_ns as i128 - now.boot_ns as i128;
         SessionView {
             session: s.name.clone(),

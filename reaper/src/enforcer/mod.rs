@@ -18,11 +18,13 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, SockOps, TcAttachType,
+};
 use aya::{Ebpf, EbpfLoader};
 use reaper_common::{
-    counter, map_names, program_names, setting, watch_slot, Flow, FlowTuple, PendingGrant, PortSet,
-    PortSide, SessionRecord, WATCH_WORDS,
+    counter, map_names, program_names, setting, watch_slot, Flow, FlowTuple, Forwarded,
+    PendingGrant, PortSet, PortSide, SessionRecord, WATCH_WORDS,
 };
 use tracing::{info, warn};
 
@@ -40,6 +42,9 @@ pub enum KillPath {
     /// false`): a RST with the exact sequence number to each end, and the
     /// in-kernel drop.
     Rst,
+    /// A flow this host forwards: a RST to each end out of the interface it
+    /// lives behind, and the tc program drops the rest.
+    Forward,
 }
 pub use pins::{ensure_bpffs, unload};
 
@@ -65,6 +70,10 @@ pub struct Enforcer {
     watch: Array<MapData, u64>,
     settings: Array<MapData, u64>,
     pending: HashMap<MapData, FlowTuple, PendingGrant>,
+    forwarded: HashMap<MapData, FlowTuple, Forwarded>,
+    forwarded_grants: HashMap<MapData, FlowTuple, PendingGrant>,
+    /// AF_PACKET socket for RSTs to forwarded flows' ends (when forwarding).
+    frames: Option<std::os::fd::OwnedFd>,
     /// The daemon's own namespace.
     own: netns::Netns,
     /// Other namespaces with tracked flows.
@@ -125,6 +134,8 @@ impl Enforcer {
             map_names::COUNTERS,
             map_names::PENDING,
             map_names::SETTINGS,
+            map_names::FORWARDED,
+            map_names::FORWARDED_GRANTS,
         ];
         for name in names {
             loader.map_pin_path(name, pin(name));
@@ -148,6 +159,15 @@ impl Enforcer {
         let watch = Array::try_from(take(&mut ebpf, map_names::WATCH)?)?;
         let settings = Array::try_from(take(&mut ebpf, map_names::SETTINGS)?)?;
         let pending = HashMap::try_from(take(&mut ebpf, map_names::PENDING)?)?;
+        let forwarded = HashMap::try_from(take(&mut ebpf, map_names::FORWARDED)?)?;
+        let forwarded_grants = HashMap::try_from(take(&mut ebpf, map_names::FORWARDED_GRANTS)?)?;
+        let frames = if config.forward_interfaces.is_empty() {
+            None
+        } else {
+            Some(packet_socket().map_err(Error::io(
+                "opening the AF_PACKET socket for forwarded flows",
+            ))?)
+        };
         let mut own =
             netns::Netns::open().map_err(Error::io("opening the sock_diag and raw sockets"))?;
         let netns_cookie = own
@@ -174,6 +194,9 @@ impl Enforcer {
             watch,
             settings,
             pending,
+            forwarded,
+            forwarded_grants,
+            frames,
             own,
             namespaces: netns::Namespaces::new(netns_cookie),
             kill_path,
@@ -207,6 +230,8 @@ impl Enforcer {
             };
             pins::replace_link_pin(fd_link, &pin(link))?;
         }
+
+        attach_forwarding(ebpf, config, &pin)?;
 
         let kernel_log = match aya_log::EbpfLogger::init_with_logger(ebpf, KernelLog) {
             Ok(logger) => Some(logger),
@@ -413,6 +438,64 @@ impl Enforcer {
             .collect()
     }
 
+    /// A forwarded flow's state, keyed by `forwarded_key`.
+    pub fn forwarded(&self, key: &FlowTuple) -> Option<Forwarded> {
+        self.forwarded.get(key, 0).ok()
+    }
+
+    /// Every forwarded flow the tc program has seen.
+    pub fn forwarded_flows(&self) -> Vec<(FlowTuple, Forwarded)> {
+        self.forwarded.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn forwarded_grant(&self, key: &FlowTuple) -> Option<PendingGrant> {
+        self.forwarded_grants.get(key, 0).ok()
+    }
+
+    pub fn forwarded_grants(&self) -> Vec<(FlowTuple, PendingGrant)> {
+        self.forwarded_grants
+            .iter()
+            .filter_map(|r| r.ok())
+            .collect()
+    }
+
+    /// Sets a forwarded flow's deadline; `Ok(false)` when the table is full.
+    pub fn put_forwarded_grant(&mut self, key: &FlowTuple, grant: &PendingGrant) -> Result<bool> {
+        match self.forwarded_grants.insert(key, grant, 0) {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::E2BIG) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Forgets a forwarded flow (its entry and any grant).
+    pub fn remove_forwarded(&mut self, key: &FlowTuple) {
+        let _ = self.forwarded.remove(key);
+        let _ = self.forwarded_grants.remove(key);
+    }
+
+    /// Sends each end of a forwarded flow its RST(s), out of the interface
+    /// the end lives behind, addressed to the MAC its packets came from.
+    /// Returns how many were sent.
+    pub fn reset_forwarded(&mut self, key: &FlowTuple, flow: &Forwarded) -> usize {
+        let Some(frames) = &self.frames else {
+            return 0;
+        };
+        let mut sent = 0;
+        for (to, segment) in rst::forwarded_resets(key, flow) {
+            let end = &flow.ends[to];
+            let frame = rst::ethernet_frame(end.mac, end.via_mac, &segment);
+            match send_frame(frames, end.ifindex, end.mac, &frame) {
+                Ok(()) => sent += 1,
+                Err(e) => warn!(
+                    ifindex = end.ifindex,
+                    "sending a RST to {}: {e}", segment.dst
+                ),
+            }
+        }
+        sent
+    }
+
     /// Opens the namespace a request names; returns its cookie.
     pub fn resolve_netns(&mut self, path: &std::path::Path) -> std::result::Result<u64, String> {
         self.namespaces.resolve(path)
@@ -614,6 +697,94 @@ pub fn port_bitmap(watch: &[Watch], fence: &[Watch]) -> Vec<u64> {
         mark(PortSet::Fence, w);
     }
     words
+}
+
+/// Attaches the forwarding program (tcx ingress) to every configured
+/// interface and pins the links; removes link pins of interfaces no longer
+/// configured.
+fn attach_forwarding(
+    ebpf: &mut Ebpf,
+    config: &Config,
+    pin: &dyn Fn(&str) -> PathBuf,
+) -> Result<()> {
+    const PREFIX: &str = "link_forward_";
+    let wanted: Vec<String> = config
+        .forward_interfaces
+        .iter()
+        .map(|i| format!("{PREFIX}{}", i.replace('.', "_")))
+        .collect();
+    if let Ok(entries) = std::fs::read_dir(&config.pin_path) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PREFIX) && !wanted.contains(&name) {
+                info!(pin = %name, "interface no longer forwarded: detaching");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    if config.forward_interfaces.is_empty() {
+        return Ok(());
+    }
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(program_names::FORWARD)
+        .ok_or_else(|| Error::Setup("program reaper_forward missing from the object".into()))?
+        .try_into()?;
+    prog.load()?;
+    for (interface, pin_name) in config.forward_interfaces.iter().zip(&wanted) {
+        let id = prog.attach(interface, TcAttachType::Ingress).map_err(|e| {
+            Error::Setup(format!(
+                "attaching to interface {interface:?} (forward.interfaces): {e}"
+            ))
+        })?;
+        let link: aya::programs::links::FdLink = prog.take_link(id)?.try_into().map_err(|_| {
+            Error::Setup(format!(
+                "interface {interface:?}: this kernel has no tcx links (6.6+), which forwarding needs"
+            ))
+        })?;
+        pins::replace_link_pin(link, &pin(pin_name))?;
+        info!(interface = %interface, "tracking forwarded flows");
+    }
+    Ok(())
+}
+
+fn packet_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // Protocol 0: this socket only sends.
+    // SAFETY: plain syscall; the descriptor is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn send_frame(
+    fd: &std::os::fd::OwnedFd,
+    ifindex: u32,
+    dst_mac: [u8; 6],
+    frame: &[u8],
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed sockaddr_ll, filled in; frame outlives the call.
+    let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    ll.sll_family = libc::AF_PACKET as u16;
+    ll.sll_ifindex = ifindex as i32;
+    ll.sll_halen = 6;
+    ll.sll_addr[..6].copy_from_slice(&dst_mac);
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&ll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The cgroup v2 mount point, from the mount table.

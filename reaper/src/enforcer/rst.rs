@@ -133,6 +133,57 @@ pub fn ip_packet(rst: &Rst) -> Vec<u8> {
     }
 }
 
+/// The Ethernet frame carrying the RST, for a link the daemon writes to
+/// directly (a forwarded flow has no local route to lean on).
+pub fn ethernet_frame(dst_mac: [u8; 6], src_mac: [u8; 6], rst: &Rst) -> Vec<u8> {
+    let ethertype: u16 = if rst.src.is_ipv4() { 0x0800 } else { 0x86dd };
+    let mut out = Vec::with_capacity(14 + 60);
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
+    out.extend_from_slice(&ethertype.to_be_bytes());
+    out.extend_from_slice(&ip_packet(rst));
+    out
+}
+
+/// The RSTs that end a forwarded flow: to each end it has been seen from,
+/// from the other end, with that end's RCV.NXT. The other end's SND.NXT is
+/// it when everything in flight arrived; the end's own last ACK when not
+/// (or when the other end was never seen): both are sent when they differ,
+/// one of them is exact. Returns (end index, segment) pairs.
+pub fn forwarded_resets(
+    key: &reaper_common::FlowTuple,
+    flow: &reaper_common::Forwarded,
+) -> Vec<(usize, Rst)> {
+    let (a, b) = crate::enforcer::socket::addrs_of(key);
+    let addr = [a, b];
+    let mut out = Vec::new();
+    for to in 0..2 {
+        let from = 1 - to;
+        let (end, other) = (&flow.ends[to], &flow.ends[from]);
+        if end.seen == 0 {
+            continue;
+        }
+        let mut seqs = Vec::with_capacity(2);
+        if other.seen != 0 {
+            seqs.push(other.next_seq);
+        }
+        if !seqs.contains(&end.ack) {
+            seqs.push(end.ack);
+        }
+        for seq in seqs {
+            out.push((
+                to,
+                Rst {
+                    src: addr[from],
+                    dst: addr[to],
+                    seq,
+                },
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +233,63 @@ mod tests {
             &p[40..],
             sum16(&s.octets(), sum16(&d.octets(), 26))
         ));
+    }
+
+    #[test]
+    fn frames_carry_macs_and_ethertype() {
+        let rst = Rst {
+            src: "[fd00::1]:1".parse().unwrap(),
+            dst: "[fd00::2]:2".parse().unwrap(),
+            seq: 1,
+        };
+        let f = ethernet_frame([1; 6], [2; 6], &rst);
+        assert_eq!(&f[0..6], &[1; 6]);
+        assert_eq!(&f[6..12], &[2; 6]);
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        assert_eq!(f.len(), 14 + 60);
+    }
+
+    #[test]
+    fn forwarded_resets_use_the_other_ends_sequence() {
+        use reaper_common::{forwarded_key, Forwarded, ForwardedEnd, AF_INET};
+        let a = [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0];
+        let b = [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0];
+        let (key, _) = forwarded_key(AF_INET, a, 40000, b, 5900);
+        let end = |next_seq, ack| ForwardedEnd {
+            next_seq,
+            ack,
+            seen: 1,
+            ..Default::default()
+        };
+        // Everything acknowledged: one exact RST each way.
+        let flow = Forwarded {
+            ends: [end(100, 500), end(500, 100)],
+            ..Default::default()
+        };
+        let resets = forwarded_resets(&key, &flow);
+        assert_eq!(resets.len(), 2);
+        assert_eq!(resets[0].1.seq, 500, "to a: b's SND.NXT");
+        assert_eq!(resets[0].1.dst.port(), 40000);
+        assert_eq!(resets[1].1.seq, 100, "to b: a's SND.NXT");
+        // b has data in flight that a has not acknowledged: both candidates.
+        let flow = Forwarded {
+            ends: [end(100, 450), end(500, 100)],
+            ..Default::default()
+        };
+        let to_a: Vec<u32> = forwarded_resets(&key, &flow)
+            .iter()
+            .filter(|(to, _)| *to == 0)
+            .map(|(_, r)| r.seq)
+            .collect();
+        assert_eq!(to_a, vec![500, 450]);
+        // b never seen: only a gets a RST, from its own last ACK.
+        let flow = Forwarded {
+            ends: [end(100, 77), ForwardedEnd::default()],
+            ..Default::default()
+        };
+        let resets = forwarded_resets(&key, &flow);
+        assert_eq!(resets.len(), 1);
+        assert_eq!((resets[0].0, resets[0].1.seq), (0, 77));
     }
 
     #[test]
