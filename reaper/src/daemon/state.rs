@@ -527,7 +527,17 @@ impl State {
                 .iter()
                 .filter_map(|c| activity.get(c).copied())
                 .collect();
-            let floor = s.record.granted_ns.max(s.record.touched_ns);
+            let mut floor = s.record.granted_ns.max(s.record.touched_ns);
+            if s.idle_direction() == IdleDirection::Any {
+                // A forwarded flow's packets, either way, are activity; a
+                // router cannot tell which end is the user, so under
+                // `input` only `touch` speaks for forwarded flows.
+                for key in &s.forwarded {
+                    if let Some(f) = self.enforcer.forwarded(key) {
+                        floor = floor.max(f.last_seen_ns);
+                    }
+                }
+            }
             let last = policy::last_activity(now, s.idle_direction(), &sockets, floor);
             let idle_deadline = last + s.record.idle_timeout_ns;
             if now >= idle_deadline {
