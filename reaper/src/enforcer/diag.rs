@@ -13,11 +13,12 @@
 //! created in, so one `SockDiag` serves the daemon's own namespace.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use reaper_common::FlowTuple;
 
 use super::rst::Counters;
+use super::sys::{send_to, set_option};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -145,13 +146,13 @@ impl SockDiag {
         }
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // Acks without the echoed request keep the replies small.
-        setsockopt(&fd, SOL_NETLINK, NETLINK_CAP_ACK, &1i32)?;
+        set_option(fd.as_fd(), SOL_NETLINK, NETLINK_CAP_ACK, &1i32)?;
         // A kernel that never answers must not hang the daemon.
         let timeout = libc::timeval {
             tv_sec: 2,
             tv_usec: 0,
         };
-        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
+        set_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
         Ok(SockDiag { fd, seq: 1 })
     }
 
@@ -241,20 +242,7 @@ impl SockDiag {
         // SAFETY: a zeroed sockaddr_nl addresses the kernel.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: buf and addr are live for the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        send_to(self.fd.as_fd(), &buf, &addr)?;
 
         let mut replies: Vec<Option<Reply>> = (0..targets.len()).map(|_| None).collect();
         let mut pending = targets.len();
@@ -283,23 +271,6 @@ impl SockDiag {
             .map(|r| r.expect("every request answered"))
             .collect())
     }
-}
-
-fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: value points at a live T of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Appends one request (nlmsghdr + inet_diag_req_v2) for one socket.

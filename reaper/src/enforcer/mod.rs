@@ -12,6 +12,7 @@ pub mod netns;
 mod pins;
 pub mod rst;
 pub mod socket;
+mod sys;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -764,27 +765,14 @@ fn send_frame(
     dst_mac: [u8; 6],
     frame: &[u8],
 ) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a zeroed sockaddr_ll, filled in; frame outlives the call.
+    use std::os::fd::AsFd;
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set.
     let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     ll.sll_family = libc::AF_PACKET as u16;
     ll.sll_ifindex = ifindex as i32;
     ll.sll_halen = 6;
     ll.sll_addr[..6].copy_from_slice(&dst_mac);
-    let rc = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&ll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    sys::send_to(fd.as_fd(), frame, &ll)
 }
 
 /// The cgroup v2 mount point, from the mount table.

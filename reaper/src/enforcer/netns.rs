@@ -59,47 +59,27 @@ impl Injector {
 
     /// Sends one RST into the stack.
     pub fn send(&self, segment: &Rst) -> io::Result<()> {
+        use std::os::fd::AsFd;
         let packet = rst::ip_packet(segment);
-        // SAFETY: the sockaddr structs are fully initialised and outlive the call.
-        let rc = match segment.dst {
+        match segment.dst {
             std::net::SocketAddr::V4(d) => {
+                // SAFETY: an all-zero sockaddr_in is valid; fields set below.
                 let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
                 sin.sin_family = libc::AF_INET as u16;
                 sin.sin_addr.s_addr = u32::from_ne_bytes(d.ip().octets());
-                unsafe {
-                    libc::sendto(
-                        self.raw4.as_raw_fd(),
-                        packet.as_ptr().cast(),
-                        packet.len(),
-                        0,
-                        (&sin as *const libc::sockaddr_in).cast(),
-                        std::mem::size_of::<libc::sockaddr_in>() as u32,
-                    )
-                }
+                super::sys::send_to(self.raw4.as_fd(), &packet, &sin)
             }
             std::net::SocketAddr::V6(d) => {
                 let Some(raw6) = &self.raw6 else {
                     return Err(io::Error::other("no IPv6 in this network namespace"));
                 };
+                // SAFETY: an all-zero sockaddr_in6 is valid; fields set below.
                 let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
                 sin6.sin6_family = libc::AF_INET6 as u16;
                 sin6.sin6_addr.s6_addr = d.ip().octets();
-                unsafe {
-                    libc::sendto(
-                        raw6.as_raw_fd(),
-                        packet.as_ptr().cast(),
-                        packet.len(),
-                        0,
-                        (&sin6 as *const libc::sockaddr_in6).cast(),
-                        std::mem::size_of::<libc::sockaddr_in6>() as u32,
-                    )
-                }
+                super::sys::send_to(raw6.as_fd(), &packet, &sin6)
             }
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
         }
-        Ok(())
     }
 }
 
