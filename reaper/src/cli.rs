@@ -442,6 +442,7 @@ pub fn unload(config: Option<PathBuf>) -> Result<i32> {
         Some(path) => Config::load(&path)?,
         None => Config::default(),
     };
+    crate::enforcer::detach_forwarding(&config.forward_interfaces);
     if crate::enforcer::unload(&config.pin_path)? {
         println!(
             "removed {}: programs detached, grants and tracked flows dropped",

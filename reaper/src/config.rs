@@ -62,6 +62,21 @@ pub struct Config {
     /// Interfaces whose forwarded console flows are tracked (a router or
     /// gateway in front of the consoles).
     pub forward_interfaces: Vec<String>,
+    /// How the forwarding program is attached to them.
+    pub forward_attach: ForwardAttach,
+}
+
+/// How the forwarding program is attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardAttach {
+    /// tcx where the kernel has it (6.6+), legacy tc otherwise.
+    #[default]
+    Auto,
+    /// tcx links only (pinned; a restart swaps them with no gap).
+    Tcx,
+    /// A legacy tc (clsact) filter, replaced by name at each start.
+    Tc,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +106,8 @@ struct RawConfig {
 struct RawForward {
     #[serde(default)]
     interfaces: Vec<String>,
+    #[serde(default)]
+    attach: ForwardAttach,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,7 +262,8 @@ impl Config {
             .map(|(name, c)| class_of(name, c, max_ttl_ns))
             .map(|c| c.map(|c| (c.name.clone(), c)))
             .collect::<Result<BTreeMap<_, _>, String>>()?;
-        let forward_interfaces = raw.forward.unwrap_or_default().interfaces;
+        let forward = raw.forward.unwrap_or_default();
+        let (forward_interfaces, forward_attach) = (forward.interfaces, forward.attach);
         for (i, name) in forward_interfaces.iter().enumerate() {
             if name.is_empty()
                 || name.len() > 15
@@ -280,6 +298,7 @@ impl Config {
             classes,
             socket_destroy: raw.socket_destroy.unwrap_or(true),
             forward_interfaces,
+            forward_attach,
         })
     }
 
@@ -310,6 +329,7 @@ impl Config {
         self.max_sessions = running.max_sessions;
         self.socket_destroy = running.socket_destroy;
         self.forward_interfaces = running.forward_interfaces.clone();
+        self.forward_attach = running.forward_attach;
     }
 
     /// Keys that differ from `new` but only take effect at a restart (the
@@ -334,6 +354,7 @@ impl Config {
             self.forward_interfaces != new.forward_interfaces,
             "forward.interfaces",
         );
+        check(self.forward_attach != new.forward_attach, "forward.attach");
         keys
     }
 }
@@ -594,6 +615,7 @@ mod tests {
             ("fence_grace = \"0s\"", "fence_grace"),
             ("[[fence]]\nports = \"x\"", "fence[0].ports"),
             ("[forward]\ninterfaces = [\"a b\"]", "forward.interfaces[0]"),
+            ("[forward]\nattach = \"xdp\"", "attach"),
         ] {
             let e = Config::from_toml(text).unwrap_err();
             assert!(e.contains(needle), "{text:?} -> {e}");

@@ -9,13 +9,23 @@ use std::time::Duration;
 use reaper_tests::{assert_reset, Flow, Sandbox, SECOND};
 use serde_json::json;
 
-fn forwarded_flows_die_at_their_deadline(name: &str, server: &str) {
+fn forwarded_flows_die_at_their_deadline(name: &str, server: &str, attach: &str) {
     let mut sb = Sandbox::new(name);
-    sb.write_config(
-        "[forward]\ninterfaces = [\"ra\", \"rb\"]\n[[watch]]\nports = \"5900\"\nside = \"any\"\n",
-    );
+    sb.write_config(&format!(
+        "[forward]\ninterfaces = [\"ra\", \"rb\"]\nattach = \"{attach}\"\n[[watch]]\nports = \"5900\"\nside = \"any\"\n"
+    ));
     let (a, b) = sb.router();
     sb.start_daemon();
+    let how = if attach == "tc" {
+        "(legacy tc)"
+    } else {
+        "(tcx)"
+    };
+    assert!(
+        sb.daemon_log().contains(how),
+        "attached {how}? {}",
+        sb.daemon_log()
+    );
     let peer = sb.peer_on(&b, &[server]);
 
     let mut active = Flow::connect_from(&a, server);
@@ -87,11 +97,17 @@ fn forwarded_flows_die_at_their_deadline(name: &str, server: &str) {
 /// Test 1: IPv4, an active and an idle flow, and a bystander flow.
 #[test]
 fn forwarded_ipv4_flows_die_at_their_deadline() {
-    forwarded_flows_die_at_their_deadline("fwd-v4", "198.18.2.2:5900");
+    forwarded_flows_die_at_their_deadline("fwd-v4", "198.18.2.2:5900", "auto");
 }
 
 /// Test 3: the same over IPv6.
 #[test]
 fn forwarded_ipv6_flows_die_at_their_deadline() {
-    forwarded_flows_die_at_their_deadline("fwd-v6", "[2001:db8:2::2]:5900");
+    forwarded_flows_die_at_their_deadline("fwd-v6", "[2001:db8:2::2]:5900", "auto");
+}
+
+/// The same through a legacy tc (clsact) filter, as on kernels before tcx.
+#[test]
+fn forwarded_flows_die_through_a_legacy_tc_filter() {
+    forwarded_flows_die_at_their_deadline("fwd-tc", "198.18.2.2:5900", "tc");
 }

@@ -19,6 +19,8 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, LinkOrder};
+use aya::programs::tc::{self, NlOptions, TcAttachOptions};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, SockOps, TcAttachType,
 };
@@ -29,7 +31,7 @@ use reaper_common::{
 };
 use tracing::{info, warn};
 
-use crate::config::{Config, Side, Watch};
+use crate::config::{Config, ForwardAttach, Side, Watch};
 use crate::error::{Error, Result};
 pub use diag::{DestroyOutcome, DiagTarget, Reading};
 
@@ -732,20 +734,54 @@ fn attach_forwarding(
         .try_into()?;
     prog.load()?;
     for (interface, pin_name) in config.forward_interfaces.iter().zip(&wanted) {
-        let id = prog.attach(interface, TcAttachType::Ingress).map_err(|e| {
-            Error::Setup(format!(
-                "attaching to interface {interface:?} (forward.interfaces): {e}"
-            ))
-        })?;
-        let link: aya::programs::links::FdLink = prog.take_link(id)?.try_into().map_err(|_| {
-            Error::Setup(format!(
-                "interface {interface:?}: this kernel has no tcx links (6.6+), which forwarding needs"
-            ))
-        })?;
-        pins::replace_link_pin(link, &pin(pin_name))?;
-        info!(interface = %interface, "tracking forwarded flows");
+        let setup =
+            |what: String| Error::Setup(format!("forward.interfaces: {interface:?}: {what}"));
+        if config.forward_attach != ForwardAttach::Tc {
+            let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
+            match prog.attach_with_options(interface, TcAttachType::Ingress, tcx) {
+                Ok(id) => {
+                    let link: FdLink = prog
+                        .take_link(id)?
+                        .try_into()
+                        .map_err(|_| setup("a tcx attachment gave no link".into()))?;
+                    pins::replace_link_pin(link, &pin(pin_name))?;
+                    // A legacy filter left by an older setup would see everything twice.
+                    let _ = tc::qdisc_detach_program(
+                        interface,
+                        TcAttachType::Ingress,
+                        program_names::FORWARD,
+                    );
+                    info!(interface = %interface, "tracking forwarded flows (tcx)");
+                    continue;
+                }
+                Err(e) if config.forward_attach == ForwardAttach::Auto => {
+                    info!(interface = %interface, "tcx unavailable ({e}): using a legacy tc filter");
+                }
+                Err(e) => return Err(setup(format!("tcx attach failed: {e}"))),
+            }
+        }
+        // Legacy tc: a clsact filter, which outlives this process like a
+        // pinned link does. A restart replaces the previous daemon's filter
+        // (by name), which leaves a gap of a few milliseconds.
+        let _ = tc::qdisc_add_clsact(interface);
+        let _ = tc::qdisc_detach_program(interface, TcAttachType::Ingress, program_names::FORWARD);
+        let options = TcAttachOptions::Netlink(NlOptions::default());
+        let id = prog
+            .attach_with_options(interface, TcAttachType::Ingress, options)
+            .map_err(|e| setup(format!("tc attach failed: {e}")))?;
+        std::mem::forget(prog.take_link(id)?);
+        let _ = std::fs::remove_file(pin(pin_name));
+        info!(interface = %interface, "tracking forwarded flows (legacy tc)");
     }
     Ok(())
+}
+
+/// Detaches legacy tc filters from the forwarding interfaces (tcx links go
+/// with their pins).
+pub fn detach_forwarding(interfaces: &[String]) {
+    for interface in interfaces {
+        let _ = tc::qdisc_detach_program(interface, TcAttachType::Ingress, program_names::FORWARD);
+    }
 }
 
 fn packet_socket() -> std::io::Result<std::os::fd::OwnedFd> {
