@@ -51,7 +51,25 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<()> {
     runtime.block_on(serve(config, path))
 }
 
+/// Raises the soft limit on open files to the hard one: every control
+/// client holds a descriptor, and a thousand idle ones must not starve the
+/// rest (the common default soft limit is 1024).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid out-pointer, then a valid in-pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
+    raise_fd_limit();
     let Started {
         enforcer,
         mut events,
@@ -86,9 +104,13 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => { tokio::spawn(serve_client(state.clone(), stream)); }
-                Err(e) => warn!("accepting a control connection: {e}"),
-            },
-            _ = terminate.recv() => break,
+                Err(e) => {
+                    // Out of descriptors, most likely: retrying at once would
+                    // spin; the timers and events go on meanwhile.
+                    warn!("accepting a control connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },_ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => reload(&state, path.as_deref()),
         }
