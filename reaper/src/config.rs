@@ -47,6 +47,8 @@ pub struct Config {
     pub audit_file: Option<PathBuf>,
     pub max_flows: u32,
     pub max_sessions: u32,
+    /// Size of the pre-registration table (`expect`).
+    pub max_pending: u32,
     pub max_ttl_ns: u64,
     pub access: Access,
     pub watch: Vec<Watch>,
@@ -90,6 +92,7 @@ struct RawConfig {
     audit_file: Option<PathBuf>,
     max_flows: Option<u32>,
     max_sessions: Option<u32>,
+    max_pending: Option<u32>,
     max_ttl: Option<String>,
     access: Option<RawAccess>,
     watch: Option<Vec<RawWatch>>,
@@ -234,6 +237,12 @@ impl Config {
                 "max_sessions: {max_sessions} is outside 16..=4194304"
             ));
         }
+        let max_pending = raw.max_pending.unwrap_or(reaper_common::MAX_PENDING);
+        if !(16..=4_194_304).contains(&max_pending) {
+            return Err(format!(
+                "max_pending: {max_pending} is outside 16..=4194304"
+            ));
+        }
         let max_ttl_ns = policy::parse_duration(raw.max_ttl.as_deref().unwrap_or(DEFAULT_MAX_TTL))
             .map_err(|e| format!("max_ttl: {e}"))?;
         if max_ttl_ns == 0 {
@@ -286,6 +295,7 @@ impl Config {
             audit_file: non_empty(raw.audit_file),
             max_flows,
             max_sessions,
+            max_pending,
             max_ttl_ns,
             access: Access {
                 uids: access.uids,
@@ -327,6 +337,7 @@ impl Config {
         self.audit_file = running.audit_file.clone();
         self.max_flows = running.max_flows;
         self.max_sessions = running.max_sessions;
+        self.max_pending = running.max_pending;
         self.socket_destroy = running.socket_destroy;
         self.forward_interfaces = running.forward_interfaces.clone();
         self.forward_attach = running.forward_attach;
@@ -349,6 +360,7 @@ impl Config {
         check(self.audit_file != new.audit_file, "audit_file");
         check(self.max_flows != new.max_flows, "max_flows");
         check(self.max_sessions != new.max_sessions, "max_sessions");
+        check(self.max_pending != new.max_pending, "max_pending");
         check(self.socket_destroy != new.socket_destroy, "socket_destroy");
         check(
             self.forward_interfaces != new.forward_interfaces,
@@ -536,6 +548,7 @@ mod tests {
         for (text, needle) in [
             ("sockett = \"/x\"", "sockett"),
             ("max_flows = 10", "max_flows"),
+            ("max_pending = 1", "max_pending"),
             ("max_ttl = \"forever\"", "max_ttl"),
             ("max_ttl = \"0s\"", "max_ttl"),
             ("socket_mode = \"999\"", "socket_mode"),

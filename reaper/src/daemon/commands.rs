@@ -438,8 +438,8 @@ impl State {
                     return refuse(
                         RefusalCode::TableFull,
                         format!(
-                            "the pre-registration table is full ({} entries)",
-                            reaper_common::MAX_PENDING
+                            "the pre-registration table is full ({} entries, max_pending)",
+                            self.config.max_pending
                         ),
                     );
                 }

@@ -145,7 +145,8 @@ impl Enforcer {
         }
         loader
             .map_max_entries(map_names::FLOWS, config.max_flows)
-            .map_max_entries(map_names::SESSIONS, config.max_sessions);
+            .map_max_entries(map_names::SESSIONS, config.max_sessions)
+            .map_max_entries(map_names::PENDING, config.max_pending);
         let mut ebpf = loader.load(OBJECT)?;
         check_pinned_geometry(&ebpf, config)?;
 
@@ -611,7 +612,7 @@ fn check_pinned_geometry(ebpf: &Ebpf, config: &Config) -> Result<()> {
             name: map_names::PENDING,
             key: size_of::<FlowTuple>(),
             value: size_of::<PendingGrant>(),
-            entries: None,
+            entries: Some(config.max_pending),
             strict: false,
         },
         Expect {
