@@ -7,6 +7,8 @@
 //!   in the foreground (default config unless ARGS say otherwise).
 //! * `cargo xtask test` — set up, check formatting and lints, run the unit
 //!   and integration tests (as root).
+//! * `cargo xtask bench [--quick]` — run the benchmarks (release build) and
+//!   write bench/results/latest.md.
 //!
 //! Only the standard library is used, so this builds in seconds on a
 //! machine that has nothing else yet.
@@ -40,9 +42,10 @@ fn main() {
         "build" => setup().and_then(|()| build(true)),
         "run" => setup().and_then(|()| run(rest)),
         "test" => setup().and_then(|()| test(rest)),
+        "bench" => setup().and_then(|()| bench(rest)),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]>"
+                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]>"
             );
             Ok(())
         }
@@ -293,6 +296,25 @@ fn test(args: &[String]) -> Result<(), String> {
     sh(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .args(args)
+        .env("REAPER_BIN", target.join("reaper"))
+        .env("REAPER_TEST_PEER", target.join("reaper-test-peer"))
+        .env("REAPER_PYDEPS", root().join("target/pydeps")))
+}
+
+/// Runs the benchmarks (release build) and writes bench/results.
+fn bench(args: &[String]) -> Result<(), String> {
+    if !is_root() {
+        return Err("the benchmarks need root (they load BPF programs and make namespaces)".into());
+    }
+    build(true)?;
+    sweep_leftovers();
+    let target = root().join("target/release");
+    step("running the benchmarks");
+    sh(Command::new(target.join("reaper-bench"))
+        .args(args.iter().filter(|a| *a != "--"))
+        .arg("--out")
+        .arg(root().join("bench/results"))
+        .current_dir(root())
         .env("REAPER_BIN", target.join("reaper"))
         .env("REAPER_TEST_PEER", target.join("reaper-test-peer"))
         .env("REAPER_PYDEPS", root().join("target/pydeps")))

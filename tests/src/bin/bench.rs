@@ -1,0 +1,347 @@
+//! `reaper-bench [--quick] [--out DIR]`: reaper's benchmarks, each against
+//! a baseline measured in the same run, in the same kind of sandbox as the
+//! integration tests (own netns and cgroup, the real daemon). Writes
+//! `DIR/latest.md` (a table: what, reaper, baseline, ratio, goal, pass) and
+//! SVG plots next to it, and prints the table. Run by `cargo xtask bench`.
+//!
+//! Every figure is a median over several runs with its min–max spread.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use reaper_tests::{Flow, Sandbox};
+use serde_json::json;
+
+struct Row {
+    what: String,
+    reaper: String,
+    baseline: String,
+    ratio: String,
+    goal: String,
+    pass: Option<bool>,
+}
+
+/// Median and spread of a set of runs.
+struct Runs(Vec<f64>);
+
+impl Runs {
+    fn median(&self) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+    fn show(&self, unit: &str, digits: usize) -> String {
+        let (min, max) = self
+            .0
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+        format!(
+            "{:.*} {unit} (n={}, {:.*}–{:.*})",
+            digits,
+            self.median(),
+            self.0.len(),
+            digits,
+            min,
+            digits,
+            max
+        )
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Sends bytes from one socket to another on loopback for `secs`, in the
+/// current namespace; `before_data` runs once the connection exists (to
+/// grant it). Returns bytes per second received.
+fn bulk(port: u16, secs: f64, before_data: &dyn Fn(&Flow)) -> f64 {
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let start = Instant::now();
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+        }
+        total as f64 / start.elapsed().as_secs_f64()
+    });
+    let mut flow = Flow::connect(&format!("127.0.0.1:{port}"));
+    before_data(&flow);
+    let chunk = vec![7u8; 256 * 1024];
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    while Instant::now() < end {
+        flow.stream.write_all(&chunk).unwrap();
+    }
+    flow.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let rate = reader.join().unwrap();
+    drop(flow);
+    rate
+}
+
+/// Total (run time, run count) of reaper's cgroup_skb programs.
+fn skb_program_stats() -> (u128, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| matches!(p.name_as_str(), Some("reaper_ingress" | "reaper_egress")))
+        .fold((0, 0), |(t, c), p| {
+            (t + p.run_time().as_nanos(), c + p.run_count())
+        })
+}
+
+fn bpf_stats(enabled: bool) {
+    let v = if enabled {
+        "kernel.bpf_stats_enabled=1"
+    } else {
+        "kernel.bpf_stats_enabled=0"
+    };
+    let _ = Command::new("sysctl").args(["-qw", v]).status();
+}
+
+/// Benchmark 3: throughput with reaper off, attached with nothing granted,
+/// and with the measured flow granted; per-packet cost of the programs.
+fn data_path(rows: &mut Vec<Row>, quick: bool) {
+    let (runs, secs) = if quick { (1, 0.5) } else { (5, 2.0) };
+    let mut off = Vec::new();
+    {
+        let _sb = Sandbox::new("bench-off");
+        for _ in 0..runs {
+            off.push(bulk(7000, secs, &|_| {}) * 8.0 / 1e9);
+        }
+    }
+    let mut sb = Sandbox::new("bench-on");
+    sb.write_config("max_ttl = \"1d\"\n[[watch]]\nports = \"5900\"\nside = \"local\"\n");
+    sb.start_daemon();
+    let measure = |port: u16, grant: bool| {
+        let (mut gbps, mut ns) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            bpf_stats(true);
+            let (t0, c0) = skb_program_stats();
+            let rate = bulk(port, secs, &|f: &Flow| {
+                if grant {
+                    sb.ok(
+                        json!({"op": "grant", "session": format!("bulk-{}", f.client.port()),
+                                 "user": "u", "target": "t", "ttl": "1h", "flows": [f.spec()]}),
+                    );
+                }
+            });
+            let (t1, c1) = skb_program_stats();
+            bpf_stats(false);
+            gbps.push(rate * 8.0 / 1e9);
+            ns.push((t1 - t0) as f64 / (c1 - c0).max(1) as f64);
+        }
+        (Runs(gbps), Runs(ns))
+    };
+    let (unwatched, unwatched_ns) = measure(7000, false);
+    let (granted, granted_ns) = measure(5900, true);
+    let off = Runs(off);
+    for (label, runs_, ns) in [
+        ("attached, flow not watched", &unwatched, &unwatched_ns),
+        ("flow granted", &granted, &granted_ns),
+    ] {
+        let loss = 1.0 - runs_.median() / off.median();
+        rows.push(Row {
+            what: format!("loopback TCP throughput, {label}"),
+            reaper: runs_.show("Gbit/s", 2),
+            baseline: format!("{} reaper off", off.show("Gbit/s", 2)),
+            ratio: format!("{:.2}", runs_.median() / off.median()),
+            goal: "≤ 2 % loss".into(),
+            pass: Some(loss <= 0.02),
+        });
+        rows.push(Row {
+            what: format!("cgroup_skb cost per packet, {label}"),
+            reaper: ns.show("ns", 1),
+            baseline: "—".into(),
+            ratio: "—".into(),
+            goal: "≤ 40 ns".into(),
+            pass: Some(ns.median() <= 40.0),
+        });
+    }
+}
+
+/// One control client doing `n` grants one after the other; returns each
+/// grant's latency in µs.
+fn grant_loop(socket: PathBuf, client: usize, n: usize) -> Vec<f64> {
+    let stream = UnixStream::connect(&socket).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut latencies = Vec::with_capacity(n);
+    let mut line = String::new();
+    for i in 0..n {
+        // A pre-registration needs no socket: a pure control-plane grant.
+        let (a, b) = (client % 250 + 1, i / 60_000);
+        let req = json!({"op": "grant", "session": format!("c{client}-{i}"), "user": format!("u{client}"),
+                         "target": format!("t{i}"), "ttl": "1h",
+                         "expect": [{"local": "127.0.0.1:5900", "remote": format!("127.{a}.{b}.1:{}", 1024 + i % 60_000)}]});
+        let text = format!("{req}\n");
+        let t0 = Instant::now();
+        writer.write_all(text.as_bytes()).unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        latencies.push(t0.elapsed().as_secs_f64() * 1e6);
+        assert!(line.contains("\"ok\":true"), "grant refused: {line}");
+    }
+    latencies
+}
+
+/// Benchmark 4: grants per second and latency with 1, 8 and 64 clients.
+fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<f64>)>) {
+    let total = if quick { 2_000 } else { 64_000 };
+    let repeats = if quick { 1 } else { 3 };
+    for clients in [1usize, 8, 64] {
+        let mut rates = Vec::new();
+        let mut p50 = Vec::new();
+        let mut p99 = Vec::new();
+        let mut last = Vec::new();
+        for r in 0..repeats {
+            let mut sb = Sandbox::new(&format!("bench-cp{clients}-{r}"));
+            sb.write_config("max_ttl = \"1d\"\nmax_sessions = 131072\nmax_pending = 262144\n[[watch]]\nports = \"5900\"\nside = \"local\"\n");
+            sb.start_daemon();
+            let per = total / clients;
+            let start = Instant::now();
+            let threads: Vec<_> = (0..clients)
+                .map(|c| {
+                    let socket = sb.socket.clone();
+                    std::thread::spawn(move || grant_loop(socket, c, per))
+                })
+                .collect();
+            let mut all: Vec<f64> = threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect();
+            let elapsed = start.elapsed().as_secs_f64();
+            all.sort_by(|a, b| a.total_cmp(b));
+            rates.push((per * clients) as f64 / elapsed);
+            p50.push(percentile(&all, 0.50));
+            p99.push(percentile(&all, 0.99));
+            last = all;
+        }
+        let (rates, p50, p99) = (Runs(rates), Runs(p50), Runs(p99));
+        rows.push(Row {
+            what: format!("grants per second, {clients} client(s)"),
+            reaper: rates.show("/s", 0),
+            baseline: "—".into(),
+            ratio: "—".into(),
+            goal: "≥ 100000/s".into(),
+            pass: Some(rates.median() >= 100_000.0),
+        });
+        rows.push(Row {
+            what: format!("grant latency p50 / p99, {clients} client(s)"),
+            reaper: format!("{} / {}", p50.show("µs", 0), p99.show("µs", 0)),
+            baseline: "—".into(),
+            ratio: "—".into(),
+            goal: if clients == 1 {
+                "p99 ≤ 100 µs".into()
+            } else {
+                "—".into()
+            },
+            pass: (clients == 1).then(|| p99.median() <= 100.0),
+        });
+        plots.push((format!("{clients} client(s)"), last));
+    }
+}
+
+/// A CDF plot of latency series, as SVG.
+fn cdf_svg(title: &str, unit: &str, series: &[(String, Vec<f64>)]) -> String {
+    let (w, h, m) = (640.0, 400.0, 50.0);
+    let max = series
+        .iter()
+        .filter_map(|(_, v)| v.last().copied())
+        .fold(1.0f64, f64::max)
+        .max(1.0);
+    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{m}\" y=\"20\" font-size=\"14\">{title}</text>\n\
+         <line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max:.0} {unit} (log scale from 1)</text><text x=\"10\" y=\"{m}\">100%</text>\n",
+        h - m, w - m, h - m, h - m, w - m, h - m + 20.0
+    );
+    let x = |v: f64| m + (v.max(1.0).ln() / max.ln().max(1e-9)) * (w - 2.0 * m);
+    for (i, (label, values)) in series.iter().enumerate() {
+        let n = values.len().max(1) as f64;
+        let step = (values.len() / 400).max(1);
+        let points: Vec<String> = values
+            .iter()
+            .enumerate()
+            .step_by(step)
+            .map(|(k, v)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(*v),
+                    (h - m) - (k as f64 + 1.0) / n * (h - 2.0 * m)
+                )
+            })
+            .collect();
+        let color = colors[i % colors.len()];
+        out += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{color}\">{label}</text>\n",
+            points.join(" "),
+            w - m - 120.0,
+            m + 20.0 + 16.0 * i as f64
+        );
+    }
+    out + "</svg>\n"
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("bench/results"));
+    std::fs::create_dir_all(&out).unwrap();
+    let mut rows = Vec::new();
+    let mut latency_plots = Vec::new();
+    eprintln!("reaper-bench: data path");
+    data_path(&mut rows, quick);
+    eprintln!("reaper-bench: control plane");
+    control_plane(&mut rows, quick, &mut latency_plots);
+
+    std::fs::write(
+        out.join("control-plane-latency.svg"),
+        cdf_svg(
+            "grant latency (CDF), by concurrent clients",
+            "µs",
+            &latency_plots,
+        ),
+    )
+    .unwrap();
+    let machine = format!(
+        "{} cores, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let mut md = format!(
+        "# reaper benchmarks{}\n\nMachine: {machine}. Each figure: median (n = runs, min–max).\n\n\
+         | what | reaper | baseline | ratio | goal | pass |\n|---|---|---|---|---|---|\n",
+        if quick { " (--quick sizes)" } else { "" }
+    );
+    for r in &rows {
+        let pass = match r.pass {
+            Some(true) => "pass",
+            Some(false) => "**FAIL**",
+            None => "—",
+        };
+        md += &format!(
+            "| {} | {} | {} | {} | {} | {pass} |\n",
+            r.what, r.reaper, r.baseline, r.ratio, r.goal
+        );
+    }
+    md += "\nPlots: [grant latency](control-plane-latency.svg).\n";
+    std::fs::write(out.join("latest.md"), &md).unwrap();
+    println!("{md}");
+}
