@@ -7,13 +7,13 @@
 //! Every figure is a median over several runs with its min–max spread.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use reaper_tests::{Flow, Sandbox};
+use reaper_tests::{boot_ns, Flow, Sandbox};
 use serde_json::json;
 
 struct Row {
@@ -249,6 +249,241 @@ fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<
     }
 }
 
+/// Waits until every stream has ended (EOF or reset) and returns, for each,
+/// the boot time at which it was seen to end (None: still open at timeout).
+fn wait_all_ended(streams: &[TcpStream], timeout: Duration) -> Vec<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(ep >= 0);
+    for (i, s) in streams.iter().enumerate() {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLERR) as u32,
+            u64: i as u64,
+        };
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) };
+    }
+    let mut ended: Vec<Option<u64>> = vec![None; streams.len()];
+    let mut left = streams.len();
+    let end = Instant::now() + timeout;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut buf = [0u8; 4096];
+    while left > 0 && Instant::now() < end {
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 100) };
+        let now = boot_ns();
+        for ev in events.iter().take(n.max(0) as usize) {
+            let i = ev.u64 as usize;
+            if ended[i].is_some() {
+                continue;
+            }
+            let fd = streams[i].as_raw_fd();
+            let r =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if r <= 0 {
+                ended[i] = Some(now);
+                left -= 1;
+                unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+            }
+        }
+    }
+    unsafe { libc::close(ep) };
+    ended
+}
+
+/// (p50, p99, max) of the lateness of each kill, in ms.
+fn lateness_ms(deadlines: &[u64], ended: &[Option<u64>]) -> Vec<f64> {
+    let mut late: Vec<f64> = deadlines
+        .iter()
+        .zip(ended)
+        .map(|(d, e)| e.map_or(f64::INFINITY, |e| (e as f64 - *d as f64) / 1e6))
+        .collect();
+    late.sort_by(|a, b| a.total_cmp(b));
+    late
+}
+
+/// The time to live of flow `i` of `n`: deadlines spread over 3 s from 1 s.
+fn spread_ttl_ms(i: usize, n: usize) -> u64 {
+    1_000 + (i as u64 * 3_000) / n as u64
+}
+
+/// Benchmark 1, reaper: `n` live granted flows, deadlines spread out.
+fn kill_latency_reaper(n: usize) -> Vec<f64> {
+    let mut sb = Sandbox::new(&format!("bench-kill-{n}"));
+    sb.write_config(
+        "max_ttl = \"1d\"\nmax_flows = 65536\n[[watch]]\nports = \"5900\"\nside = \"local\"\n",
+    );
+    sb.start_daemon();
+    sb.peer(&["127.0.0.1:5900"]);
+    let flows: Vec<Flow> = (0..n).map(|_| Flow::connect("127.0.0.1:5900")).collect();
+    let stream = UnixStream::connect(&sb.socket).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut deadlines = Vec::with_capacity(n);
+    let mut line = String::new();
+    for (i, f) in flows.iter().enumerate() {
+        let req = json!({"op": "grant", "session": format!("k{i}"), "user": "u", "target": format!("t{i}"),
+                         "ttl": format!("{}ms", spread_ttl_ms(i, n)), "flows": [f.spec()]});
+        writer.write_all(format!("{req}\n").as_bytes()).unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        deadlines.push(
+            v["result"]["session"]["deadline_boot_ns"]
+                .as_u64()
+                .expect("granted"),
+        );
+    }
+    let streams: Vec<TcpStream> = flows.into_iter().map(|f| f.stream).collect();
+    let ended = wait_all_ended(&streams, Duration::from_secs(30));
+    lateness_ms(&deadlines, &ended)
+}
+
+/// Benchmark 1, baselines: the same flows through `bench/timer_proxy.py`.
+fn kill_latency_proxy(n: usize, mode: &str) -> Vec<f64> {
+    let mut sb = Sandbox::new(&format!("bench-{mode}-{n}"));
+    sb.peer(&["127.0.0.1:5900"]);
+    // One proxy process per 8000 flows: each holds two descriptors a flow.
+    let procs = n.div_ceil(8_000);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/timer_proxy.py");
+    for k in 0..procs {
+        let port = (6000 + k).to_string();
+        let mut out = BufReader::new(sb.spawn(Command::new("python3").arg(&script).args([
+            "--mode",
+            mode,
+            &port,
+            "127.0.0.1:5900",
+        ])));
+        let mut ready = String::new();
+        out.read_line(&mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready");
+    }
+    let mut streams = Vec::with_capacity(n);
+    let mut deadlines = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = TcpStream::connect(("127.0.0.1", 6000 + (i % procs) as u16)).unwrap();
+        let ttl = spread_ttl_ms(i, n);
+        s.write_all(format!("{ttl}\n").as_bytes()).unwrap();
+        let mut ok = [0u8; 3];
+        s.read_exact(&mut ok).unwrap();
+        // The proxy set its deadline before answering: counting from the
+        // answer flatters the baseline, never reaper.
+        deadlines.push(boot_ns() + ttl * 1_000_000);
+        streams.push(s);
+    }
+    let ended = wait_all_ended(&streams, Duration::from_secs(30));
+    lateness_ms(&deadlines, &ended)
+}
+
+fn kill_latency(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<f64>)>) {
+    let sizes: &[usize] = if quick { &[200] } else { &[1_000, 10_000] };
+    for &n in sizes {
+        let reaper = kill_latency_reaper(n);
+        let timer = kill_latency_proxy(n, "timer");
+        let sweep = kill_latency_proxy(n, "sweep");
+        let show = |v: &[f64]| {
+            format!(
+                "{:.2} / {:.2} / {:.2} ms",
+                percentile(v, 0.5),
+                percentile(v, 0.99),
+                v.last().copied().unwrap_or(f64::NAN)
+            )
+        };
+        let p99 = percentile(&reaper, 0.99);
+        rows.push(Row {
+            what: format!("kill latency p50 / p99 / max, {n} flows (n={n} kills)"),
+            reaper: show(&reaper),
+            baseline: format!("timer proxy {}; 1 s sweeper {}", show(&timer), show(&sweep)),
+            ratio: format!(
+                "p99 {:.1}× / {:.0}× better",
+                percentile(&timer, 0.99) / p99.max(1e-3),
+                percentile(&sweep, 0.99) / p99.max(1e-3)
+            ),
+            goal: "p99 ≤ 2 ms".into(),
+            pass: Some(p99 <= 2.0),
+        });
+        plots.push((format!("reaper, {n} flows"), reaper));
+        plots.push((format!("timer proxy, {n} flows"), timer));
+        plots.push((format!("1 s sweeper, {n} flows"), sweep));
+    }
+}
+
+/// (memlock, max_entries) of the daemon's map with this key and value size,
+/// from /proc/PID/fdinfo.
+fn map_memlock(pid: u64, key_size: u64, value_size: u64) -> Option<(u64, u64)> {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .ok()?
+        .flatten()
+    {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse::<u64>().ok()))
+                .flatten()
+        };
+        if field("key_size:") == Some(key_size) && field("value_size:") == Some(value_size) {
+            return Some((field("memlock:")?, field("max_entries:")?));
+        }
+    }
+    None
+}
+
+fn rss_kib(pid: u64) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Benchmark 5: kernel memory per tracked flow (the flow table's memlock
+/// over its size: the table is preallocated) and the daemon's RSS after
+/// 100k grants.
+fn memory(rows: &mut Vec<Row>, quick: bool) {
+    let grants = if quick { 10_000 } else { 100_000 };
+    let mut sb = Sandbox::new("bench-mem");
+    sb.write_config("max_ttl = \"1d\"\nmax_sessions = 131072\nmax_pending = 262144\n[[watch]]\nports = \"5900\"\nside = \"local\"\n");
+    sb.start_daemon();
+    let pid = sb.ok(json!({"op": "status"}))["pid"].as_u64().unwrap();
+    let flow_size = std::mem::size_of::<reaper_common::Flow>() as u64;
+    if let Some((memlock, entries)) = map_memlock(pid, 8, flow_size) {
+        let per = memlock as f64 / entries as f64;
+        rows.push(Row {
+            what: format!("kernel memory per tracked flow (FLOWS memlock / {entries} entries)"),
+            reaper: format!("{per:.0} B (n=1, exact)"),
+            baseline: "—".into(),
+            ratio: "—".into(),
+            goal: "≤ 200 B".into(),
+            pass: Some(per <= 200.0),
+        });
+    }
+    let before = rss_kib(pid);
+    let clients = 8;
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let socket = sb.socket.clone();
+            std::thread::spawn(move || grant_loop(socket, c, grants / clients))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let after = rss_kib(pid);
+    rows.push(Row {
+        what: format!("daemon RSS with {grants} granted sessions (each a pre-registration)"),
+        reaper: format!(
+            "{:.1} MiB (n=1; {:.1} MiB at start)",
+            after as f64 / 1024.0,
+            before as f64 / 1024.0
+        ),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        goal: "≤ 64 MiB".into(),
+        pass: Some(after as f64 / 1024.0 <= 64.0),
+    });
+}
+
 /// A CDF plot of latency series, as SVG.
 fn cdf_svg(title: &str, unit: &str, series: &[(String, Vec<f64>)]) -> String {
     let (w, h, m) = (640.0, 400.0, 50.0);
@@ -304,11 +539,25 @@ fn main() {
     std::fs::create_dir_all(&out).unwrap();
     let mut rows = Vec::new();
     let mut latency_plots = Vec::new();
+    let mut kill_plots = Vec::new();
+    eprintln!("reaper-bench: kill latency");
+    kill_latency(&mut rows, quick, &mut kill_plots);
     eprintln!("reaper-bench: data path");
     data_path(&mut rows, quick);
     eprintln!("reaper-bench: control plane");
     control_plane(&mut rows, quick, &mut latency_plots);
+    eprintln!("reaper-bench: memory");
+    memory(&mut rows, quick);
 
+    std::fs::write(
+        out.join("kill-latency.svg"),
+        cdf_svg(
+            "kill latency: deadline to client reset (CDF)",
+            "ms",
+            &kill_plots,
+        ),
+    )
+    .unwrap();
     std::fs::write(
         out.join("control-plane-latency.svg"),
         cdf_svg(
@@ -341,7 +590,8 @@ fn main() {
             r.what, r.reaper, r.baseline, r.ratio, r.goal
         );
     }
-    md += "\nPlots: [grant latency](control-plane-latency.svg).\n";
+    md +=
+        "\nPlots: [kill latency](kill-latency.svg), [grant latency](control-plane-latency.svg).\n";
     std::fs::write(out.join("latest.md"), &md).unwrap();
     println!("{md}");
 }
