@@ -1,4 +1,5 @@
-//! `reaper-bench [--quick] [--out DIR]`: reaper's benchmarks, each against
+//! `reaper-bench [--quick] [--out DIR] [--only kill|datapath|control|memory]`:
+//! reaper's benchmarks, each against
 //! a baseline measured in the same run, in the same kind of sandbox as the
 //! integration tests (own netns and cgroup, the real daemon). Writes
 //! `DIR/latest.md` (a table: what, reaper, baseline, ratio, goal, pass) and
@@ -537,17 +538,38 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("bench/results"));
     std::fs::create_dir_all(&out).unwrap();
+    // --only NAME runs one benchmark (for profiling), without writing results.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let mut rows = Vec::new();
     let mut latency_plots = Vec::new();
     let mut kill_plots = Vec::new();
-    eprintln!("reaper-bench: kill latency");
-    kill_latency(&mut rows, quick, &mut kill_plots);
-    eprintln!("reaper-bench: data path");
-    data_path(&mut rows, quick);
-    eprintln!("reaper-bench: control plane");
-    control_plane(&mut rows, quick, &mut latency_plots);
-    eprintln!("reaper-bench: memory");
-    memory(&mut rows, quick);
+    if wanted("kill") {
+        eprintln!("reaper-bench: kill latency");
+        kill_latency(&mut rows, quick, &mut kill_plots);
+    }
+    if wanted("datapath") {
+        eprintln!("reaper-bench: data path");
+        data_path(&mut rows, quick);
+    }
+    if wanted("control") {
+        eprintln!("reaper-bench: control plane");
+        control_plane(&mut rows, quick, &mut latency_plots);
+    }
+    if wanted("memory") {
+        eprintln!("reaper-bench: memory");
+        memory(&mut rows, quick);
+    }
+    if only.is_some() {
+        for r in &rows {
+            println!("{} | {} | {}", r.what, r.reaper, r.baseline);
+        }
+        return;
+    }
 
     std::fs::write(
         out.join("kill-latency.svg"),
