@@ -320,6 +320,24 @@ fn bench(args: &[String]) -> Result<(), String> {
         .env("REAPER_PYDEPS", root().join("target/pydeps")))
 }
 
+/// Removes a dead run's cgroup, killing first what the run left in it (a
+/// daemon or peer orphaned when the run was killed).
+fn remove_cgroup(path: &Path) -> std::io::Result<()> {
+    let procs = path.join("cgroup.procs");
+    let occupied = || std::fs::read_to_string(&procs).is_ok_and(|p| !p.trim().is_empty());
+    if occupied() {
+        // cgroup.kill (5.14+) kills every process in the cgroup at once.
+        let _ = std::fs::write(path.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if !occupied() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    std::fs::remove_dir(path)
+}
+
 /// Removes the cgroups, pins, files and network namespaces of test runs
 /// that were killed before they could clean up (their process is gone).
 fn sweep_leftovers() {
@@ -353,11 +371,14 @@ fn sweep_leftovers() {
                 "removing {} left by a killed test run",
                 path.display()
             ));
-            let _ = if dir.ends_with("unified") {
-                std::fs::remove_dir(&path)
+            let removed = if dir.ends_with("unified") {
+                remove_cgroup(&path)
             } else {
                 std::fs::remove_dir_all(&path)
             };
+            if let Err(e) = removed {
+                eprintln!("xtask: could not remove {}: {e}", path.display());
+            }
         }
     }
 }
