@@ -530,6 +530,19 @@ fn cdf_svg(title: &str, unit: &str, series: &[(String, Vec<f64>)]) -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    const USAGE: &str =
+        "usage: reaper-bench [--quick] [--out DIR] [--only kill|datapath|control|memory]";
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--quick" => i += 1,
+            "--out" | "--only" if i + 1 < args.len() => i += 2,
+            other => {
+                eprintln!("reaper-bench: unexpected argument {other:?}\n{USAGE}");
+                std::process::exit(2);
+            }
+        }
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
         .iter()
