@@ -3,7 +3,7 @@
 //! kernel maps first (see `state.rs` for the order), so a refused request
 //! changes nothing.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 
 use reaper_common::{flow_flags, forwarded_key, FlowTuple, Label, PendingGrant, SessionRecord};
@@ -432,7 +432,8 @@ impl State {
                 session: id,
                 netns_cookie: self.netns_of(netns.as_ref())?,
             };
-            let keys = pending_keys(*local, *remote);
+            // Port 0 (any) stays 0 in every form.
+            let keys = socket::recorded_forms(*local, *remote);
             for key in &keys {
                 if !self.enforcer.put_pending(key, &grant).map_err(internal)? {
                     return refuse(
@@ -644,18 +645,4 @@ impl State {
             last_reload_error: self.last_reload_error.clone(),
         }
     }
-}
-
-/// The `PENDING` keys a connection named by (local, remote) is registered
-/// under: as given, and for IPv4 also the v4-mapped form a dual-stack
-/// socket reports. A port of 0 stays 0 (any).
-fn pending_keys(local: SocketAddr, remote: SocketAddr) -> Vec<FlowTuple> {
-    let mut keys = vec![socket::tuple_of(local, remote)];
-    if let (IpAddr::V4(l), IpAddr::V4(r)) = (local.ip(), remote.ip()) {
-        keys.push(socket::tuple_of(
-            SocketAddr::new(IpAddr::V6(l.to_ipv6_mapped()), local.port()),
-            SocketAddr::new(IpAddr::V6(r.to_ipv6_mapped()), remote.port()),
-        ));
-    }
-    keys
 }

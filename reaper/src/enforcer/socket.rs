@@ -123,12 +123,25 @@ pub fn tuple_of(local: SocketAddr, remote: SocketAddr) -> FlowTuple {
 /// as given, seen from the other end, and for IPv4 also as the v4-mapped
 /// IPv6 addresses a dual-stack socket reports.
 pub fn candidate_tuples(local: SocketAddr, remote: SocketAddr) -> Vec<FlowTuple> {
-    let mut out = vec![tuple_of(local, remote), tuple_of(remote, local)];
+    // As given and reversed first, then the mapped forms of both.
+    let (there, back) = (recorded_forms(local, remote), recorded_forms(remote, local));
+    let mut out = Vec::with_capacity(there.len() * 2);
+    for (a, b) in there.into_iter().zip(back) {
+        out.push(a);
+        out.push(b);
+    }
+    out
+}
+
+/// The tuples one socket with these addresses may be recorded under: as
+/// given, and for IPv4 also as the v4-mapped IPv6 addresses a dual-stack
+/// socket reports.
+pub fn recorded_forms(local: SocketAddr, remote: SocketAddr) -> Vec<FlowTuple> {
+    let mut out = vec![tuple_of(local, remote)];
     if let (IpAddr::V4(l), IpAddr::V4(r)) = (local.ip(), remote.ip()) {
         let l6 = SocketAddr::new(IpAddr::V6(l.to_ipv6_mapped()), local.port());
         let r6 = SocketAddr::new(IpAddr::V6(r.to_ipv6_mapped()), remote.port());
         out.push(tuple_of(l6, r6));
-        out.push(tuple_of(r6, l6));
     }
     out
 }
