@@ -102,6 +102,17 @@ impl Netns {
 pub struct Namespaces {
     own_cookie: u64,
     others: HashMap<u64, Netns>,
+    /// Namespace file identity (nsfs device, inode) → cookie, for every
+    /// namespace reached, the daemon's own included: a request naming a
+    /// known namespace costs a stat, not a thread and three sockets.
+    known: HashMap<(u64, u64), u64>,
+}
+
+/// The identity of the namespace behind a namespace file (a bind mount under
+/// /run/netns and /proc/PID/ns/net of a process in it stat the same).
+fn identity(path: &Path) -> io::Result<(u64, u64)> {
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// Opens the sockets inside the namespace behind `file`.
@@ -119,9 +130,14 @@ fn open_in(file: File) -> io::Result<Netns> {
 
 impl Namespaces {
     pub fn new(own_cookie: u64) -> Namespaces {
+        let mut known = HashMap::new();
+        if let Ok(own) = identity(Path::new("/proc/thread-self/ns/net")) {
+            known.insert(own, own_cookie);
+        }
         Namespaces {
             own_cookie,
             others: HashMap::new(),
+            known,
         }
     }
 
@@ -137,6 +153,13 @@ impl Namespaces {
     /// Opens (or reuses) the namespace behind a namespace file; returns its
     /// cookie.
     pub fn resolve(&mut self, path: &Path) -> Result<u64, String> {
+        let id = identity(path)
+            .map_err(|e| format!("cannot open network namespace {} ({e})", path.display()))?;
+        if let Some(&cookie) = self.known.get(&id) {
+            if cookie == self.own_cookie || self.others.contains_key(&cookie) {
+                return Ok(cookie);
+            }
+        }
         let file = File::open(path)
             .map_err(|e| format!("cannot open network namespace {} ({e})", path.display()))?;
         let netns = open_in(file)
@@ -148,6 +171,7 @@ impl Namespaces {
         if cookie != self.own_cookie {
             self.others.entry(cookie).or_insert(netns);
         }
+        self.known.insert(id, cookie);
         Ok(cookie)
     }
 
@@ -187,6 +211,7 @@ impl Namespaces {
             if netns.diag.netns_cookie().ok() == Some(wanted) {
                 info!(netns = %path.display(), cookie = wanted, "reaching flows in another network namespace");
                 self.others.insert(wanted, netns);
+                self.known.insert((meta.dev(), meta.ino()), wanted);
                 return;
             }
         }
@@ -195,6 +220,12 @@ impl Namespaces {
 
     /// Closes the socket of a namespace that holds no tracked flow any more.
     pub fn release(&mut self, cookie: u64) {
+        if cookie == self.own_cookie {
+            return;
+        }
+        // The socket held the namespace alive; once it goes, the namespace's
+        // inode number may be reused, so its identity is forgotten too.
+        self.known.retain(|_, c| *c != cookie);
         if self.others.remove(&cookie).is_some() {
             debug!(
                 cookie,
