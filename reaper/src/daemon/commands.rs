@@ -152,7 +152,7 @@ impl State {
     ) -> Result<GrantResult, Refusal> {
         let now = clock::now();
         let (cookies, forwarded) = self.resolve(&g.flows, fds)?;
-        let existing = self.by_name.get(&g.session).copied();
+        let existing = self.by_name.get(g.session.as_str()).copied();
         for key in &forwarded {
             if let Some(grant) = self.enforcer.forwarded_grant(key) {
                 let holder = self.sessions.get(&grant.session);
@@ -162,7 +162,7 @@ impl State {
                         format!(
                             "forwarded flow {} already belongs to session {:?}",
                             describe(key),
-                            other.name
+                            other.name()
                         ),
                     );
                 }
@@ -171,10 +171,7 @@ impl State {
         for cookie in &cookies {
             let flow = self.flows[cookie];
             if flow.session != 0 && Some(flow.session) != existing {
-                let other = self
-                    .sessions
-                    .get(&flow.session)
-                    .map_or("?", |s| s.name.as_str());
+                let other = self.sessions.get(&flow.session).map_or("?", |s| s.name());
                 return refuse(
                     RefusalCode::FlowConflict,
                     format!(
@@ -202,7 +199,7 @@ impl State {
             None => (self.create_session(&g, caller, now, &cookies)?, true),
         };
 
-        let deadline = self.sessions[&id].record.deadline_ns;
+        let deadline = self.sessions[&id].terms.deadline_ns;
         let mut added = 0;
         for cookie in cookies {
             let mut flow = self.flows[&cookie];
@@ -252,8 +249,8 @@ impl State {
             );
         }
         let s = &self.sessions[&id];
-        if created && s.record.idle_timeout_ns != 0 {
-            let first_check = now.boot_ns + s.record.idle_timeout_ns;
+        if created && s.terms.idle_timeout_ns != 0 {
+            let first_check = now.boot_ns + s.terms.idle_timeout_ns;
             self.queue_idle_check(id, first_check);
         }
         let session = self.view(id, now);
@@ -272,22 +269,27 @@ impl State {
         now: policy::Now,
     ) -> Result<u64, Refusal> {
         let s = &self.sessions[&id];
-        if s.user != g.user || s.target != g.target {
+        if s.user() != g.user || s.target() != g.target {
             return refuse(
                 RefusalCode::SessionConflict,
                 format!(
                     "session {:?} belongs to user {:?} on target {:?}, not {:?} on {:?}",
-                    g.session, s.user, s.target, g.user, g.target
+                    g.session,
+                    s.user(),
+                    s.target(),
+                    g.user,
+                    g.target
                 ),
             );
         }
         if let Some(class) = &g.class {
-            if class != &s.class {
+            if class != s.class() {
                 return refuse(
                     RefusalCode::SessionConflict,
                     format!(
                         "session {:?} is of class {:?}, not {class:?}",
-                        g.session, s.class
+                        g.session,
+                        s.class()
                     ),
                 );
             }
@@ -295,7 +297,7 @@ impl State {
         let asked_idle = g
             .asked
             .idle_timeout_ns
-            .is_some_and(|t| t != s.record.idle_timeout_ns);
+            .is_some_and(|t| t != s.terms.idle_timeout_ns);
         let asked_dir = g
             .asked
             .idle_direction
@@ -309,7 +311,7 @@ impl State {
                 ),
             );
         }
-        let current = s.record.deadline_ns;
+        let current = s.terms.deadline_ns;
         let deadline = match &g.asked.expiry {
             Some(expiry) => policy::deadline_for(expiry, now, self.limits())
                 .map_err(|e| Refusal::new(RefusalCode::DeadlineRefused, format!("grant: {e}")))?
@@ -357,9 +359,9 @@ impl State {
                 .iter()
                 .map(|(id, s)| Holder {
                     id: *id,
-                    user: &s.user,
-                    target: &s.target,
-                    granted_unix_ns: s.record.granted_unix_ns as i128,
+                    user: s.user(),
+                    target: s.target(),
+                    granted_unix_ns: s.terms.granted_unix_ns as i128,
                 })
                 .collect();
             policy::admit(&holders, &g.user, &g.target, &class, self.config.limits)
@@ -383,7 +385,7 @@ impl State {
             Admission::Evict(ids) => {
                 let names: Vec<String> = ids
                     .iter()
-                    .map(|id| self.sessions[id].name.clone())
+                    .map(|id| self.sessions[id].name().to_owned())
                     .collect();
                 info!(evicted = ?names, for_user = %g.user, target = %g.target, "evicting the oldest sessions");
                 self.end_sessions(&ids, Reason::Evicted, Some(now.boot_ns));
@@ -407,14 +409,7 @@ impl State {
         if !self.enforcer.put_session(id, &record).map_err(internal)? {
             return refuse(RefusalCode::TableFull, "the kernel session table is full");
         }
-        self.index_session(
-            id,
-            record,
-            g.session.clone(),
-            g.user.clone(),
-            g.target.clone(),
-            class.name,
-        );
+        self.index_session(id, &record);
         Ok(id)
     }
 
@@ -449,7 +444,7 @@ impl State {
                 .get_mut(&id)
                 .expect("present")
                 .pending
-                .push(keys);
+                .push(keys.into_boxed_slice());
         }
         Ok(expect.len())
     }
@@ -457,12 +452,12 @@ impl State {
     /// Moves a session's deadline, in the kernel first.
     fn set_deadline(&mut self, id: u64, deadline: u64) -> Result<(), Refusal> {
         let session = self.sessions.get_mut(&id).expect("caller checked");
-        let old = session.record.deadline_ns;
+        let old = session.terms.deadline_ns;
         if old == deadline {
             return Ok(());
         }
-        session.record.deadline_ns = deadline;
-        let record = session.record;
+        session.terms.deadline_ns = deadline;
+        let record = session.record();
         let cookies: Vec<u64> = session.flows.iter().copied().collect();
         let pending: Vec<FlowTuple> = session.pending.iter().flatten().copied().collect();
         let forwarded: Vec<FlowTuple> = session.forwarded.iter().copied().collect();
@@ -510,7 +505,7 @@ impl State {
         let id = self.session_id("extend", &e.session)?;
         let deadline = policy::deadline_for(&e.expiry, now, self.limits())
             .map_err(|err| Refusal::new(RefusalCode::DeadlineRefused, format!("extend: {err}")))?;
-        let current = self.sessions[&id].record.deadline_ns;
+        let current = self.sessions[&id].terms.deadline_ns;
         if deadline < current {
             return refuse(
                 RefusalCode::DeadlineRefused,
@@ -537,8 +532,8 @@ impl State {
         let now = clock::now();
         let id = self.session_id("touch", name)?;
         let session = self.sessions.get_mut(&id).expect("present");
-        session.record.touched_ns = now.boot_ns;
-        let record = session.record;
+        session.terms.touched_ns = now.boot_ns;
+        let record = session.record();
         self.enforcer.put_session(id, &record).map_err(internal)?;
         Ok(GrantResult {
             session: self.view(id, now),
@@ -559,9 +554,9 @@ impl State {
         };
         let ids = match &selector {
             RevokeSelector::Session(name) => vec![self.session_id("revoke", name)?],
-            RevokeSelector::Class(class) => pick(&|s| &s.class == class),
-            RevokeSelector::User(user) => pick(&|s| &s.user == user),
-            RevokeSelector::Target(target) => pick(&|s| &s.target == target),
+            RevokeSelector::Class(class) => pick(&|s| s.class() == class),
+            RevokeSelector::User(user) => pick(&|s| s.user() == user),
+            RevokeSelector::Target(target) => pick(&|s| s.target() == target),
             RevokeSelector::Flow {
                 local,
                 remote,
@@ -594,7 +589,7 @@ impl State {
         };
         let names = ids
             .iter()
-            .map(|id| self.sessions[id].name.clone())
+            .map(|id| self.sessions[id].name().to_owned())
             .collect();
         let kills = self.end_sessions(&ids, Reason::Revoked, Some(clock::boot_ns()));
         Ok(RevokeResult {
@@ -607,9 +602,9 @@ impl State {
         let now = clock::now();
         let keep = |id: &u64| {
             let s = &self.sessions[id];
-            filter.session.as_ref().is_none_or(|v| &s.name == v)
-                && filter.user.as_ref().is_none_or(|v| &s.user == v)
-                && filter.target.as_ref().is_none_or(|v| &s.target == v)
+            filter.session.as_ref().is_none_or(|v| s.name() == v)
+                && filter.user.as_ref().is_none_or(|v| s.user() == v)
+                && filter.target.as_ref().is_none_or(|v| s.target() == v)
         };
         ListResult {
             now: policy::format_rfc3339(now.unix_ns),

@@ -65,25 +65,110 @@ struct RstCheck {
     target: String,
 }
 
+/// The scalar part of a session's kernel record. The daemon keeps this,
+/// not the whole `SessionRecord`: the record's fixed-size labels repeat the
+/// names below and would triple the memory a session costs.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Terms {
+    pub deadline_ns: u64,
+    pub granted_ns: u64,
+    pub granted_unix_ns: u64,
+    pub granted_by_uid: u32,
+    pub idle_direction: u32,
+    pub idle_timeout_ns: u64,
+    pub touched_ns: u64,
+}
+
+impl Terms {
+    fn of(record: &SessionRecord) -> Terms {
+        Terms {
+            deadline_ns: record.deadline_ns,
+            granted_ns: record.granted_ns,
+            granted_unix_ns: record.granted_unix_ns,
+            granted_by_uid: record.granted_by_uid,
+            idle_direction: record.idle_direction,
+            idle_timeout_ns: record.idle_timeout_ns,
+            touched_ns: record.touched_ns,
+        }
+    }
+}
+
+/// A session's four names in one allocation (a session costs a few
+/// hundred bytes; four separate strings were a third of that).
+pub(super) struct Names {
+    text: Box<str>,
+    /// Where the name, user and target end in `text`.
+    ends: [u16; 3],
+}
+
+impl Names {
+    /// Names are at most a few hundred bytes (protocol and label limits).
+    fn new(name: &str, user: &str, target: &str, class: &str) -> Names {
+        let a = name.len();
+        let b = a + user.len();
+        let c = b + target.len();
+        Names {
+            text: [name, user, target, class].concat().into_boxed_str(),
+            ends: [a, b, c].map(|e| u16::try_from(e).expect("names are short")),
+        }
+    }
+
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        let end = self.ends.get(i).map_or(self.text.len(), |e| *e as usize);
+        &self.text[start..end]
+    }
+}
+
 pub(super) struct Session {
-    pub record: SessionRecord,
-    pub name: String,
-    pub user: String,
-    pub target: String,
-    pub class: String,
+    pub terms: Terms,
+    pub names: Names,
     pub flows: BTreeSet<u64>,
     /// Forwarded flows (no local socket), by `forwarded_key`.
     pub forwarded: HashSet<FlowTuple>,
     /// Pre-registered connections not yet seen: each entry is the set of
     /// kernel `PENDING` keys one `expect` item was registered under.
-    pub pending: Vec<Vec<FlowTuple>>,
+    pub pending: Vec<Box<[FlowTuple]>>,
     /// When the next idle check is queued, if any.
     pub idle_check_at: Option<u64>,
 }
 
 impl Session {
+    pub fn name(&self) -> &str {
+        self.names.part(0)
+    }
+    pub fn user(&self) -> &str {
+        self.names.part(1)
+    }
+    pub fn target(&self) -> &str {
+        self.names.part(2)
+    }
+    pub fn class(&self) -> &str {
+        self.names.part(3)
+    }
+
     pub fn idle_direction(&self) -> IdleDirection {
-        IdleDirection::from_u32(self.record.idle_direction)
+        IdleDirection::from_u32(self.terms.idle_direction)
+    }
+
+    /// The kernel's copy of this session. Names were length-checked when
+    /// the session was made (or read back from a record), so they fit.
+    pub fn record(&self) -> SessionRecord {
+        let t = &self.terms;
+        SessionRecord {
+            deadline_ns: t.deadline_ns,
+            granted_ns: t.granted_ns,
+            granted_unix_ns: t.granted_unix_ns,
+            granted_by_uid: t.granted_by_uid,
+            idle_direction: t.idle_direction,
+            idle_timeout_ns: t.idle_timeout_ns,
+            touched_ns: t.touched_ns,
+            name: Label::new(self.name()).unwrap_or_default(),
+            user: Label::new(self.user()).unwrap_or_default(),
+            target: Label::new(self.target()).unwrap_or_default(),
+            class: Label::new(self.class()).unwrap_or_default(),
+            ..Default::default()
+        }
     }
 }
 
@@ -101,8 +186,10 @@ pub struct State {
     /// instant is shown as the same wall-clock time for the daemon's life,
     /// instead of jittering with each pair of clock reads.
     wall_offset_ns: i128,
-    pub(super) sessions: HashMap<u64, Session>,
-    pub(super) by_name: HashMap<String, u64>,
+    /// Boxed: the table keeps spare buckets, and a bucket should cost a
+    /// pointer, not a whole session.
+    pub(super) sessions: HashMap<u64, Box<Session>>,
+    pub(super) by_name: HashMap<Box<str>, u64>,
     next_id: u64,
     /// What is due when, earliest first.
     queue: BTreeSet<(u64, Due)>,
@@ -209,14 +296,12 @@ impl State {
                 record.target.as_str(),
                 record.class.as_str(),
             );
-            let (Some(name), Some(user), Some(target), Some(class)) = labels else {
+            let (Some(_), Some(_), Some(_), Some(_)) = labels else {
                 warn!(id, "dropping an unreadable session record");
                 self.enforcer.remove_session(id);
                 continue;
             };
-            let strings = [name, user, target, class].map(str::to_owned);
-            let [name, user, target, class] = strings;
-            self.index_session(id, record, name, user, target, class);
+            self.index_session(id, &record);
         }
         for (key, grant) in self.enforcer.forwarded_grants() {
             if let Some(s) = self.sessions.get_mut(&grant.session) {
@@ -229,7 +314,7 @@ impl State {
         }
         for (key, grant) in self.enforcer.pending() {
             match self.sessions.get_mut(&grant.session) {
-                Some(s) => s.pending.push(vec![key]),
+                Some(s) => s.pending.push(Box::new([key])),
                 None => self.enforcer.remove_pending(&key),
             }
         }
@@ -250,7 +335,7 @@ impl State {
         let idle: Vec<u64> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.record.idle_timeout_ns != 0)
+            .filter(|(_, s)| s.terms.idle_timeout_ns != 0)
             .map(|(id, _)| *id)
             .collect();
         let now = clock::boot_ns();
@@ -279,36 +364,31 @@ impl State {
         };
         let _ = self.enforcer.put_session(id, &record);
         warn!(session = %name, "flow without a session record: enforcing its deadline under a stand-in session");
-        let unknown = || "unknown".to_string();
-        self.index_session(id, record, name, unknown(), unknown(), unknown());
+        self.index_session(id, &record);
     }
 
     /// Adds a session to the in-memory indexes (its record is already in
-    /// the kernel map).
-    pub(super) fn index_session(
-        &mut self,
-        id: u64,
-        record: SessionRecord,
-        name: String,
-        user: String,
-        target: String,
-        class: String,
-    ) {
-        self.by_name.insert(name.clone(), id);
+    /// the kernel map, with labels the caller checked are readable).
+    pub(super) fn index_session(&mut self, id: u64, record: &SessionRecord) {
+        let label = |l: Option<&str>| l.unwrap_or("?").to_owned();
+        let names = Names::new(
+            &label(record.name.as_str()),
+            &label(record.user.as_str()),
+            &label(record.target.as_str()),
+            &label(record.class.as_str()),
+        );
+        self.by_name.insert(names.part(0).into(), id);
         self.queue.insert((record.deadline_ns, Due::Deadline(id)));
         self.sessions.insert(
             id,
-            Session {
-                record,
-                name,
-                user,
-                target,
-                class,
+            Box::new(Session {
+                terms: Terms::of(record),
+                names,
                 flows: BTreeSet::new(),
                 forwarded: HashSet::new(),
                 pending: Vec::new(),
                 idle_check_at: None,
-            },
+            }),
         );
         self.next_id = self.next_id.max(id + 1);
     }
@@ -360,11 +440,11 @@ impl State {
             .iter()
             .position(|keys| keys.iter().any(|k| claims(k, &flow)))
         {
-            for key in session.pending.remove(i) {
-                self.enforcer.remove_pending(&key);
+            for key in session.pending.remove(i).iter() {
+                self.enforcer.remove_pending(key);
             }
         }
-        let deadline = session.record.deadline_ns;
+        let deadline = session.terms.deadline_ns;
         if flow.deadline_ns != deadline {
             flow.deadline_ns = deadline;
             let _ = self.enforcer.update_flow(cookie, &flow);
@@ -527,7 +607,7 @@ impl State {
                 .iter()
                 .filter_map(|c| activity.get(c).copied())
                 .collect();
-            let mut floor = s.record.granted_ns.max(s.record.touched_ns);
+            let mut floor = s.terms.granted_ns.max(s.terms.touched_ns);
             if s.idle_direction() == IdleDirection::Any {
                 // A forwarded flow's packets, either way, are activity; a
                 // router cannot tell which end is the user, so under
@@ -539,9 +619,9 @@ impl State {
                 }
             }
             let last = policy::last_activity(now, s.idle_direction(), &sockets, floor);
-            let idle_deadline = last + s.record.idle_timeout_ns;
+            let idle_deadline = last + s.terms.idle_timeout_ns;
             if now >= idle_deadline {
-                info!(session = %s.name, idle_for_ms = (now - last) / policy::NS_PER_MS, "idle");
+                info!(session = %s.name(), idle_for_ms = (now - last) / policy::NS_PER_MS, "idle");
                 self.end_sessions(&[id], Reason::Idle, Some(idle_deadline));
             } else {
                 self.queue_idle_check(id, idle_deadline);
@@ -571,7 +651,7 @@ impl State {
         kills.extend(self.kill_forwarded(&forwarded, reason, due));
         for id in ids {
             if let Some(s) = self.sessions.get(id) {
-                debug!(session = %s.name, ?reason, "session ended");
+                debug!(session = %s.name(), ?reason, "session ended");
             }
             self.forget_session(*id);
         }
@@ -580,9 +660,8 @@ impl State {
 
     pub(super) fn forget_session(&mut self, id: u64) {
         if let Some(s) = self.sessions.remove(&id) {
-            self.by_name.remove(&s.name);
-            self.queue
-                .remove(&(s.record.deadline_ns, Due::Deadline(id)));
+            self.by_name.remove(s.name());
+            self.queue.remove(&(s.terms.deadline_ns, Due::Deadline(id)));
             if let Some(at) = s.idle_check_at {
                 self.queue.remove(&(at, Due::IdleCheck(id)));
             }
@@ -701,7 +780,11 @@ impl State {
             let (session, user, target) = match self.sessions.get_mut(&grant.session) {
                 Some(s) => {
                     s.forwarded.remove(key);
-                    (s.name.clone(), s.user.clone(), s.target.clone())
+                    (
+                        s.name().to_owned(),
+                        s.user().to_owned(),
+                        s.target().to_owned(),
+                    )
                 }
                 None => Default::default(),
             };
@@ -797,7 +880,11 @@ impl State {
     ) -> KillView {
         let KillBatch { reason, path, done } = *batch;
         let (session, user, target) = match self.sessions.get(&flow.session) {
-            Some(s) => (s.name.clone(), s.user.clone(), s.target.clone()),
+            Some(s) => (
+                s.name().to_owned(),
+                s.user().to_owned(),
+                s.target().to_owned(),
+            ),
             None => (String::new(), String::new(), String::new()),
         };
         let (local, remote) = socket::addrs_of(&flow.tuple);
@@ -907,19 +994,19 @@ impl State {
                 path: path_name(KillPath::Forward).to_string(),
             });
         }
-        let left = s.record.deadline_ns as i128 - now.boot_ns as i128;
+        let left = s.terms.deadline_ns as i128 - now.boot_ns as i128;
         SessionView {
-            session: s.name.clone(),
-            user: s.user.clone(),
-            target: s.target.clone(),
-            class: s.class.clone(),
-            deadline: policy::format_rfc3339(self.wall(s.record.deadline_ns)),
-            deadline_boot_ns: s.record.deadline_ns,
+            session: s.name().to_owned(),
+            user: s.user().to_owned(),
+            target: s.target().to_owned(),
+            class: s.class().to_owned(),
+            deadline: policy::format_rfc3339(self.wall(s.terms.deadline_ns)),
+            deadline_boot_ns: s.terms.deadline_ns,
             time_left_ms: (left / policy::NS_PER_MS as i128) as i64,
-            granted_at: policy::format_rfc3339(s.record.granted_unix_ns as i128),
-            granted_by_uid: s.record.granted_by_uid,
-            idle_timeout_ms: (s.record.idle_timeout_ns != 0)
-                .then_some(s.record.idle_timeout_ns / policy::NS_PER_MS),
+            granted_at: policy::format_rfc3339(s.terms.granted_unix_ns as i128),
+            granted_by_uid: s.terms.granted_by_uid,
+            idle_timeout_ms: (s.terms.idle_timeout_ns != 0)
+                .then_some(s.terms.idle_timeout_ns / policy::NS_PER_MS),
             idle_direction: s.idle_direction(),
             flows,
             expecting: s.pending.len(),

@@ -460,6 +460,12 @@ fn memory(rows: &mut Vec<Row>, quick: bool) {
         });
     }
     let before = rss_kib(pid);
+    if std::env::var_os("REAPER_BENCH_SMAPS").is_some() {
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default()
+        );
+    }
     let clients = 8;
     let threads: Vec<_> = (0..clients)
         .map(|c| {
@@ -471,6 +477,12 @@ fn memory(rows: &mut Vec<Row>, quick: bool) {
         t.join().unwrap();
     }
     let after = rss_kib(pid);
+    if std::env::var_os("REAPER_BENCH_SMAPS").is_some() {
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default()
+        );
+    }
     rows.push(Row {
         what: format!("daemon RSS with {grants} granted sessions (each a pre-registration)"),
         reaper: format!(
