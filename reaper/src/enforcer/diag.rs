@@ -41,9 +41,18 @@ const TCPI_BYTES_ACKED: usize = 120;
 const TCPI_BYTES_RECEIVED: usize = 128;
 const TCPI_BYTES_SENT: usize = 200;
 const TCPI_BYTES_RETRANS: usize = 208;
-/// Requests per sendmsg: 512 × 72 B stays far below the socket buffers, and
-/// their replies fit the default receive buffer.
+/// Requests per sendmsg. The kernel answers all of them before `sendmsg`
+/// returns, and each ack occupies about 1 KiB of the receive buffer
+/// (its skb, not its 36 bytes), so a batch's acks need ~512 KiB:
+/// `RCVBUF` leaves room for four.
 const BATCH: usize = 512;
+/// Receive buffer asked for (SO_RCVBUFFORCE, as root). With the default
+/// 208 KiB, a batch of 512 overflowed: the kernel destroyed every socket
+/// but dropped half the acks (ENOBUFS).
+const RCVBUF: i32 = 2 << 20;
+/// Sends of the still-unanswered requests of a batch after an overflow,
+/// before they are reported failed.
+const ATTEMPTS: usize = 4;
 /// TCP states a console flow can be in while it still carries data; listeners,
 /// TIME_WAIT and request sockets are never asked for.
 const LIVE_STATES: u32 = (1 << 1) // ESTABLISHED
@@ -147,12 +156,11 @@ impl SockDiag {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // Acks without the echoed request keep the replies small.
         set_option(fd.as_fd(), SOL_NETLINK, NETLINK_CAP_ACK, &1i32)?;
-        // A kernel that never answers must not hang the daemon.
-        let timeout = libc::timeval {
-            tv_sec: 2,
-            tv_usec: 0,
-        };
-        set_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
+        // Room for a batch's replies; without CAP_NET_ADMIN, the plain
+        // option (capped by rmem_max), and overflows are retried anyway.
+        if set_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &RCVBUF).is_err() {
+            let _ = set_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, &RCVBUF);
+        }
         Ok(SockDiag { fd, seq: 1 })
     }
 
@@ -222,53 +230,82 @@ impl SockDiag {
     }
 
     /// Sends one request per target, in batches, and collects one reply per
-    /// request, in order.
+    /// request, in order. A batch that fails as a whole (the socket itself
+    /// erred) reports that errno for its targets; later batches still go.
     fn exchange(&mut self, targets: &[DiagTarget], ask: Ask) -> io::Result<Vec<Reply>> {
         let mut replies = Vec::with_capacity(targets.len());
         for chunk in targets.chunks(BATCH) {
-            replies.extend(self.exchange_batch(chunk, ask)?);
+            match self.exchange_batch(chunk, ask) {
+                Ok(batch) => replies.extend(batch),
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    tracing::warn!("sock_diag batch of {} failed: {e}", chunk.len());
+                    replies.extend(chunk.iter().map(|_| Reply::Status(errno)));
+                }
+            }
         }
         Ok(replies)
     }
 
+    /// One batch. The kernel handles sock_diag requests synchronously, in
+    /// `sendmsg`: once it returns, every reply is queued, or was dropped
+    /// because the receive buffer overflowed. So the replies are drained
+    /// without waiting, and the requests that got none are sent again (a
+    /// second destroy of a socket the first one killed finds it gone).
     fn exchange_batch(&mut self, targets: &[DiagTarget], ask: Ask) -> io::Result<Vec<Reply>> {
-        let first_seq = self.seq;
-        self.seq = self.seq.wrapping_add(targets.len() as u32);
-        let mut buf = Vec::with_capacity(targets.len() * MSG_LEN);
-        for (i, target) in targets.iter().enumerate() {
-            let seq = first_seq.wrapping_add(i as u32);
-            encode_request(&mut buf, ask, seq, target);
-        }
-        // SAFETY: a zeroed sockaddr_nl addresses the kernel.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        send_to(self.fd.as_fd(), &buf, &addr)?;
-
         let mut replies: Vec<Option<Reply>> = (0..targets.len()).map(|_| None).collect();
-        let mut pending = targets.len();
         let mut rbuf = vec![0u8; 64 * 1024];
-        while pending > 0 {
-            // SAFETY: rbuf is a live buffer of its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), rbuf.as_mut_ptr().cast(), rbuf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+        for _ in 0..ATTEMPTS {
+            let unanswered: Vec<usize> = (0..targets.len())
+                .filter(|i| replies[*i].is_none())
+                .collect();
+            if unanswered.is_empty() {
+                break;
             }
-            for (seq, reply) in parse_replies(&rbuf[..n as usize]) {
-                let index = seq.wrapping_sub(first_seq) as usize;
-                if let Some(slot @ None) = replies.get_mut(index) {
-                    *slot = Some(reply);
-                    pending -= 1;
+            let first_seq = self.seq;
+            self.seq = self.seq.wrapping_add(unanswered.len() as u32);
+            let mut buf = Vec::with_capacity(unanswered.len() * MSG_LEN);
+            for (k, i) in unanswered.iter().enumerate() {
+                encode_request(
+                    &mut buf,
+                    ask,
+                    first_seq.wrapping_add(k as u32),
+                    &targets[*i],
+                );
+            }
+            // SAFETY: a zeroed sockaddr_nl addresses the kernel.
+            let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+            addr.nl_family = libc::AF_NETLINK as u16;
+            send_to(self.fd.as_fd(), &buf, &addr)?;
+            loop {
+                // SAFETY: rbuf is a live buffer of its length.
+                let n = unsafe {
+                    libc::recv(
+                        self.fd.as_raw_fd(),
+                        rbuf.as_mut_ptr().cast(),
+                        rbuf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR | libc::ENOBUFS) => continue,
+                        Some(libc::EAGAIN) => break,
+                        _ => return Err(e),
+                    }
+                }
+                for (seq, reply) in parse_replies(&rbuf[..n as usize]) {
+                    let k = seq.wrapping_sub(first_seq) as usize;
+                    if let Some(&i) = unanswered.get(k) {
+                        replies[i].get_or_insert(reply);
+                    }
                 }
             }
         }
         Ok(replies
             .into_iter()
-            .map(|r| r.expect("every request answered"))
+            .map(|r| r.unwrap_or(Reply::Status(libc::ENOBUFS)))
             .collect())
     }
 }
