@@ -120,10 +120,45 @@ impl Names {
     }
 }
 
+/// A session's socket cookies: usually one or two, so a sorted vector (a
+/// B-tree node would cost about 100 bytes for a single cookie).
+#[derive(Default)]
+pub(super) struct Cookies(Vec<u64>);
+
+impl Cookies {
+    pub fn insert(&mut self, cookie: u64) -> bool {
+        match self.0.binary_search(&cookie) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, cookie);
+                true
+            }
+        }
+    }
+
+    pub fn remove(&mut self, cookie: &u64) -> bool {
+        match self.0.binary_search(cookie) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, u64> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 pub(super) struct Session {
     pub terms: Terms,
     pub names: Names,
-    pub flows: BTreeSet<u64>,
+    pub flows: Cookies,
     /// Forwarded flows (no local socket), by `forwarded_key`.
     pub forwarded: HashSet<FlowTuple>,
     /// Pre-registered connections not yet seen: each entry is the set of
@@ -384,7 +419,7 @@ impl State {
             Box::new(Session {
                 terms: Terms::of(record),
                 names,
-                flows: BTreeSet::new(),
+                flows: Cookies::default(),
                 forwarded: HashSet::new(),
                 pending: Vec::new(),
                 idle_check_at: None,
@@ -564,7 +599,7 @@ impl State {
             .filter(|id| self.sessions.contains_key(id))
             .collect();
         for id in &ids {
-            for cookie in &self.sessions[id].flows {
+            for cookie in self.sessions[id].flows.iter() {
                 if let Some(flow) = self.flows.get(cookie) {
                     targets.push(DiagTarget {
                         cookie: *cookie,
@@ -684,7 +719,12 @@ impl State {
         let mut targets = Vec::new();
         let mut gone = Vec::new();
         for &cookie in cookies {
-            match self.enforcer.flow(cookie) {
+            // The mirror is exact for what we need (the kernel sets a flow's
+            // addresses once; the daemon writes its deadline), and sparing a
+            // map lookup per flow matters when 100k flows expire together.
+            // A flow that has closed meanwhile is found gone by the destroy.
+            let known = self.flows.get(&cookie).copied();
+            match known.or_else(|| self.enforcer.flow(cookie)) {
                 Some(mut flow) => {
                     if flow.deadline_ns == 0 || flow.deadline_ns > now {
                         flow.deadline_ns = now;
