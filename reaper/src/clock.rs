@@ -47,6 +47,10 @@ pub fn now() -> Now {
 /// no deadline is ever found by polling.
 pub struct DeadlineTimer {
     fd: OwnedFd,
+    /// What the timer is armed for, while known: re-arming it for the same
+    /// instant (most grants do not move the earliest deadline) is skipped.
+    /// Forgotten when it fires.
+    armed: std::cell::Cell<Option<Option<u64>>>,
 }
 
 impl DeadlineTimer {
@@ -61,12 +65,16 @@ impl DeadlineTimer {
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         Ok(DeadlineTimer {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            armed: std::cell::Cell::new(None),
         })
     }
 
     /// Fires at `deadline_ns` (boot clock), at once if that is past; `None`
     /// disarms.
     pub fn arm(&self, deadline_ns: Option<u64>) -> io::Result<()> {
+        if self.armed.get() == Some(deadline_ns) {
+            return Ok(());
+        }
         let value = match deadline_ns {
             // 0 would disarm; a deadline at 0 is long past anyway.
             Some(ns) => libc::timespec {
@@ -95,8 +103,10 @@ impl DeadlineTimer {
             )
         };
         if rc < 0 {
+            self.armed.set(None);
             return Err(io::Error::last_os_error());
         }
+        self.armed.set(Some(deadline_ns));
         Ok(())
     }
 
@@ -108,6 +118,8 @@ impl DeadlineTimer {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
+        // It fired, so it is disarmed now, whatever it was armed for.
+        self.armed.set(None);
         Ok(())
     }
 }
