@@ -26,6 +26,9 @@ pub struct Connection {
     offset: usize,
     /// (stream offset of the bytes they came with, descriptor)
     fds: VecDeque<(usize, OwnedFd)>,
+    /// Responses not yet written: a client that pipelines gets them in as
+    /// few writes as it sent requests in.
+    out: Vec<u8>,
 }
 
 /// What reading the next request produced.
@@ -51,7 +54,14 @@ impl Connection {
             buf: Vec::with_capacity(4096),
             offset: 0,
             fds: VecDeque::new(),
+            out: Vec::new(),
         }
+    }
+
+    /// Whether a whole request line is already buffered (the client
+    /// pipelines): answers can wait for it and go out together.
+    pub fn has_line(&self) -> bool {
+        self.buf.contains(&b'\n')
     }
 
     pub async fn next(&mut self) -> io::Result<Incoming> {
@@ -116,8 +126,20 @@ impl Connection {
         }
     }
 
+    /// Queues a response line; `flush` writes what is queued.
+    pub fn queue(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        let result = self.stream.write_all(&self.out).await;
+        self.out.clear();
+        result
+    }
+
     pub async fn send(&mut self, line: &str) -> io::Result<()> {
-        self.stream.write_all(line.as_bytes()).await
+        self.queue(line);
+        self.flush().await
     }
 }
 

@@ -286,7 +286,11 @@ async fn serve_client(state: Shared, stream: UnixStream) {
                 return;
             }
         };
-        if conn.send(&response.to_line()).await.is_err() {
+        conn.queue(&response.to_line());
+        // A client that pipelines gets the answers to one read's worth of
+        // requests (16 KiB) in one write; nobody waits for a request that
+        // has not arrived, and the queue never holds more than that.
+        if !conn.has_line() && conn.flush().await.is_err() {
             return;
         }
     }
