@@ -295,14 +295,26 @@ fn test(args: &[String]) -> Result<(), String> {
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
     sh(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
-        .args(args)
+        .args(&args)
         .env("REAPER_BIN", target.join("reaper"))
         .env("REAPER_TEST_PEER", target.join("reaper-test-peer"))
-        .env("REAPER_PYDEPS", root().join("target/pydeps")))
+        .env("REAPER_PYDEPS", root().join("target/pydeps")))?;
+    // The benchmarks are not tests, but CI keeps them working: every one
+    // at its --quick size, results in target/ (the committed ones stay).
+    if args.is_empty() {
+        step("running the benchmarks at --quick sizes (results in target/bench-quick)");
+        run_bench(&["--quick".to_string()], &root().join("target/bench-quick"))?;
+    }
+    Ok(())
 }
 
 /// Runs the benchmarks (release build) and writes bench/results.
 fn bench(args: &[String]) -> Result<(), String> {
+    let args: Vec<String> = args.iter().filter(|a| *a != "--").cloned().collect();
+    run_bench(&args, &root().join("bench/results"))
+}
+
+fn run_bench(args: &[String], out: &Path) -> Result<(), String> {
     if !is_root() {
         return Err("the benchmarks need root (they load BPF programs and make namespaces)".into());
     }
@@ -311,9 +323,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     let target = root().join("target/release");
     step("running the benchmarks");
     sh(Command::new(target.join("reaper-bench"))
-        .args(args.iter().filter(|a| *a != "--"))
+        .args(args)
         .arg("--out")
-        .arg(root().join("bench/results"))
+        .arg(out)
         .current_dir(root())
         .env("REAPER_BIN", target.join("reaper"))
         .env("REAPER_TEST_PEER", target.join("reaper-test-peer"))
