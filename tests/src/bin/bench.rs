@@ -372,7 +372,7 @@ fn wait_all_ended(streams: &[TcpStream], timeout: Duration) -> Vec<Option<u64>> 
     ended
 }
 
-/// (p50, p99, max) of the lateness of each kill, in ms.
+/// Each kill's lateness in ms, sorted (infinite: it never ended).
 fn lateness_ms(deadlines: &[u64], ended: &[Option<u64>]) -> Vec<f64> {
     let mut late: Vec<f64> = deadlines
         .iter()
@@ -561,13 +561,17 @@ fn hold_flows(sb: &mut Sandbox, n: usize) -> HeldFlows {
 }
 
 impl HeldFlows {
-    /// Boot time at which each client saw its connection end.
-    fn ended(self) -> Vec<u64> {
+    /// Boot time at which each client saw its connection end (None: it
+    /// was still open when its holder gave up).
+    fn ended(self) -> Vec<Option<u64>> {
         let mut all = Vec::with_capacity(self.flows.len());
         for mut h in self.holders {
             let mut line = String::new();
             h.read_line(&mut line).unwrap();
-            all.extend(line.split_whitespace().map(|t| t.parse::<u64>().unwrap()));
+            all.extend(
+                line.split_whitespace()
+                    .map(|t| Some(t.parse::<u64>().unwrap()).filter(|t| *t != 0)),
+            );
         }
         all
     }
@@ -661,19 +665,7 @@ fn mass_expiry_reaper(n: usize) -> (Vec<f64>, u64) {
     assert!(boot_ns() < first, "granting took longer than the margin");
     let pid = sb.ok(json!({"op": "status"}))["pid"].as_u64().unwrap();
     let rss = rss_kib(pid);
-    let late = held
-        .ended()
-        .into_iter()
-        .zip(deadlines)
-        .map(|(t, deadline)| {
-            if t == 0 {
-                f64::INFINITY
-            } else {
-                (t as f64 - deadline as f64) / 1e6
-            }
-        })
-        .collect();
-    (late, rss)
+    (lateness_ms(&deadlines, &held.ended()), rss)
 }
 
 /// Benchmark 2, baseline: the same flows killed by `ss -K` with a filter
@@ -694,16 +686,7 @@ fn mass_expiry_ss(n: usize) -> Vec<f64> {
         .status()
         .unwrap();
     assert!(status.success());
-    held.ended()
-        .into_iter()
-        .map(|t| {
-            if t == 0 {
-                f64::INFINITY
-            } else {
-                (t as f64 - start as f64) / 1e6
-            }
-        })
-        .collect()
+    lateness_ms(&vec![start; n], &held.ended())
 }
 
 fn mass_expiry(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<f64>)>) {
@@ -714,8 +697,7 @@ fn mass_expiry(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<f6
         let (mut reaper_curve, mut ss_curve) = (Vec::new(), Vec::new());
         let mut ss_missed = Vec::new();
         for _ in 0..runs {
-            let (mut late, kib) = mass_expiry_reaper(n);
-            late.sort_by(|a, b| a.total_cmp(b));
+            let (late, kib) = mass_expiry_reaper(n);
             let open = late.iter().filter(|l| l.is_infinite()).count();
             assert_eq!(
                 open, 0,
@@ -725,7 +707,6 @@ fn mass_expiry(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<f6
             rss.push(kib as f64 / 1024.0);
             reaper_curve = late;
             let mut base = mass_expiry_ss(n);
-            base.sort_by(|a, b| a.total_cmp(b));
             // ss -K walks a socket dump while it destroys: sockets can be
             // skipped. Those are counted, and its time is that of the last
             // socket it did reset (which flatters it).
