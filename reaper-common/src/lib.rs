@@ -37,6 +37,7 @@ pub mod map_names {
     pub const SETTINGS: &str = "SETTINGS";
     pub const FORWARDED: &str = "FORWARDED";
     pub const FORWARDED_GRANTS: &str = "FORWARDED_GRANTS";
+    pub const MARKS: &str = "MARKS";
 }
 
 /// Names of the programs in the object.
@@ -105,6 +106,35 @@ pub struct Flow {
     pub _pad: u32,
 }
 
+/// What the packet path keeps of a tracked flow, in the socket's own storage
+/// (`MARKS`, a socket-local storage map). An untracked socket has no mark,
+/// which the kernel tells in a pointer test: the packets of every other
+/// connection on the host pay no hash lookup. A mark caches its flow's
+/// [`drop_from`] and is refreshed from `FLOWS` when `setting::FLOWS_EPOCH`
+/// has moved since, so the daemon keeps writing `FLOWS` only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowMark {
+    /// The epoch `drop_from_ns` was read at; 0 = never read.
+    pub epoch: u64,
+    /// See [`drop_from`].
+    pub drop_from_ns: u64,
+}
+
+/// From when (`CLOCK_BOOTTIME` ns) the kernel drops a tracked flow's packets:
+/// its deadline if granted; if ungranted on a fenced port, the end of its
+/// grace window; otherwise never (`u64::MAX`).
+#[inline(always)]
+pub fn drop_from(flow: &Flow, fence_grace_ns: u64) -> u64 {
+    if flow.deadline_ns != 0 {
+        flow.deadline_ns
+    } else if flow.flags & flow_flags::FENCED != 0 {
+        flow.established_ns.saturating_add(fence_grace_ns)
+    } else {
+        u64::MAX
+    }
+}
+
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
     /// The socket was accepted (passive open): it faces the client, so the
@@ -132,6 +162,10 @@ pub struct PendingGrant {
 pub mod setting {
     /// How long a fenced flow may live without a grant, in nanoseconds.
     pub const FENCE_GRACE_NS: u32 = 0;
+    /// Bumped by the daemon after every change to a `FLOWS` entry or to the
+    /// grace: a [`FlowMark`](super::FlowMark) read at another epoch is stale.
+    /// Never 0 once the daemon has started.
+    pub const FLOWS_EPOCH: u32 = 1;
     pub const COUNT: u32 = 4;
 }
 
@@ -318,6 +352,10 @@ pub mod counter {
     pub const EVENTS_LOST: u32 = 4;
     /// Connections tagged at establishment from a pre-registered grant.
     pub const PENDING_MATCHED: u32 = 5;
+    /// Tracked flows that got no [`FlowMark`](super::FlowMark) (socket
+    /// storage could not be allocated): the kernel's drop backstop does not
+    /// see them, only the daemon's kill does.
+    pub const UNMARKED: u32 = 6;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }
@@ -338,13 +376,19 @@ pub enum PortSet {
     Watch = 0,
     /// Connections are tracked and must be granted within the grace window.
     Fence = 1,
+    /// Every port watched or fenced since the maps were made (the daemon
+    /// only ever adds to it, across reloads and restarts), so a superset of
+    /// the ports of every live tracked flow. The packet path asks it first:
+    /// a packet of any other socket is let through after two array reads,
+    /// before the per-socket lookup, which costs a helper call.
+    Seen = 2,
 }
 
-/// `WATCH` holds four bitmaps of all 65536 ports (watch/fence × local/
+/// `WATCH` holds six bitmaps of all 65536 ports (watch/fence/seen × local/
 /// remote) as u64 words: one array lookup per bitmap decides about a new
-/// connection, whatever the number of configured ranges.
+/// connection or a packet, whatever the number of configured ranges.
 pub const WATCH_WORDS_PER_SIDE: u32 = 65_536 / 64;
-pub const WATCH_WORDS: u32 = 4 * WATCH_WORDS_PER_SIDE;
+pub const WATCH_WORDS: u32 = 6 * WATCH_WORDS_PER_SIDE;
 
 /// Where `port` on `side` lives in bitmap `set`: (word index, bit mask).
 #[inline(always)]
@@ -403,7 +447,11 @@ mod tests {
         assert_eq!(watch_slot(Watch, Local, 5900), (92, 1 << 12));
         assert_eq!(watch_slot(Watch, Remote, 0), (WATCH_WORDS_PER_SIDE, 1));
         assert_eq!(watch_slot(Fence, Local, 0), (2 * WATCH_WORDS_PER_SIDE, 1));
-        assert_eq!(watch_slot(Fence, Remote, 65535), (WATCH_WORDS - 1, 1 << 63));
+        assert_eq!(
+            watch_slot(Fence, Remote, 65535),
+            (4 * WATCH_WORDS_PER_SIDE - 1, 1 << 63)
+        );
+        assert_eq!(watch_slot(Seen, Remote, 65535), (WATCH_WORDS - 1, 1 << 63));
     }
 
     #[test]
@@ -421,6 +469,26 @@ mod tests {
         assert!(low_first && k3.local_port == 1);
         assert_eq!(size_of::<ForwardedEnd>(), 28);
         assert_eq!(size_of::<Forwarded>(), 88);
+    }
+
+    #[test]
+    fn drop_from_follows_deadline_then_fence() {
+        let mut flow = Flow {
+            established_ns: 1_000,
+            ..Flow::default()
+        };
+        assert_eq!(
+            drop_from(&flow, 500),
+            u64::MAX,
+            "unfenced, ungranted: never"
+        );
+        flow.flags = flow_flags::FENCED;
+        assert_eq!(drop_from(&flow, 500), 1_500, "fenced: end of grace");
+        assert_eq!(drop_from(&flow, u64::MAX), u64::MAX, "grace saturates");
+        flow.deadline_ns = 9_000;
+        assert_eq!(drop_from(&flow, 500), 9_000, "a grant replaces the fence");
+        flow.flags = 0;
+        assert_eq!(drop_from(&flow, 500), 9_000);
     }
 
     #[test]

@@ -12,28 +12,39 @@
 //!   of a tracked flow whose deadline has passed, or of a fenced flow still
 //!   ungranted after the grace window, is dropped, whether or not the daemon
 //!   is running. RSTs still pass, so that the socket destroy (or the peer)
-//!   can end the connection cleanly.
+//!   can end the connection cleanly. They run for every packet of the
+//!   cgroup, so they avoid the flow table: sock_ops gives each tracked
+//!   socket a mark (socket-local storage) that caches when its packets start
+//!   being dropped, re-read from `FLOWS` only when the daemon has changed it.
 #![no_std]
 #![no_main]
 
-use core::{ffi::c_void, ptr::read_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{null_mut, read_volatile},
+};
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
-    macros::{cgroup_skb, classifier, map, sock_ops},
+    btf_maps::SkStorage,
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_boot_ns,
+        bpf_sk_storage_get,
+    },
+    macros::{btf_map, cgroup_skb, classifier, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::warn;
 use reaper_common::{
-    counter, deadline_passed, flow_flags, forwarded_key, setting, watch_slot, Flow, FlowEvent,
-    FlowEventKind, FlowTuple, Forwarded, PendingGrant, PortSet, PortSide, SessionRecord, AF_INET,
-    AF_INET6, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SESSIONS, EVENTS_BYTES, MAX_FORWARDED, MAX_PENDING,
-    WATCH_WORDS,
+    counter, deadline_passed, drop_from, flow_flags, forwarded_key, setting, watch_slot, Flow,
+    FlowEvent, FlowEventKind, FlowMark, FlowTuple, Forwarded, PendingGrant, PortSet, PortSide,
+    SessionRecord, AF_INET, AF_INET6, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SESSIONS, EVENTS_BYTES,
+    MAX_FORWARDED, MAX_PENDING, WATCH_WORDS,
 };
 
 #[map]
@@ -65,6 +76,18 @@ static FORWARDED: HashMap<FlowTuple, Forwarded> = HashMap::with_max_entries(MAX_
 #[map]
 static FORWARDED_GRANTS: HashMap<FlowTuple, PendingGrant> =
     HashMap::with_max_entries(MAX_FORWARDED, 0);
+
+/// Per-socket [`FlowMark`]s of tracked flows, for the packet path. A BTF map
+/// (socket storage needs BTF for its key and value), declared through aya's
+/// definition but used with the raw helper: aya's wrapper only takes
+/// sock_addr contexts.
+#[btf_map]
+static MARKS: SkStorage<FlowMark> = SkStorage::new();
+
+#[inline(always)]
+fn marks() -> *mut c_void {
+    (&raw const MARKS).cast_mut().cast()
+}
 
 /// Daemon-written settings (see `reaper_common::setting`).
 #[map]
@@ -223,9 +246,34 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         return;
     }
     count(counter::TRACKED);
+    mark(ctx);
     // Only tracked sockets pay for state callbacks.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     emit(FlowEventKind::Established, cookie, &flow);
+}
+
+/// Gives a newly tracked socket its (blank, so stale) mark: from now on the
+/// packet path looks it up in `FLOWS`.
+#[inline(always)]
+fn mark(ctx: &SockOpsContext) {
+    // SAFETY: reading a context field (a nullable socket pointer).
+    let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    let created = !sk.is_null() && {
+        let mut blank = FlowMark::default();
+        let value = (&mut blank as *mut FlowMark).cast::<c_void>();
+        !unsafe {
+            bpf_sk_storage_get(
+                marks(),
+                sk.cast(),
+                value,
+                BPF_SK_STORAGE_GET_F_CREATE.into(),
+            )
+        }
+        .is_null()
+    };
+    if !created {
+        count(counter::UNMARKED);
+    }
 }
 
 /// Claims a pre-registered grant: only the connection whose delete succeeds
@@ -262,34 +310,105 @@ pub fn reaper_egress(ctx: SkBuffContext) -> i32 {
 }
 
 /// 1 lets the packet through, 0 drops it.
+///
+/// This runs for every packet of every socket in the cgroup, so the common
+/// cases stay clear of helper calls (each costs tens of nanoseconds where
+/// returns are mitigated): a socket on no port ever watched or fenced is let
+/// through after two array reads; then a socket without a mark is
+/// untracked; a mark whose `drop_from_ns` is far ahead needs only the clock
+/// cache.
 #[inline(always)]
 fn enforce(ctx: &SkBuffContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    let (deadline_ns, flags, established_ns) = match unsafe { FLOWS.get(&cookie) } {
-        Some(flow) => (flow.deadline_ns, flow.flags, flow.established_ns),
-        None => return 1,
-    };
-    if deadline_ns == 0 {
-        // Ungranted: free to pass, unless it is fenced and its grace is over.
-        if flags & flow_flags::FENCED == 0 {
-            return 1;
-        }
-        let grace = match SETTINGS.get(setting::FENCE_GRACE_NS) {
-            Some(grace) => *grace,
-            None => return 1,
-        };
-        let now = unsafe { bpf_ktime_get_boot_ns() };
-        if now < established_ns.saturating_add(grace) {
-            return 1;
-        }
-    } else if !deadline_passed(deadline_ns, unsafe { bpf_ktime_get_boot_ns() }) {
+    // SAFETY: reading a context field; the verifier types it as a nullable
+    // socket pointer, and the helper accepts any socket the kernel gives.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
         return 1;
     }
-    if is_rst(ctx) {
+    // SAFETY: sock_common fields of a non-null socket pointer. The local
+    // port is in host order, the remote one in network order.
+    let (local_port, remote_port) =
+        unsafe { ((*sk).src_port as u16, u16::from_be((*sk).dst_port)) };
+    if !marked(PortSet::Seen, PortSide::Local, local_port)
+        && !marked(PortSet::Seen, PortSide::Remote, remote_port)
+    {
+        return 1;
+    }
+    let mark = unsafe { bpf_sk_storage_get(marks(), sk.cast(), null_mut(), 0) }.cast::<FlowMark>();
+    if mark.is_null() {
+        return 1;
+    }
+    let epoch = match SETTINGS.get(setting::FLOWS_EPOCH) {
+        Some(epoch) => *epoch,
+        None => return 1,
+    };
+    // SAFETY: a socket storage value stays valid for the program's run.
+    let mark = unsafe { &mut *mark };
+    if mark.epoch != epoch || epoch == 0 {
+        refresh(ctx, mark, epoch);
+    }
+    if !reached(mark.drop_from_ns) || is_rst(ctx) {
         return 1;
     }
     count(counter::DROPPED);
     0
+}
+
+/// Re-reads a mark's flow from `FLOWS`. The epoch was read before the flow,
+/// so a daemon write racing with this leaves a mark that is stale at the
+/// next epoch, never one that looks current.
+#[inline(never)]
+fn refresh(ctx: &SkBuffContext, mark: &mut FlowMark, epoch: u64) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    let grace = SETTINGS.get(setting::FENCE_GRACE_NS).copied().unwrap_or(0);
+    mark.drop_from_ns = match unsafe { FLOWS.get(&cookie) } {
+        Some(flow) => drop_from(flow, grace),
+        // Closed, or removed by the daemon: nothing to enforce.
+        None => u64::MAX,
+    };
+    mark.epoch = epoch;
+}
+
+/// Per-CPU: the last `CLOCK_BOOTTIME` reading and the jiffy it was taken in.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ClockCache {
+    jiffies: u64,
+    now_ns: u64,
+}
+
+/// How far the real time may be past a cached reading taken in the current
+/// jiffy: one tick is at most 10 ms (HZ ≥ 100); ten times that covers a
+/// tick that updates jiffies late.
+const CLOCK_SLACK_NS: u64 = 100_000_000;
+
+#[map]
+static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether `CLOCK_BOOTTIME` has reached `at_ns`. Reading the precise clock
+/// costs tens of nanoseconds (more in a VM), as much as the rest of the
+/// packet path; a reading cached in the current jiffy is behind the true
+/// time by at most `CLOCK_SLACK_NS`, so an instant further ahead than that
+/// is not yet reached without asking. Near and past the instant the precise
+/// clock decides, so the drop is as exact as before.
+#[inline(always)]
+fn reached(at_ns: u64) -> bool {
+    if at_ns == u64::MAX {
+        return false;
+    }
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cache) = CLOCK.get_ptr_mut(0) else {
+        return deadline_passed(at_ns, unsafe { bpf_ktime_get_boot_ns() });
+    };
+    // SAFETY: per-CPU slot, no other writer while this program runs here.
+    let cache = unsafe { &mut *cache };
+    if cache.jiffies == jiffies && at_ns > cache.now_ns.saturating_add(CLOCK_SLACK_NS) {
+        return false;
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    cache.jiffies = jiffies;
+    cache.now_ns = now;
+    now >= at_ns
 }
 
 /// Whether the packet is a TCP segment with RST set. Only asked for packets of

@@ -80,3 +80,56 @@ fn grants_survive_sigterm() {
 fn grants_survive_sigkill() {
     survives_restart("restart-kill", libc::SIGKILL);
 }
+
+/// The packet path keeps per-socket marks that cache each flow's deadline
+/// (see `FlowMark`). A deadline that changes after packets were cached must
+/// reach the backstop, and a flow stays covered after its port leaves the
+/// config: with the daemon down, the extended flow lives past its first
+/// deadline and the flow whose port was unwatched by a reload is dropped.
+#[test]
+fn backstop_follows_extends_and_outlives_unwatched_ports() {
+    let mut sb = Sandbox::new("restart-marks");
+    sb.start_daemon();
+    let peer = sb.peer(&["127.0.0.1:5900"]);
+    let mut doomed = Flow::connect("127.0.0.1:5900");
+    let mut extended = Flow::connect("127.0.0.1:5900");
+
+    // Port 5900 leaves the config; the flows already on it stay tracked.
+    sb.write_config("[[watch]]\nports = \"6100\"\nside = \"local\"\n");
+    sb.hangup();
+    let end = std::time::Instant::now() + 5 * SECOND;
+    while sb.ok(json!({"op": "status"}))["config_loads"] != 2 {
+        assert!(std::time::Instant::now() < end, "reload not applied");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // Each change is preceded by packets, so that the marks hold what was
+    // true before it: ungranted, then the 1.5 s deadline, then the extend.
+    doomed.echo().unwrap();
+    extended.echo().unwrap();
+    let first_deadline = sb.grant("doomed", "alice", "vm-1", "1500ms", &doomed)["session"]
+        ["deadline_boot_ns"]
+        .as_u64()
+        .unwrap();
+    sb.grant("extended", "bob", "vm-2", "1500ms", &extended);
+    doomed.echo().unwrap();
+    extended.echo().unwrap();
+    sb.ok(json!({"op": "extend", "session": "extended", "ttl": "20s"}));
+
+    sb.stop_daemon(libc::SIGKILL);
+    sleep_until_boot(first_deadline + 100_000_000);
+    use std::io::Write;
+    sb.peer_mut(peer).drain();
+    doomed.stream.write_all(b"ping").unwrap();
+    let leaked = sb.peer_mut(peer).try_expect(
+        |l| l.starts_with(&format!("data {} ", doomed.client)),
+        SECOND,
+    );
+    assert!(
+        leaked.is_none(),
+        "a flow on a port unwatched by reload delivered data past its deadline"
+    );
+    extended
+        .echo()
+        .expect("an extended flow keeps working past its first deadline");
+}

@@ -72,6 +72,8 @@ pub struct Enforcer {
     counters: PerCpuArray<MapData, u64>,
     watch: Array<MapData, u64>,
     settings: Array<MapData, u64>,
+    /// The last `setting::FLOWS_EPOCH` written: see [`Enforcer::bump_epoch`].
+    epoch: u64,
     pending: HashMap<MapData, FlowTuple, PendingGrant>,
     forwarded: HashMap<MapData, FlowTuple, Forwarded>,
     forwarded_grants: HashMap<MapData, FlowTuple, PendingGrant>,
@@ -139,6 +141,7 @@ impl Enforcer {
             map_names::SETTINGS,
             map_names::FORWARDED,
             map_names::FORWARDED_GRANTS,
+            map_names::MARKS,
         ];
         for name in names {
             loader.map_pin_path(name, pin(name));
@@ -196,6 +199,7 @@ impl Enforcer {
             sessions,
             counters,
             watch,
+            epoch: settings.get(&setting::FLOWS_EPOCH, 0).unwrap_or(0),
             settings,
             pending,
             forwarded,
@@ -270,14 +274,26 @@ impl Enforcer {
     /// the meantime (its entry is never re-created).
     pub fn update_flow(&mut self, cookie: u64, flow: &Flow) -> Result<bool> {
         match self.flows.insert(cookie, flow, 2 /* BPF_EXIST */) {
-            Ok(()) => Ok(true),
+            Ok(()) => self.bump_epoch().map(|()| true),
             Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
 
     pub fn remove_flow(&mut self, cookie: u64) {
-        let _ = self.flows.remove(&cookie);
+        if self.flows.remove(&cookie).is_ok() {
+            let _ = self.bump_epoch();
+        }
+    }
+
+    /// Tells the packet path that `FLOWS` or the grace changed: each tracked
+    /// socket keeps what it needs from its flow in a mark (`FlowMark`), and
+    /// re-reads it on its next packet when the epoch has moved. Called after
+    /// the write it announces, so a mark read before the write is stale.
+    fn bump_epoch(&mut self) -> Result<()> {
+        self.epoch += 1;
+        self.settings.set(setting::FLOWS_EPOCH, self.epoch, 0)?;
+        Ok(())
     }
 
     pub fn sessions(&self) -> Vec<(u64, SessionRecord)> {
@@ -518,15 +534,28 @@ impl Enforcer {
     /// Writes the watch and fence bitmaps and the fence grace. Used at start
     /// and on reload; the programs read them at the next connection.
     pub fn apply_ports(&mut self, config: &Config) -> Result<()> {
+        let seen = watch_slot(PortSet::Seen, PortSide::Local, 0).0;
         for (i, word) in port_bitmap(&config.watch, &config.fence)
             .into_iter()
             .enumerate()
         {
-            self.watch.set(i as u32, word, 0)?;
+            let i = i as u32;
+            if i < seen {
+                self.watch.set(i, word, 0)?;
+                continue;
+            }
+            // Seen ports stay seen: a flow tracked on a port since dropped
+            // from the config keeps its kernel backstop.
+            let before = self.watch.get(&i, 0)?;
+            if before | word != before {
+                self.watch.set(i, before | word, 0)?;
+            }
         }
         self.settings
             .set(setting::FENCE_GRACE_NS, config.fence_grace_ns, 0)?;
-        Ok(())
+        // Also at start: marks cached by the programs of an earlier run
+        // are re-read, and the epoch is never 0 while programs run.
+        self.bump_epoch()
     }
 
     /// Registers a grant for a connection to come; `Ok(false)` when the
@@ -561,6 +590,7 @@ impl Enforcer {
             (counter::TABLE_FULL, "table_full"),
             (counter::EVENTS_LOST, "events_lost"),
             (counter::PENDING_MATCHED, "pending_matched"),
+            (counter::UNMARKED, "unmarked"),
         ];
         names
             .iter()
@@ -696,9 +726,11 @@ pub fn port_bitmap(watch: &[Watch], fence: &[Watch]) -> Vec<u64> {
     };
     for w in watch {
         mark(PortSet::Watch, w);
+        mark(PortSet::Seen, w);
     }
     for w in fence {
         mark(PortSet::Fence, w);
+        mark(PortSet::Seen, w);
     }
     words
 }
@@ -862,7 +894,10 @@ mod tests {
         assert!(set(W, PortSide::Local, 22) && set(W, PortSide::Remote, 22));
         assert!(set(Fence, PortSide::Local, 6000) && !set(W, PortSide::Local, 6000));
         assert!(!set(Fence, PortSide::Local, 5900));
+        use PortSet::Seen;
+        assert!(set(Seen, PortSide::Local, 5900) && set(Seen, PortSide::Local, 6000));
+        assert!(set(Seen, PortSide::Remote, 22) && !set(Seen, PortSide::Remote, 5900));
         let total: u32 = bits.iter().map(|w| w.count_ones()).sum();
-        assert_eq!(total, 5);
+        assert_eq!(total, 10, "each port once in its set and once in seen");
     }
 }
