@@ -121,6 +121,21 @@ pub struct FlowMark {
     pub drop_from_ns: u64,
 }
 
+impl FlowMark {
+    /// The epoch of a mark that is never refreshed (the daemon's epoch
+    /// counts up from 1 and never gets here).
+    pub const FAIL_CLOSED: u64 = u64::MAX;
+
+    /// The mark of a socket that needed tracking and found `FLOWS` full:
+    /// every packet dropped from now on (but RSTs).
+    pub const fn fail_closed() -> FlowMark {
+        FlowMark {
+            epoch: Self::FAIL_CLOSED,
+            drop_from_ns: 0,
+        }
+    }
+}
+
 /// From when (`CLOCK_BOOTTIME` ns) the kernel drops a tracked flow's packets:
 /// its deadline if granted; if ungranted on a fenced port, the end of its
 /// grace window; otherwise never (`u64::MAX`).
@@ -247,6 +262,9 @@ pub struct Forwarded {
 pub enum FlowEventKind {
     Established = 1,
     Closed = 2,
+    /// A fenced (or pre-granted) connection found `FLOWS` full: it is not
+    /// tracked, the kernel drops its packets, and the daemon must destroy it.
+    Refused = 3,
 }
 
 /// One ring-buffer record.

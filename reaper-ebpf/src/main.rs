@@ -237,30 +237,37 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
     }
     if FLOWS.insert(&cookie, &flow, 0).is_err() {
         count(counter::TABLE_FULL);
-        warn!(
-            ctx,
-            "reaper: flow table full, connection not tracked (ports {} -> {})",
-            local_port,
-            remote_port
-        );
+        // A fenced flow, or one already granted a deadline, must not run
+        // unenforced: its mark drops every packet from now on and the daemon
+        // is told to destroy it. Any other flow is left alone, untracked.
+        if fenced || flow.session != 0 {
+            mark_with(ctx, FlowMark::fail_closed());
+            emit(FlowEventKind::Refused, cookie, &flow);
+        } else {
+            warn!(
+                ctx,
+                "reaper: flow table full, connection not tracked (ports {} -> {})",
+                local_port,
+                remote_port
+            );
+        }
         return;
     }
     count(counter::TRACKED);
-    mark(ctx);
+    mark_with(ctx, FlowMark::default());
     // Only tracked sockets pay for state callbacks.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     emit(FlowEventKind::Established, cookie, &flow);
 }
 
-/// Gives a newly tracked socket its (blank, so stale) mark: from now on the
-/// packet path looks it up in `FLOWS`.
+/// Gives a socket its mark: blank (so stale: the packet path reads the flow
+/// from `FLOWS` at its first packet) for a tracked flow, or fail-closed.
 #[inline(always)]
-fn mark(ctx: &SockOpsContext) {
+fn mark_with(ctx: &SockOpsContext, mut mark: FlowMark) {
     // SAFETY: reading a context field (a nullable socket pointer).
     let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
     let created = !sk.is_null() && {
-        let mut blank = FlowMark::default();
-        let value = (&mut blank as *mut FlowMark).cast::<c_void>();
+        let value = (&mut mark as *mut FlowMark).cast::<c_void>();
         !unsafe {
             bpf_sk_storage_get(
                 marks(),
@@ -359,6 +366,9 @@ fn enforce(ctx: &SkBuffContext) -> i32 {
 /// next epoch, never one that looks current.
 #[inline(never)]
 fn refresh(ctx: &SkBuffContext, mark: &mut FlowMark, epoch: u64) {
+    if mark.epoch == FlowMark::FAIL_CLOSED {
+        return;
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
     let grace = SETTINGS.get(setting::FENCE_GRACE_NS).copied().unwrap_or(0);
     mark.drop_from_ns = match unsafe { FLOWS.get(&cookie) } {

@@ -14,6 +14,11 @@ pub const DEFAULT_SOCKET: &str = "/run/reaper/reaper.sock";
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/reaper";
 pub const DEFAULT_MAX_TTL: &str = "7d";
 pub const DEFAULT_FENCE_GRACE: &str = "2s";
+pub const DEFAULT_CLIENT_TIMEOUT: &str = "10s";
+pub const DEFAULT_MAX_CLIENTS: u32 = 4096;
+/// Each control connection holds a descriptor; the daemon raises its soft
+/// limit to the hard one, commonly 20000 or more where it runs.
+const MAX_CLIENTS_LIMIT: u32 = 16_384;
 
 /// Which end of a connection a watched port range is matched against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -66,6 +71,11 @@ pub struct Config {
     pub forward_interfaces: Vec<String>,
     /// How the forwarding program is attached to them.
     pub forward_attach: ForwardAttach,
+    /// Most control connections served at once.
+    pub max_clients: usize,
+    /// How long a client may take to finish a request line it started, or
+    /// to take a response.
+    pub client_timeout: std::time::Duration,
 }
 
 /// How the forwarding program is attached to an interface.
@@ -102,6 +112,8 @@ struct RawConfig {
     classes: Option<BTreeMap<String, RawClass>>,
     socket_destroy: Option<bool>,
     forward: Option<RawForward>,
+    max_clients: Option<u32>,
+    client_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -284,6 +296,23 @@ impl Config {
                 ));
             }
         }
+        let max_clients = raw.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS);
+        if !(1..=MAX_CLIENTS_LIMIT).contains(&max_clients) {
+            return Err(format!(
+                "max_clients: {max_clients} is outside 1..={MAX_CLIENTS_LIMIT}"
+            ));
+        }
+        let client_timeout_ns = policy::parse_duration(
+            raw.client_timeout
+                .as_deref()
+                .unwrap_or(DEFAULT_CLIENT_TIMEOUT),
+        )
+        .map_err(|e| format!("client_timeout: {e}"))?;
+        if !(policy::NS_PER_MS * 100..=3_600 * 1_000 * policy::NS_PER_MS)
+            .contains(&client_timeout_ns)
+        {
+            return Err("client_timeout: must be between 100ms and 1h".into());
+        }
         let access = raw.access.unwrap_or_default();
         let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         Ok(Config {
@@ -309,6 +338,8 @@ impl Config {
             socket_destroy: raw.socket_destroy.unwrap_or(true),
             forward_interfaces,
             forward_attach,
+            max_clients: max_clients as usize,
+            client_timeout: std::time::Duration::from_nanos(client_timeout_ns),
         })
     }
 
@@ -341,6 +372,8 @@ impl Config {
         self.socket_destroy = running.socket_destroy;
         self.forward_interfaces = running.forward_interfaces.clone();
         self.forward_attach = running.forward_attach;
+        self.max_clients = running.max_clients;
+        self.client_timeout = running.client_timeout;
     }
 
     /// Keys that differ from `new` but only take effect at a restart (the
@@ -367,6 +400,8 @@ impl Config {
             "forward.interfaces",
         );
         check(self.forward_attach != new.forward_attach, "forward.attach");
+        check(self.max_clients != new.max_clients, "max_clients");
+        check(self.client_timeout != new.client_timeout, "client_timeout");
         keys
     }
 }
@@ -557,6 +592,10 @@ mod tests {
             ("[[watch]]\nports = \"5900\"\nside = \"up\"", "side"),
             ("[access]\nuids = [\"bob\"]", "uids"),
             ("socket_group = \"no-such-group-here\"", "socket_group"),
+            ("max_clients = 0", "max_clients"),
+            ("max_clients = 100000", "max_clients"),
+            ("client_timeout = \"1ms\"", "client_timeout"),
+            ("client_timeout = \"soon\"", "client_timeout"),
         ] {
             let e = Config::from_toml(text).unwrap_err();
             assert!(e.contains(needle), "{text:?} -> {e}");

@@ -65,6 +65,10 @@ pub enum RefusalCode {
     BadFd,
     /// A kernel table is full.
     TableFull,
+    /// The daemon already serves `max_clients` control connections.
+    Busy,
+    /// A request line was left unfinished for `client_timeout`.
+    TimedOut,
     Internal,
 }
 

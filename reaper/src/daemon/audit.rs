@@ -26,6 +26,9 @@ pub enum Reason {
     Unauthorized,
     /// The grant for it was refused by a reject-new limit.
     Rejected,
+    /// It needed tracking (a fenced port, or a pre-registered grant) and the
+    /// kernel flow table was full: it fails closed.
+    TableFull,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -13,14 +13,21 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
+use tokio::time::Instant;
 
 use crate::protocol::{MAX_FDS_PER_REQUEST, MAX_LINE_BYTES};
 
-/// How long a client may leave a request line unfinished.
-pub const PARTIAL_LINE_TIMEOUT: Duration = Duration::from_secs(10);
-
+/// A connection costs the daemon a task, a descriptor and at most one line
+/// of buffer each way, whatever the client does: a client may stay idle
+/// between requests for as long as it likes (proxies keep one connection
+/// open), but a started request line must be finished, and a response
+/// taken, within `timeout`, or the connection is closed. A client that
+/// trickles a byte at a time is timed from its line's first byte.
 pub struct Connection {
     stream: UnixStream,
+    timeout: Duration,
+    /// When the unfinished line at the end of `buf` began.
+    partial_since: Option<Instant>,
     buf: Vec<u8>,
     /// Stream offset of `buf[0]`.
     offset: usize,
@@ -48,9 +55,11 @@ pub enum Incoming {
 }
 
 impl Connection {
-    pub fn new(stream: UnixStream) -> Connection {
+    pub fn new(stream: UnixStream, timeout: Duration) -> Connection {
         Connection {
             stream,
+            timeout,
+            partial_since: None,
             buf: Vec::with_capacity(4096),
             offset: 0,
             fds: VecDeque::new(),
@@ -79,6 +88,8 @@ impl Connection {
                     }
                 }
                 let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                // What follows the line (pipelined) starts a new one now.
+                self.partial_since = None;
                 line.pop();
                 if line.last() == Some(&b'\r') {
                     line.pop();
@@ -90,9 +101,11 @@ impl Connection {
                 return Ok(Incoming::TooLong);
             }
             let read = if self.buf.is_empty() {
+                self.partial_since = None;
                 self.read_more().await?
             } else {
-                match tokio::time::timeout(PARTIAL_LINE_TIMEOUT, self.read_more()).await {
+                let since = *self.partial_since.get_or_insert_with(Instant::now);
+                match tokio::time::timeout_at(since + self.timeout, self.read_more()).await {
                     Ok(read) => read?,
                     Err(_) => return Ok(Incoming::Stalled),
                 }
@@ -131,8 +144,17 @@ impl Connection {
         self.out.extend_from_slice(line.as_bytes());
     }
 
+    /// Writes the queued responses; a client that does not take them
+    /// within the timeout is an error (the caller closes the connection).
     pub async fn flush(&mut self) -> io::Result<()> {
-        let result = self.stream.write_all(&self.out).await;
+        let result =
+            match tokio::time::timeout(self.timeout, self.stream.write_all(&self.out)).await {
+                Ok(written) => written,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no response for the whole client_timeout",
+                )),
+            };
         self.out.clear();
         result
     }

@@ -14,7 +14,9 @@ mod state;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use reaper_common::FlowEvent;
@@ -27,6 +29,7 @@ use crate::clock::DeadlineTimer;
 use crate::config::Config;
 use crate::enforcer::{Enforcer, KernelLog, Started};
 use crate::error::{Error, Result};
+use crate::policy;
 use crate::protocol::{parse_request, Refusal, RefusalCode, Response, MAX_LINE_BYTES};
 use audit::Audit;
 use connection::{Connection, Incoming};
@@ -99,11 +102,17 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         signal(SignalKind::interrupt()).map_err(Error::io("installing SIGINT handler"))?;
     let mut hangup =
         signal(SignalKind::hangup()).map_err(Error::io("installing SIGHUP handler"))?;
+    let clients = Arc::new(AtomicUsize::new(0));
     info!(socket = %config.socket.display(), "reaper daemon ready");
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve_client(state.clone(), stream)); }
+                Ok((stream, _)) => match ClientSlot::take(&clients, config.max_clients) {
+                    Some(slot) => {
+                        tokio::spawn(serve_client(state.clone(), stream, config.client_timeout, slot));
+                    }
+                    None => refuse_busy(stream, config.max_clients),
+                },
                 Err(e) => {
                     // Out of descriptors, most likely: retrying at once would
                     // spin; the timers and events go on meanwhile.
@@ -225,7 +234,42 @@ async fn read_kernel_log(log: aya_log::EbpfLogger<KernelLog>) {
     }
 }
 
-async fn serve_client(state: Shared, stream: UnixStream) {
+/// One of the `max_clients` control connections; given back when dropped.
+struct ClientSlot(Arc<AtomicUsize>);
+
+impl ClientSlot {
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<ClientSlot> {
+        // Only the accept loop takes slots, so a load then an add is exact.
+        if count.load(Ordering::Relaxed) >= max {
+            return None;
+        }
+        count.fetch_add(1, Ordering::Relaxed);
+        Some(ClientSlot(count.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Past `max_clients`, a new connection gets one error line (if its buffer
+/// takes it at once; nothing waits on it) and is closed: the daemon's
+/// descriptors and memory stay bounded whatever clients do.
+fn refuse_busy(stream: UnixStream, max: usize) {
+    warn!(
+        max_clients = max,
+        "control connection refused: too many clients"
+    );
+    let refusal = Refusal::new(
+        RefusalCode::Busy,
+        format!("too many control connections (max_clients = {max}); try again later"),
+    );
+    let _ = stream.try_write(Response::refused(None, refusal).to_line().as_bytes());
+}
+
+async fn serve_client(state: Shared, stream: UnixStream, timeout: Duration, _slot: ClientSlot) {
     let caller = match stream.peer_cred() {
         Ok(c) => Caller {
             uid: c.uid(),
@@ -236,7 +280,7 @@ async fn serve_client(state: Shared, stream: UnixStream) {
             return;
         }
     };
-    let mut conn = Connection::new(stream);
+    let mut conn = Connection::new(stream, timeout);
     loop {
         let incoming = match conn.next().await {
             Ok(i) => i,
@@ -279,8 +323,11 @@ async fn serve_client(state: Shared, stream: UnixStream) {
             }
             Incoming::Stalled => {
                 let refusal = Refusal::new(
-                    RefusalCode::BadRequest,
-                    "request line left unfinished; closing the connection",
+                    RefusalCode::TimedOut,
+                    format!(
+                        "request line left unfinished for {} (client_timeout); closing the connection",
+                        policy::format_duration(timeout.as_nanos() as u64)
+                    ),
                 );
                 let _ = conn.send(&Response::refused(None, refusal).to_line()).await;
                 return;

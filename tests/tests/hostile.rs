@@ -1,0 +1,225 @@
+//! Issue 6, hostile conditions: control clients that misbehave.
+//!
+//! Test 5: a thousand connections that open and never send, or trickle a
+//! byte a second, and one that never reads its responses, must not stall
+//! the grants of a well-behaved client; the trickling and the non-reading
+//! ones are disconnected after `client_timeout`, the idle ones may stay.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reaper_tests::{assert_reset, Flow, Sandbox, SECOND};
+use serde_json::{json, Value};
+
+fn read_line(stream: &UnixStream, timeout: Duration) -> std::io::Result<String> {
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(line)
+}
+
+/// Reads until EOF; `Err` if the daemon keeps the connection open past
+/// `timeout`.
+fn read_to_eof(stream: &mut UnixStream, timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let end = Instant::now() + timeout;
+    let mut all = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(all),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(all),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[test]
+fn slow_and_vanished_clients_do_not_stall_grants() {
+    let mut sb = Sandbox::new("hostile-slow-clients");
+    sb.write_config("client_timeout = \"2s\"\n[[watch]]\nports = \"5900\"\nside = \"local\"\n");
+    sb.start_daemon();
+
+    let idle: Vec<UnixStream> = (0..500)
+        .map(|_| UnixStream::connect(&sb.socket).unwrap())
+        .collect();
+    let mut trickling: Vec<UnixStream> = (0..500)
+        .map(|_| UnixStream::connect(&sb.socket).unwrap())
+        .collect();
+    // Each trickler sends one byte of a request a second, forever.
+    let writers: Vec<UnixStream> = trickling.iter().map(|s| s.try_clone().unwrap()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickle = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let request = br#"{"op":"status"}"#;
+            let mut alive = vec![true; writers.len()];
+            for byte in request.iter().cycle() {
+                if stop.load(Ordering::Relaxed) || !alive.iter().any(|a| *a) {
+                    break;
+                }
+                for (w, alive) in writers.iter().zip(alive.iter_mut()) {
+                    if *alive && (&*w).write_all(&[*byte]).is_err() {
+                        *alive = false;
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    // One client sends a burst of requests and never reads the answers.
+    let mut deaf = UnixStream::connect(&sb.socket).unwrap();
+    {
+        let burst = "{\"op\":\"status\"}\n".repeat(5000);
+        let mut w = deaf.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = w.write_all(burst.as_bytes());
+        });
+    }
+
+    // Meanwhile a well-behaved client grants, each answer within a second.
+    let good = UnixStream::connect(&sb.socket).unwrap();
+    let start = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..300 {
+        let req = json!({"op": "grant", "session": format!("g{i}"), "user": "u", "target": "t",
+                         "ttl": "1h", "expect": [{"local": "127.0.0.1:5900",
+                                                  "remote": format!("127.0.0.2:{}", 20000 + i)}]});
+        let t0 = Instant::now();
+        (&good).write_all(format!("{req}\n").as_bytes()).unwrap();
+        let line = read_line(&good, SECOND)
+            .unwrap_or_else(|e| panic!("grant {i} stalled behind the slow clients: {e}"));
+        slowest = slowest.max(t0.elapsed());
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], true, "{line}");
+    }
+    println!(
+        "300 grants beside 1000 slow clients and a deaf one in {:?}, slowest {:?}",
+        start.elapsed(),
+        slowest
+    );
+
+    // The tricklers are cut 2 s after their first byte, with a reason.
+    for (i, t) in trickling.iter_mut().enumerate() {
+        let rest = read_to_eof(t, 10 * SECOND)
+            .unwrap_or_else(|e| panic!("trickling client {i} was never disconnected: {e}"));
+        let text = String::from_utf8_lossy(&rest);
+        assert!(text.contains("\"timed_out\""), "client {i} got {text:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().unwrap();
+    // The deaf client is disconnected too, once it has taken nothing for 2 s.
+    read_to_eof(&mut deaf, 20 * SECOND)
+        .expect("a client that never reads is disconnected after client_timeout");
+    // The idle ones were left alone and still work.
+    for s in idle.iter().step_by(50) {
+        (&*s).write_all(b"{\"op\":\"status\"}\n").unwrap();
+        let line = read_line(s, 5 * SECOND).expect("an idle connection still answers");
+        assert!(line.contains("\"ok\":true"), "{line}");
+    }
+}
+
+/// Past `max_clients` a connection gets `busy` and is closed; a freed slot
+/// is taken by the next one.
+#[test]
+fn connections_past_max_clients_are_refused_busy() {
+    let mut sb = Sandbox::new("hostile-max-clients");
+    sb.write_config("max_clients = 5\n[[watch]]\nports = \"5900\"\nside = \"local\"\n");
+    sb.start_daemon();
+    // Take all five slots. The daemon frees a slot when it sees its client
+    // gone, so one of `start_daemon`'s probes may hold one for a moment.
+    let mut held = Vec::new();
+    let end = Instant::now() + 5 * SECOND;
+    while held.len() < 5 {
+        let s = UnixStream::connect(&sb.socket).unwrap();
+        let _ = (&s).write_all(b"{\"op\":\"status\"}\n");
+        let line = read_line(&s, 5 * SECOND).unwrap_or_default();
+        if line.contains("\"ok\":true") {
+            held.push(s);
+        } else {
+            assert!(line.contains("\"busy\""), "{line}");
+            assert!(Instant::now() < end, "only {} slots of 5", held.len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let mut extra = UnixStream::connect(&sb.socket).unwrap();
+    let refused = read_to_eof(&mut extra, 5 * SECOND).expect("the extra connection is closed");
+    let refused = String::from_utf8_lossy(&refused);
+    assert!(refused.contains("\"busy\""), "{refused}");
+    assert!(refused.contains("max_clients = 5"), "{refused}");
+
+    drop(held.pop());
+    let end = Instant::now() + 5 * SECOND;
+    loop {
+        let s = UnixStream::connect(&sb.socket).unwrap();
+        let _ = (&s).write_all(b"{\"op\":\"status\"}\n");
+        let line = read_line(&s, 5 * SECOND).unwrap_or_default();
+        if line.contains("\"ok\":true") {
+            break;
+        }
+        assert!(line.contains("\"busy\""), "{line}");
+        assert!(Instant::now() < end, "the freed slot was never given back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Test 3: more watched flows than the flow table holds. A watched but
+/// unfenced connection that does not fit is left alone (untracked); a
+/// fenced one fails closed: reset at once, audited `table_full`. The daemon
+/// keeps serving.
+#[test]
+fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
+    let mut sb = Sandbox::new("hostile-full-table");
+    sb.write_config(
+        "max_flows = 1024\nfence_grace = \"30s\"\n\
+         [[watch]]\nports = \"5900\"\nside = \"local\"\n\
+         [[fence]]\nports = \"6000\"\nside = \"local\"\n",
+    );
+    sb.start_daemon();
+    sb.peer(&["127.0.0.1:5900", "127.0.0.1:6000"]);
+    let mut filling: Vec<Flow> = (0..1024).map(|_| Flow::connect("127.0.0.1:5900")).collect();
+    let counters = |sb: &Sandbox| sb.ok(json!({"op": "status"}))["counters"].clone();
+    let mut spare = Flow::connect("127.0.0.1:5900");
+    let end = Instant::now() + 5 * SECOND;
+    while counters(&sb)["table_full"].as_u64().unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < end,
+            "the table never filled: {}",
+            counters(&sb)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    spare
+        .echo()
+        .expect("an unfenced connection that did not fit is not harmed");
+
+    let mut fenced = Flow::connect("127.0.0.1:6000");
+    let (err, _) = fenced.wait_reset(5 * SECOND);
+    assert_reset(&err);
+    let events = sb.wait_audit(1, 5 * SECOND);
+    assert_eq!(events[0]["reason"], "table_full", "{}", events[0]);
+    assert_eq!(events[0]["local"], "127.0.0.1:6000", "{}", events[0]);
+    assert_eq!(events[0]["remote"], fenced.client.to_string());
+    let log = sb.daemon_log();
+    assert!(log.contains("flow table full"), "{log}");
+
+    // Still serving: a tracked flow can be granted, nothing else was hurt.
+    let granted = sb.grant("s1", "alice", "vm-1", "1h", &filling[0]);
+    assert_eq!(
+        granted["session"]["flows"][0]["path"], "destroy",
+        "{granted}"
+    );
+    for flow in filling.iter_mut().step_by(100) {
+        flow.echo().expect("tracked flows keep working");
+    }
+    spare.echo().unwrap();
+    assert_eq!(sb.audit().len(), 1, "only the fenced connection was killed");
+}
