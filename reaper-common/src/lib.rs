@@ -106,33 +106,21 @@ pub struct Flow {
     pub _pad: u32,
 }
 
-/// What the packet path keeps of a tracked flow, in the socket's own storage
-/// (`MARKS`, a socket-local storage map). An untracked socket has no mark,
-/// which the kernel tells in a pointer test: the packets of every other
-/// connection on the host pay no hash lookup. A mark caches its flow's
-/// [`drop_from`] and is refreshed from `FLOWS` when `setting::FLOWS_EPOCH`
-/// has moved since, so the daemon keeps writing `FLOWS` only.
+/// What a socket refused for a full flow table carries in its own storage
+/// (`MARKS`, a socket-local storage map): it has no `FLOWS` entry, and the
+/// packet path must still drop its packets. Only refused sockets get one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowMark {
-    /// The epoch `drop_from_ns` was read at; 0 = never read.
-    pub epoch: u64,
     /// See [`drop_from`].
     pub drop_from_ns: u64,
 }
 
 impl FlowMark {
-    /// The epoch of a mark that is never refreshed (the daemon's epoch
-    /// counts up from 1 and never gets here).
-    pub const FAIL_CLOSED: u64 = u64::MAX;
-
     /// The mark of a socket that needed tracking and found `FLOWS` full:
     /// every packet dropped from now on (but RSTs).
     pub const fn fail_closed() -> FlowMark {
-        FlowMark {
-            epoch: Self::FAIL_CLOSED,
-            drop_from_ns: 0,
-        }
+        FlowMark { drop_from_ns: 0 }
     }
 }
 
@@ -178,8 +166,8 @@ pub mod setting {
     /// How long a fenced flow may live without a grant, in nanoseconds.
     pub const FENCE_GRACE_NS: u32 = 0;
     /// Bumped by the daemon after every change to a `FLOWS` entry or to the
-    /// grace: a [`FlowMark`](super::FlowMark) read at another epoch is stale.
-    /// Never 0 once the daemon has started.
+    /// grace: what the packet path cached of a flow at another epoch is
+    /// stale. Never 0 once the daemon has started.
     pub const FLOWS_EPOCH: u32 = 1;
     pub const COUNT: u32 = 4;
 }
@@ -370,9 +358,9 @@ pub mod counter {
     pub const EVENTS_LOST: u32 = 4;
     /// Connections tagged at establishment from a pre-registered grant.
     pub const PENDING_MATCHED: u32 = 5;
-    /// Tracked flows that got no [`FlowMark`](super::FlowMark) (socket
-    /// storage could not be allocated): the kernel's drop backstop does not
-    /// see them, only the daemon's kill does.
+    /// Refused connections that got no [`FlowMark`](super::FlowMark) (socket
+    /// storage could not be allocated): the kernel does not drop their
+    /// packets; the daemon still destroys them.
     pub const UNMARKED: u32 = 6;
     /// Number of counters.
     pub const COUNT: u32 = 8;

@@ -13,9 +13,9 @@
 //!   ungranted after the grace window, is dropped, whether or not the daemon
 //!   is running. RSTs still pass, so that the socket destroy (or the peer)
 //!   can end the connection cleanly. They run for every packet of the
-//!   cgroup, so they avoid the flow table: sock_ops gives each tracked
-//!   socket a mark (socket-local storage) that caches when its packets start
-//!   being dropped, re-read from `FLOWS` only when the daemon has changed it.
+//!   cgroup, so they mostly avoid the flow table: a per-CPU cache keeps, by
+//!   socket cookie, when a flow's packets start being dropped, re-read from
+//!   `FLOWS` only when the daemon has changed something (an epoch).
 #![no_std]
 #![no_main]
 
@@ -26,7 +26,7 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        bpf_sock, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE,
     },
@@ -77,7 +77,7 @@ static FORWARDED: HashMap<FlowTuple, Forwarded> = HashMap::with_max_entries(MAX_
 static FORWARDED_GRANTS: HashMap<FlowTuple, PendingGrant> =
     HashMap::with_max_entries(MAX_FORWARDED, 0);
 
-/// Per-socket [`FlowMark`]s of tracked flows, for the packet path. A BTF map
+/// Per-socket [`FlowMark`]s of connections refused for a full table. A BTF map
 /// (socket storage needs BTF for its key and value), declared through aya's
 /// definition but used with the raw helper: aya's wrapper only takes
 /// sock_addr contexts.
@@ -241,7 +241,7 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         // unenforced: its mark drops every packet from now on and the daemon
         // is told to destroy it. Any other flow is left alone, untracked.
         if fenced || flow.session != 0 {
-            mark_with(ctx, FlowMark::fail_closed());
+            mark_refused(ctx);
             emit(FlowEventKind::Refused, cookie, &flow);
         } else {
             warn!(
@@ -254,16 +254,18 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         return;
     }
     count(counter::TRACKED);
-    mark_with(ctx, FlowMark::default());
     // Only tracked sockets pay for state callbacks.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     emit(FlowEventKind::Established, cookie, &flow);
 }
 
-/// Gives a socket its mark: blank (so stale: the packet path reads the flow
-/// from `FLOWS` at its first packet) for a tracked flow, or fail-closed.
+/// Gives a socket refused for a full table its mark, which the packet path
+/// finds when the socket has no `FLOWS` entry. Only refused sockets pay
+/// for socket storage (a few hundred bytes each), and only until the
+/// daemon destroys them.
 #[inline(always)]
-fn mark_with(ctx: &SockOpsContext, mut mark: FlowMark) {
+fn mark_refused(ctx: &SockOpsContext) {
+    let mut mark = FlowMark::fail_closed();
     // SAFETY: reading a context field (a nullable socket pointer).
     let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
     let created = !sk.is_null() && {
@@ -319,11 +321,11 @@ pub fn reaper_egress(ctx: SkBuffContext) -> i32 {
 /// 1 lets the packet through, 0 drops it.
 ///
 /// This runs for every packet of every socket in the cgroup, so the common
-/// cases stay clear of helper calls (each costs tens of nanoseconds where
-/// returns are mitigated): a socket on no port ever watched or fenced is let
-/// through after two array reads; then a socket without a mark is
-/// untracked; a mark whose `drop_from_ns` is far ahead needs only the clock
-/// cache.
+/// cases keep to inline reads and at most one helper call (each costs tens
+/// of nanoseconds where returns are mitigated): a socket on no port ever
+/// watched or fenced is let through after two array reads; a tracked one
+/// is found in the per-CPU flow cache by its cookie, and a deadline far
+/// ahead needs only the clock cache.
 #[inline(always)]
 fn enforce(ctx: &SkBuffContext) -> i32 {
     // SAFETY: reading a context field; the verifier types it as a nullable
@@ -341,42 +343,67 @@ fn enforce(ctx: &SkBuffContext) -> i32 {
     {
         return 1;
     }
-    let mark = unsafe { bpf_sk_storage_get(marks(), sk.cast(), null_mut(), 0) }.cast::<FlowMark>();
-    if mark.is_null() {
-        return 1;
-    }
     let epoch = match SETTINGS.get(setting::FLOWS_EPOCH) {
         Some(epoch) => *epoch,
         None => return 1,
     };
-    // SAFETY: a socket storage value stays valid for the program's run.
-    let mark = unsafe { &mut *mark };
-    if mark.epoch != epoch || epoch == 0 {
-        refresh(ctx, mark, epoch);
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    let Some(cached) = FLOW_CACHE.get_ptr_mut(cookie as u32 & (FLOW_CACHE_SLOTS - 1)) else {
+        return 1;
+    };
+    // SAFETY: per-CPU slot, no other writer while this program runs here.
+    let cached = unsafe { &mut *cached };
+    if cached.cookie != cookie || cached.epoch != epoch || epoch == 0 {
+        // Read the epoch before the flow: a daemon write racing with this
+        // leaves an entry that is stale at the next epoch, never one that
+        // looks current.
+        *cached = CachedFlow {
+            cookie,
+            epoch,
+            drop_from_ns: look_up(sk, cookie),
+        };
     }
-    if !reached(mark.drop_from_ns) || is_rst(ctx) {
+    if !reached(cached.drop_from_ns) || is_rst(ctx) {
         return 1;
     }
     count(counter::DROPPED);
     0
 }
 
-/// Re-reads a mark's flow from `FLOWS`. The epoch was read before the flow,
-/// so a daemon write racing with this leaves a mark that is stale at the
-/// next epoch, never one that looks current.
+/// Per CPU, a direct-mapped cache of what the packet path needs of a flow,
+/// by socket cookie (cookies are never reused), valid for one
+/// `setting::FLOWS_EPOCH`. Sparing the `FLOWS` lookup on every packet of a
+/// tracked flow, it costs a fixed 24 KiB per CPU instead of per-flow
+/// memory; flows whose cookies share a slot just look up more often.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CachedFlow {
+    cookie: u64,
+    epoch: u64,
+    drop_from_ns: u64,
+}
+
+const FLOW_CACHE_SLOTS: u32 = 1024;
+
+#[map]
+static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// When the packets of the socket start being dropped: from its `FLOWS`
+/// entry, or at once if it was refused for a full table (its mark); never
+/// for any other socket.
 #[inline(never)]
-fn refresh(ctx: &SkBuffContext, mark: &mut FlowMark, epoch: u64) {
-    if mark.epoch == FlowMark::FAIL_CLOSED {
-        return;
+fn look_up(sk: *mut bpf_sock, cookie: u64) -> u64 {
+    if let Some(flow) = unsafe { FLOWS.get(&cookie) } {
+        let grace = SETTINGS.get(setting::FENCE_GRACE_NS).copied().unwrap_or(0);
+        return drop_from(flow, grace);
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    let grace = SETTINGS.get(setting::FENCE_GRACE_NS).copied().unwrap_or(0);
-    mark.drop_from_ns = match unsafe { FLOWS.get(&cookie) } {
-        Some(flow) => drop_from(flow, grace),
-        // Closed, or removed by the daemon: nothing to enforce.
-        None => u64::MAX,
-    };
-    mark.epoch = epoch;
+    let mark = unsafe { bpf_sk_storage_get(marks(), sk.cast(), null_mut(), 0) }.cast::<FlowMark>();
+    if mark.is_null() {
+        u64::MAX
+    } else {
+        // SAFETY: a socket storage value stays valid for the program's run.
+        unsafe { (*mark).drop_from_ns }
+    }
 }
 
 /// Per-CPU: the last `CLOCK_BOOTTIME` reading and the jiffy it was taken in.

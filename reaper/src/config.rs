@@ -410,12 +410,14 @@ fn port_ranges(key: &str, list: Vec<RawWatch>) -> Result<Vec<Watch>, String> {
     list.into_iter()
         .enumerate()
         .map(|(i, w)| {
-            let (first, last) = match w.ports {
-                PortsSpec::One(p) => (p, p),
-                PortsSpec::Text(t) => {
-                    parse_port_range(&t).map_err(|e| format!("{key}[{i}].ports: {e}"))?
-                }
+            // A number goes through the same rules as text (found by
+            // fuzzing: `ports = 0` was taken while `ports = "0"` was not).
+            let text = match w.ports {
+                PortsSpec::One(p) => p.to_string(),
+                PortsSpec::Text(t) => t,
             };
+            let (first, last) =
+                parse_port_range(&text).map_err(|e| format!("{key}[{i}].ports: {e}"))?;
             Ok(Watch {
                 first,
                 last,
@@ -589,6 +591,8 @@ mod tests {
             ("socket_mode = \"999\"", "socket_mode"),
             ("[[watch]]\nports = \"6000-5000\"", "watch[0].ports"),
             ("[[watch]]\nports = \"0\"", "watch[0].ports"),
+            ("[[watch]]\nports = 0", "watch[0].ports"),
+            ("[[fence]]\nports = 0", "fence[0].ports"),
             ("[[watch]]\nports = \"5900\"\nside = \"up\"", "side"),
             ("[access]\nuids = [\"bob\"]", "uids"),
             ("socket_group = \"no-such-group-here\"", "socket_group"),

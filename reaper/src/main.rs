@@ -1,23 +1,12 @@
-//! `reaper`: kernel-enforced deadlines for console connections.
-//!
-//! Layers, from the bottom: `policy` (pure rules), `enforcer` (kernel
-//! programs, maps, kill paths), `daemon` (state and the control socket),
-//! `protocol` (what travels on that socket, shared with the CLI), `cli`.
-
-mod cli;
-mod clock;
-mod config;
-mod daemon;
-mod enforcer;
-mod error;
-mod policy;
-mod protocol;
+//! The `reaper` binary: `reaper daemon`, `reaper unload`, and the client
+//! commands. Everything else lives in the library (`lib.rs`).
 
 use clap::Parser;
 use tracing::level_filters::LevelFilter;
 
-use cli::{Cli, CliCommand};
-use config::Config;
+use reaper::cli::{self, Cli, CliCommand};
+use reaper::config::Config;
+use reaper::daemon;
 
 fn init_logging(default: LevelFilter) {
     let level = std::env::var("REAPER_LOG")

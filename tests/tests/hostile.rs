@@ -184,7 +184,7 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
          [[fence]]\nports = \"6000\"\nside = \"local\"\n",
     );
     sb.start_daemon();
-    sb.peer(&["127.0.0.1:5900", "127.0.0.1:6000"]);
+    let peer = sb.peer(&["127.0.0.1:5900", "127.0.0.1:6000"]);
     let mut filling: Vec<Flow> = (0..1024).map(|_| Flow::connect("127.0.0.1:5900")).collect();
     let counters = |sb: &Sandbox| sb.ok(json!({"op": "status"}))["counters"].clone();
     let mut spare = Flow::connect("127.0.0.1:5900");
@@ -201,13 +201,21 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
         .echo()
         .expect("an unfenced connection that did not fit is not harmed");
 
-    let mut fenced = Flow::connect("127.0.0.1:6000");
-    let (err, _) = fenced.wait_reset(5 * SECOND);
-    assert_reset(&err);
+    // The refusal can land before `connect` returns to us: only the local
+    // address is sure to be readable.
+    let mut fenced = std::net::TcpStream::connect("127.0.0.1:6000").unwrap();
+    let client = fenced.local_addr().unwrap();
+    fenced.set_read_timeout(Some(5 * SECOND)).unwrap();
+    let ended = std::io::Read::read(&mut fenced, &mut [0u8; 16]);
+    match ended {
+        Ok(0) => {}
+        Ok(n) => panic!("the refused connection got {n} bytes"),
+        Err(e) => assert_reset(&e),
+    }
     let events = sb.wait_audit(1, 5 * SECOND);
     assert_eq!(events[0]["reason"], "table_full", "{}", events[0]);
     assert_eq!(events[0]["local"], "127.0.0.1:6000", "{}", events[0]);
-    assert_eq!(events[0]["remote"], fenced.client.to_string());
+    assert_eq!(events[0]["remote"], client.to_string());
     let log = sb.daemon_log();
     assert!(log.contains("flow table full"), "{log}");
 
@@ -222,4 +230,16 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
     }
     spare.echo().unwrap();
     assert_eq!(sb.audit().len(), 1, "only the fenced connection was killed");
+
+    // With no daemon to destroy it, a refused connection carries nothing:
+    // the kernel fails it closed on its own.
+    sb.stop_daemon(libc::SIGKILL);
+    let mut refused = std::net::TcpStream::connect("127.0.0.1:6000").unwrap();
+    let client = refused.local_addr().unwrap();
+    sb.peer_mut(peer).drain();
+    let _ = refused.write_all(b"ping");
+    let leaked = sb
+        .peer_mut(peer)
+        .try_expect(|l| l.starts_with(&format!("data {client} ")), SECOND);
+    assert!(leaked.is_none(), "a refused connection delivered data");
 }

@@ -9,6 +9,10 @@
 //!   and integration tests (as root).
 //! * `cargo xtask bench [--quick]` — run the benchmarks (release build) and
 //!   write bench/results/latest.md.
+//! * `cargo xtask fuzz TARGET [SECONDS]` — fuzz the `protocol` or `config`
+//!   parser (cargo-fuzz, installed on first use) for SECONDS (default 600),
+//!   growing the committed corpus in fuzz/corpus/TARGET. `cargo xtask test`
+//!   replays that corpus without a fuzzer.
 //!
 //! Only the standard library is used, so this builds in seconds on a
 //! machine that has nothing else yet.
@@ -43,9 +47,10 @@ fn main() {
         "run" => setup().and_then(|()| run(rest)),
         "test" => setup().and_then(|()| test(rest)),
         "bench" => setup().and_then(|()| bench(rest)),
+        "fuzz" => setup().and_then(|()| fuzz(rest)),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]>"
+                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]|fuzz protocol|config [SECONDS]>"
             );
             Ok(())
         }
@@ -215,6 +220,54 @@ fn setup() -> Result<(), String> {
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     Ok(())
+}
+
+const FUZZ_TARGETS: &[&str] = &["protocol", "config"];
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Fuzzes one parser with libFuzzer through cargo-fuzz (nightly, which the
+/// kernel programs need anyway). New inputs that reach new code land in
+/// fuzz/corpus/TARGET, which is committed; a crash leaves its input in
+/// fuzz/artifacts/TARGET and fails the command.
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let usage = "usage: cargo xtask fuzz protocol|config [SECONDS]";
+    let target = match args.first() {
+        Some(t) if FUZZ_TARGETS.contains(&t.as_str()) => t.as_str(),
+        Some(t) => return Err(format!("unknown fuzz target {t:?}; {usage}")),
+        None => return Err(usage.into()),
+    };
+    let seconds: u64 = match args.get(1) {
+        None => 600,
+        Some(s) => s
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("SECONDS: {s:?} is not a positive number; {usage}"))?,
+    };
+    if !output("cargo", &["fuzz", "--version"]).contains(CARGO_FUZZ_VERSION) {
+        step(&format!("installing cargo-fuzz {CARGO_FUZZ_VERSION}"));
+        sh(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]))?;
+    }
+    let corpus = root().join("fuzz/corpus").join(target);
+    std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+    step(&format!("fuzzing {target} for {seconds} s"));
+    let fuzz = |verb: &str| {
+        let mut c = Command::new("cargo");
+        c.current_dir(root().join("fuzz"))
+            .args([&format!("+{NIGHTLY}"), "fuzz", verb, target])
+            .arg(&corpus);
+        c
+    };
+    sh(fuzz("run").args(["--", &format!("-max_total_time={seconds}"), "-max_len=4096"]))?;
+    // Keep the committed corpus to the inputs that each add coverage.
+    step(&format!("minimising fuzz/corpus/{target}"));
+    sh(&mut fuzz("cmin"))
 }
 
 fn bpffs_mounted() -> bool {

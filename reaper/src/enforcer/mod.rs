@@ -286,10 +286,10 @@ impl Enforcer {
         }
     }
 
-    /// Tells the packet path that `FLOWS` or the grace changed: each tracked
-    /// socket keeps what it needs from its flow in a mark (`FlowMark`), and
-    /// re-reads it on its next packet when the epoch has moved. Called after
-    /// the write it announces, so a mark read before the write is stale.
+    /// Tells the packet path that `FLOWS` or the grace changed: it caches
+    /// what it needs of a flow per CPU, and reads the flow again at its
+    /// next packet when the epoch has moved. Called after the write it
+    /// announces, so what was cached before the write is stale.
     fn bump_epoch(&mut self) -> Result<()> {
         self.epoch += 1;
         self.settings.set(setting::FLOWS_EPOCH, self.epoch, 0)?;
