@@ -343,15 +343,48 @@ fn enforce(ctx: &SkBuffContext) -> i32 {
     {
         return 1;
     }
+    // The per-CPU caches below are shared by every run on this CPU, and a
+    // run in process context can be interrupted by one in softirq (a packet
+    // received, an ACK sent) halfway through reading or writing them. Only
+    // the outermost run uses them; a nested one looks everything up.
+    let Some(depth) = NESTING.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU; a nested run restores it before we resume.
+    let outermost = unsafe {
+        let outer = *depth == 0;
+        *depth += 1;
+        outer
+    };
+    let verdict = judge(ctx, sk, outermost);
+    unsafe { *depth -= 1 };
+    verdict
+}
+
+/// Per CPU: how many runs of the packet programs are in progress.
+#[map]
+static NESTING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The verdict for a packet of a socket on a seen port.
+#[inline(always)]
+fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, use_caches: bool) -> i32 {
     let epoch = match SETTINGS.get(setting::FLOWS_EPOCH) {
         Some(epoch) => *epoch,
         None => return 1,
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    if !use_caches {
+        let at = look_up(sk, cookie);
+        if at == u64::MAX || unsafe { bpf_ktime_get_boot_ns() } < at || is_rst(ctx) {
+            return 1;
+        }
+        count(counter::DROPPED);
+        return 0;
+    }
     let Some(cached) = FLOW_CACHE.get_ptr_mut(cookie as u32 & (FLOW_CACHE_SLOTS - 1)) else {
         return 1;
     };
-    // SAFETY: per-CPU slot, no other writer while this program runs here.
+    // SAFETY: per-CPU slot, and only the outermost run touches it.
     let cached = unsafe { &mut *cached };
     if cached.cookie != cookie || cached.epoch != epoch || epoch == 0 {
         // Read the epoch before the flow: a daemon write racing with this
@@ -422,7 +455,8 @@ const CLOCK_SLACK_NS: u64 = 100_000_000;
 #[map]
 static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
 
-/// Whether `CLOCK_BOOTTIME` has reached `at_ns`. Reading the precise clock
+/// Whether `CLOCK_BOOTTIME` has reached `at_ns` (outermost runs only: see
+/// `NESTING`). Reading the precise clock
 /// costs tens of nanoseconds (more in a VM), as much as the rest of the
 /// packet path; a reading cached in the current jiffy is behind the true
 /// time by at most `CLOCK_SLACK_NS`, so an instant further ahead than that
@@ -435,9 +469,9 @@ fn reached(at_ns: u64) -> bool {
     }
     let jiffies = unsafe { bpf_jiffies64() };
     let Some(cache) = CLOCK.get_ptr_mut(0) else {
-        return deadline_passed(at_ns, unsafe { bpf_ktime_get_boot_ns() });
+        return unsafe { bpf_ktime_get_boot_ns() } >= at_ns;
     };
-    // SAFETY: per-CPU slot, no other writer while this program runs here.
+    // SAFETY: per-CPU slot, and only the outermost run touches it.
     let cache = unsafe { &mut *cache };
     if cache.jiffies == jiffies && at_ns > cache.now_ns.saturating_add(CLOCK_SLACK_NS) {
         return false;

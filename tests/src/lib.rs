@@ -249,12 +249,14 @@ impl Sandbox {
             .expect("run reaper CLI")
     }
 
-    /// Audit events written so far.
+    /// Audit events written so far. A line the daemon is still writing
+    /// (no newline yet) is not an event yet.
     pub fn audit(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.audit_path)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
             .collect()
     }
 
