@@ -279,6 +279,20 @@ impl Sandbox {
         self.peers.len() - 1
     }
 
+    /// Whether bytes written on `stream` (a client socket at `client`) reach
+    /// peer `index` within a second: the check that a dropped flow carries
+    /// nothing.
+    pub fn delivers(&mut self, index: usize, stream: &mut TcpStream, client: SocketAddr) -> bool {
+        self.peer_mut(index).drain();
+        if stream.write_all(b"ping").is_err() {
+            return false;
+        }
+        let from = format!("data {client} ");
+        self.peer_mut(index)
+            .try_expect(|l| l.starts_with(&from), Duration::from_secs(1))
+            .is_some()
+    }
+
     pub fn peer_mut(&mut self, index: usize) -> &mut Peer {
         &mut self.peers[index]
     }
