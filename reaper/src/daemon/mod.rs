@@ -10,6 +10,7 @@ mod audit;
 mod commands;
 mod connection;
 mod state;
+mod throttle;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -103,6 +104,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     let mut hangup =
         signal(SignalKind::hangup()).map_err(Error::io("installing SIGHUP handler"))?;
     let clients = Arc::new(AtomicUsize::new(0));
+    let mut busy = throttle::Throttle::new(Duration::from_secs(10));
     info!(socket = %config.socket.display(), "reaper daemon ready");
     loop {
         tokio::select! {
@@ -111,7 +113,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
                     Some(slot) => {
                         tokio::spawn(serve_client(state.clone(), stream, config.client_timeout, slot));
                     }
-                    None => refuse_busy(stream, config.max_clients),
+                    None => refuse_busy(stream, config.max_clients, &mut busy),
                 },
                 Err(e) => {
                     // Out of descriptors, most likely: retrying at once would
@@ -257,11 +259,13 @@ impl Drop for ClientSlot {
 /// Past `max_clients`, a new connection gets one error line (if its buffer
 /// takes it at once; nothing waits on it) and is closed: the daemon's
 /// descriptors and memory stay bounded whatever clients do.
-fn refuse_busy(stream: UnixStream, max: usize) {
-    warn!(
-        max_clients = max,
-        "control connection refused: too many clients"
-    );
+fn refuse_busy(stream: UnixStream, max: usize, warning: &mut throttle::Throttle) {
+    if let Some(refused) = warning.hit(std::time::Instant::now()) {
+        warn!(
+            max_clients = max,
+            refused, "control connections refused: too many clients"
+        );
+    }
     let refusal = Refusal::new(
         RefusalCode::Busy,
         format!("too many control connections (max_clients = {max}); try again later"),

@@ -16,6 +16,7 @@ use reaper_common::{flow_flags, Flow, FlowEvent, FlowEventKind, FlowTuple, Label
 use tracing::{debug, error, info, warn};
 
 use super::audit::{Audit, KillEvent, Reason};
+use super::throttle::Throttle;
 use crate::clock::{self, DeadlineTimer};
 use crate::config::Config;
 use crate::enforcer::{socket, DestroyOutcome, DiagTarget, Enforcer, KillPath, Reading};
@@ -207,13 +208,6 @@ impl Session {
     }
 }
 
-/// Rate limit of the table-full warning.
-#[derive(Default)]
-struct TableFullWarning {
-    warned_at: Option<std::time::Instant>,
-    refused: u64,
-}
-
 pub struct State {
     pub(super) enforcer: Enforcer,
     timer: DeadlineTimer,
@@ -224,8 +218,8 @@ pub struct State {
     /// reload's error: what `status` reports so operators can see a reload.
     pub(super) config_loads: u64,
     pub last_reload_error: Option<String>,
-    /// Connections refused for a full flow table, since the last warning.
-    table_full: TableFullWarning,
+    /// The full-table warning (connections refused since the last one).
+    table_full: Throttle,
     /// Unix time minus boot time, read once at start: every boot-clock
     /// instant is shown as the same wall-clock time for the daemon's life,
     /// instead of jittering with each pair of clock reads.
@@ -304,7 +298,7 @@ impl State {
             started_boot_ns: now.boot_ns,
             config_loads: 1,
             last_reload_error: None,
-            table_full: TableFullWarning::default(),
+            table_full: Throttle::new(std::time::Duration::from_secs(10)),
             wall_offset_ns: now.unix_ns - now.boot_ns as i128,
             sessions: HashMap::new(),
             by_name: HashMap::new(),
@@ -528,23 +522,15 @@ impl State {
     /// kernel already drops its packets; destroying it tells both peers.
     /// Warned about at most every 10 s, with the count in between.
     pub(super) fn refuse_untracked(&mut self, cookie: u64, flow: Flow) {
-        self.table_full.refused += 1;
-        let now = std::time::Instant::now();
-        if self
-            .table_full
-            .warned_at
-            .is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(10))
-        {
+        if let Some(refused) = self.table_full.hit(std::time::Instant::now()) {
             warn!(
                 max_flows = self.config.max_flows,
-                refused = self.table_full.refused,
+                refused,
                 latest = %describe(&flow.tuple),
                 "flow table full: fenced or pre-granted connections are refused \
                  (killed, reason table_full); other watched connections go untracked. \
                  Raise max_flows"
             );
-            self.table_full.warned_at = Some(now);
-            self.table_full.refused = 0;
         }
         // Not in `FLOWS`: the mirror is all the kill path will know of it.
         self.index_flow(cookie, flow);
