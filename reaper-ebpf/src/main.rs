@@ -368,22 +368,27 @@ static NESTING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// The verdict for a packet of a socket on a seen port.
 #[inline(always)]
 fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, use_caches: bool) -> i32 {
-    let epoch = match SETTINGS.get(setting::FLOWS_EPOCH) {
-        Some(epoch) => *epoch,
-        None => return 1,
-    };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    if !use_caches {
-        let at = look_up(sk, cookie);
-        if at == u64::MAX || unsafe { bpf_ktime_get_boot_ns() } < at || is_rst(ctx) {
-            return 1;
+    let drop_from_ns = if use_caches {
+        match cached_drop_from(sk, cookie) {
+            Some(at) => at,
+            None => return 1,
         }
-        count(counter::DROPPED);
-        return 0;
-    }
-    let Some(cached) = FLOW_CACHE.get_ptr_mut(cookie as u32 & (FLOW_CACHE_SLOTS - 1)) else {
-        return 1;
+    } else {
+        look_up(sk, cookie)
     };
+    if !reached(drop_from_ns, use_caches) || is_rst(ctx) {
+        return 1;
+    }
+    count(counter::DROPPED);
+    0
+}
+
+/// `look_up` through the per-CPU flow cache (outermost runs only).
+#[inline(always)]
+fn cached_drop_from(sk: *mut bpf_sock, cookie: u64) -> Option<u64> {
+    let epoch = *SETTINGS.get(setting::FLOWS_EPOCH)?;
+    let cached = FLOW_CACHE.get_ptr_mut(cookie as u32 & (FLOW_CACHE_SLOTS - 1))?;
     // SAFETY: per-CPU slot, and only the outermost run touches it.
     let cached = unsafe { &mut *cached };
     if cached.cookie != cookie || cached.epoch != epoch || epoch == 0 {
@@ -396,11 +401,7 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, use_caches: bool) -> i32 {
             drop_from_ns: look_up(sk, cookie),
         };
     }
-    if !reached(cached.drop_from_ns) || is_rst(ctx) {
-        return 1;
-    }
-    count(counter::DROPPED);
-    0
+    Some(cached.drop_from_ns)
 }
 
 /// Per CPU, a direct-mapped cache of what the packet path needs of a flow,
@@ -455,17 +456,20 @@ const CLOCK_SLACK_NS: u64 = 100_000_000;
 #[map]
 static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
 
-/// Whether `CLOCK_BOOTTIME` has reached `at_ns` (outermost runs only: see
-/// `NESTING`). Reading the precise clock
+/// Whether `CLOCK_BOOTTIME` has reached `at_ns`; the cache is for
+/// outermost runs only (see `NESTING`). Reading the precise clock
 /// costs tens of nanoseconds (more in a VM), as much as the rest of the
 /// packet path; a reading cached in the current jiffy is behind the true
 /// time by at most `CLOCK_SLACK_NS`, so an instant further ahead than that
 /// is not yet reached without asking. Near and past the instant the precise
 /// clock decides, so the drop is as exact as before.
 #[inline(always)]
-fn reached(at_ns: u64) -> bool {
+fn reached(at_ns: u64, use_cache: bool) -> bool {
     if at_ns == u64::MAX {
         return false;
+    }
+    if !use_cache {
+        return unsafe { bpf_ktime_get_boot_ns() } >= at_ns;
     }
     let jiffies = unsafe { bpf_jiffies64() };
     let Some(cache) = CLOCK.get_ptr_mut(0) else {

@@ -42,8 +42,15 @@ impl Runs {
             .0
             .iter()
             .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+        // A unit-less figure (one of several sharing a unit) has no space
+        // before its spread.
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
         format!(
-            "{:.*} {unit} (n={}, {:.*}–{:.*})",
+            "{:.*}{unit} (n={}, {:.*}–{:.*})",
             digits,
             self.median(),
             self.0.len(),
@@ -511,7 +518,7 @@ fn kill_latency(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<f
             format!(
                 "{:.2} / {} / {:.2} ms",
                 at(runs_, 0.5).median(),
-                at(runs_, 0.99).show("", 2).replace("  (", " ("),
+                at(runs_, 0.99).show("", 2),
                 at(runs_, 1.0).median()
             )
         };
