@@ -47,6 +47,9 @@ pub enum CliCommand {
     List(ListCmd),
     /// Show the daemon's state and kernel counters.
     Status(ClientOpts),
+    /// Probe the kernel for the BPF features reaper uses, and say what it
+    /// would fall back to (exit status 1 when it cannot run here).
+    Features,
     /// Detach the kernel programs and remove all pinned state.
     Unload {
         #[arg(long)]
@@ -276,7 +279,7 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
             }),
         ),
         CliCommand::Status(c) => (c, WireOp::Status),
-        CliCommand::Daemon { .. } | CliCommand::Unload { .. } => {
+        CliCommand::Daemon { .. } | CliCommand::Unload { .. } | CliCommand::Features => {
             unreachable!("not client commands")
         }
     };
@@ -452,4 +455,41 @@ pub fn unload(config: Option<PathBuf>) -> Result<i32> {
         println!("nothing pinned at {}", config.pin_path.display());
     }
     Ok(0)
+}
+
+/// `reaper features`: the daemon's start-up probe, as a table.
+pub fn features() -> Result<i32> {
+    use crate::enforcer::features::{Features, Need};
+    let features = Features::probe();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("kernel {}", release.trim());
+    println!(
+        "{:<13} {:<8} {:<52} without it",
+        "feature", "present", "used for"
+    );
+    for f in &features.0 {
+        let without = match f.need {
+            Need::Required { since } => format!("required (Linux {since}+)"),
+            Need::Optional { fallback } => fallback.to_string(),
+        };
+        println!(
+            "{:<13} {:<8} {:<52} {without}",
+            f.name,
+            f.state(),
+            f.purpose
+        );
+        if let Some(e) = &f.probe_error {
+            println!("{:<13} probe failed: {e}", "");
+        }
+    }
+    Ok(match features.blocker() {
+        None => {
+            println!("reaper can run on this kernel");
+            0
+        }
+        Some(blocker) => {
+            println!("{blocker}");
+            1
+        }
+    })
 }

@@ -32,6 +32,10 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The kernel lacks a BPF feature reaper cannot work without.
+    #[error("{0}")]
+    Kernel(String),
+
     /// A precondition of the machine is missing (no cgroup2, no bpffs, ...).
     #[error("{0}")]
     Setup(String),

@@ -32,6 +32,10 @@ fn main() {
             };
             loaded.and_then(|c| daemon::run(c, config)).map(|()| 0)
         }
+        CliCommand::Features => {
+            init_logging(LevelFilter::WARN);
+            cli::features()
+        }
         CliCommand::Unload { config } => {
             init_logging(LevelFilter::WARN);
             cli::unload(config)

@@ -8,6 +8,7 @@
 //! never has a gap.
 
 pub mod diag;
+pub mod features;
 pub mod netns;
 mod pins;
 pub mod rst;
@@ -118,6 +119,11 @@ impl log::Log for KernelLog {
 impl Enforcer {
     /// Loads, attaches and pins everything, adopting pinned state if present.
     pub fn start(config: &Config) -> Result<Started> {
+        let features = features::Features::probe();
+        if let Some(blocker) = features.blocker() {
+            return Err(Error::Kernel(blocker));
+        }
+        report_features(&features, config);
         ensure_bpffs(&config.pin_path)?;
         std::fs::create_dir_all(&config.pin_path)
             .map_err(Error::io(format!("creating {}", config.pin_path.display())))?;
@@ -175,22 +181,15 @@ impl Enforcer {
                 "opening the AF_PACKET socket for forwarded flows",
             ))?)
         };
-        let mut own =
+        let own =
             netns::Netns::open().map_err(Error::io("opening the sock_diag and raw sockets"))?;
         let netns_cookie = own
             .diag
             .netns_cookie()
             .map_err(Error::io("reading the network namespace cookie"))?;
-        let kill_path = if !config.socket_destroy {
-            info!("socket_destroy = false: local flows are killed with RST + drop");
-            KillPath::Rst
-        } else if own.diag.destroy_supported().unwrap_or(true) {
+        let kill_path = if config.socket_destroy && features.has(features::name::SOCK_DESTROY) {
             KillPath::Destroy
         } else {
-            warn!(
-                "this kernel has no SOCK_DESTROY (built without CONFIG_INET_DIAG_DESTROY): \
-                 local flows are killed with RST + drop instead"
-            );
             KillPath::Rst
         };
         let mut enforcer = Enforcer {
@@ -239,7 +238,7 @@ impl Enforcer {
             pins::replace_link_pin(fd_link, &pin(link))?;
         }
 
-        attach_forwarding(ebpf, config, &pin)?;
+        attach_forwarding(ebpf, config, features.has(features::name::TCX), &pin)?;
 
         let kernel_log = match aya_log::EbpfLogger::init_with_logger(ebpf, KernelLog) {
             Ok(logger) => Some(logger),
@@ -735,12 +734,51 @@ pub fn port_bitmap(watch: &[Watch], fence: &[Watch]) -> Vec<u64> {
     words
 }
 
+/// Says once what the kernel offers: one line with every feature, and for
+/// each missing one the daemon would have used, what it does instead.
+fn report_features(features: &features::Features, config: &Config) {
+    let summary: Vec<String> = features
+        .0
+        .iter()
+        .map(|f| format!("{} {}", f.name, f.state()))
+        .collect();
+    info!(features = %summary.join(", "), "kernel probed");
+    for f in &features.0 {
+        if let Some(e) = &f.probe_error {
+            warn!(
+                feature = f.name,
+                "could not probe ({e}); assuming it is there"
+            );
+        }
+        let features::Need::Optional { fallback } = f.need else {
+            continue;
+        };
+        let wanted = match f.name {
+            features::name::TCX => {
+                !config.forward_interfaces.is_empty() && config.forward_attach != ForwardAttach::Tc
+            }
+            features::name::SOCK_DESTROY => config.socket_destroy,
+            _ => true,
+        };
+        if f.missing() && wanted {
+            warn!(
+                feature = f.name,
+                "this kernel lacks {}: using {fallback}", f.purpose
+            );
+        }
+    }
+    if !config.socket_destroy {
+        info!("socket_destroy = false: local flows are killed with RST + drop");
+    }
+}
+
 /// Attaches the forwarding program (tcx ingress) to every configured
 /// interface and pins the links; removes link pins of interfaces no longer
 /// configured.
 fn attach_forwarding(
     ebpf: &mut Ebpf,
     config: &Config,
+    have_tcx: bool,
     pin: &dyn Fn(&str) -> PathBuf,
 ) -> Result<()> {
     const PREFIX: &str = "link_forward_";
@@ -769,7 +807,16 @@ fn attach_forwarding(
     for (interface, pin_name) in config.forward_interfaces.iter().zip(&wanted) {
         let setup =
             |what: String| Error::Setup(format!("forward.interfaces: {interface:?}: {what}"));
-        if config.forward_attach != ForwardAttach::Tc {
+        if config.forward_attach == ForwardAttach::Tcx && !have_tcx {
+            return Err(setup(
+                "forward.attach = \"tcx\" but this kernel has no tcx (Linux 6.6+); \
+                 use \"auto\" or \"tc\""
+                    .into(),
+            ));
+        }
+        if config.forward_attach == ForwardAttach::Tcx
+            || (config.forward_attach == ForwardAttach::Auto && have_tcx)
+        {
             let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
             match prog.attach_with_options(interface, TcAttachType::Ingress, tcx) {
                 Ok(id) => {
@@ -788,7 +835,7 @@ fn attach_forwarding(
                     continue;
                 }
                 Err(e) if config.forward_attach == ForwardAttach::Auto => {
-                    info!(interface = %interface, "tcx unavailable ({e}): using a legacy tc filter");
+                    warn!(interface = %interface, "tcx attach failed ({e}): using a legacy tc filter");
                 }
                 Err(e) => return Err(setup(format!("tcx attach failed: {e}"))),
             }
