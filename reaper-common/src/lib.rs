@@ -337,6 +337,10 @@ pub struct SessionRecord {
     pub idle_timeout_ns: u64,
     /// Last activity a proxy reported with `touch`, boot-clock nanoseconds.
     pub touched_ns: u64,
+    /// When the deadline came from an `expires_at`: that wall-clock instant
+    /// (Unix nanoseconds), so the deadline moves when someone sets the
+    /// clock. 0 when it came from a ttl (boot clock only).
+    pub expires_unix_ns: u64,
     pub name: Label<SESSION_NAME_MAX>,
     pub user: Label<USER_NAME_MAX>,
     pub target: Label<TARGET_NAME_MAX>,
@@ -436,7 +440,7 @@ mod tests {
         assert_eq!(size_of::<PendingGrant>(), 24);
         assert_eq!(
             size_of::<SessionRecord>(),
-            48 + (2 + SESSION_NAME_MAX)
+            56 + (2 + SESSION_NAME_MAX)
                 + (2 + USER_NAME_MAX)
                 + (2 + TARGET_NAME_MAX)
                 + (2 + CLASS_NAME_MAX)

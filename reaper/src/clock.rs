@@ -4,7 +4,9 @@
 //! reads in the kernel programs, which never jumps when someone sets the
 //! wall clock and keeps counting through suspend. Wall time is only used to
 //! talk to people (RFC 3339 in responses and audit events) and to convert an
-//! `expires_at` once, when a request arrives.
+//! `expires_at` when a request arrives. A deadline given as `expires_at`
+//! keeps that wall time beside it: when someone sets the wall clock
+//! ([`WallClockWatch`]), it is converted again.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -121,6 +123,84 @@ impl DeadlineTimer {
         // It fired, so it is disarmed now, whatever it was armed for.
         self.armed.set(None);
         Ok(())
+    }
+}
+
+/// Becomes readable when someone sets `CLOCK_REALTIME` (settimeofday,
+/// clock_settime, an NTP step; not the gradual slewing, which moves both
+/// clocks alike): a timerfd armed far in the future with
+/// `TFD_TIMER_CANCEL_ON_SET`, whose read then fails with ECANCELED.
+pub struct WallClockWatch {
+    fd: OwnedFd,
+}
+
+impl WallClockWatch {
+    pub fn new() -> io::Result<WallClockWatch> {
+        // SAFETY: plain syscall; the returned fd is owned below.
+        let fd = unsafe {
+            libc::timerfd_create(libc::CLOCK_REALTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let watch = WallClockWatch {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        };
+        watch.arm()?;
+        Ok(watch)
+    }
+
+    /// Arms (again: a cancelled timer stays cancelled until set) for a time
+    /// no clock will reach.
+    fn arm(&self) -> io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                // Year 2500 or so: far, and valid for a 64-bit time_t.
+                tv_sec: 16_725_225_600,
+                tv_nsec: 0,
+            },
+        };
+        // SAFETY: spec is valid; old value not requested.
+        let rc = unsafe {
+            libc::timerfd_settime(
+                self.fd.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the clock was set since the last call (re-arming if so);
+    /// `WouldBlock` when nothing happened.
+    pub fn was_set(&self) -> io::Result<bool> {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading 8 bytes into an 8-byte buffer.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        if n >= 0 {
+            return Ok(false);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ECANCELED) {
+            self.arm()?;
+            return Ok(true);
+        }
+        Err(e)
+    }
+}
+
+impl AsRawFd for WallClockWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

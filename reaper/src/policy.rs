@@ -148,6 +148,31 @@ pub enum Expiry {
     At(i128),
 }
 
+impl Expiry {
+    /// The wall-clock instant an expiry names (Unix ns), or 0 for a ttl:
+    /// what a session keeps so that its deadline can follow the wall clock.
+    pub fn wall_anchor(&self) -> u64 {
+        match *self {
+            Expiry::Ttl(_) => 0,
+            Expiry::At(unix_ns) => unix_ns.clamp(1, u64::MAX as i128) as u64,
+        }
+    }
+}
+
+/// Where a deadline set by `expires_at` lies on the boot clock, given what
+/// the wall clock says now. Someone set the clock: the session still ends
+/// when the wall clock reads its `expires_at` (a token's expiry is a wall
+/// time), but never further away than `max_ttl`, and a time already passed
+/// means now.
+pub fn follow_wall_clock(expires_unix_ns: u64, now: Now, limits: DeadlineLimits) -> u64 {
+    let left = expires_unix_ns as i128 - now.unix_ns;
+    if left <= 0 {
+        now.boot_ns
+    } else {
+        now.boot_ns + left.min(limits.max_ttl_ns as i128) as u64
+    }
+}
+
 /// Limits applied to every deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeadlineLimits {
@@ -265,6 +290,8 @@ pub struct Asked {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Terms {
     pub deadline_ns: u64,
+    /// See [`Expiry::wall_anchor`].
+    pub expires_unix_ns: u64,
     /// 0 = no idle timeout.
     pub idle_timeout_ns: u64,
     pub idle_direction: IdleDirection,
@@ -329,6 +356,7 @@ pub fn terms_for(
     };
     Ok(Terms {
         deadline_ns,
+        expires_unix_ns: expiry.wall_anchor(),
         idle_timeout_ns,
         idle_direction,
     })
@@ -746,6 +774,43 @@ mod tests {
             .unwrap_err()
             .0
             .contains("max_ttl 1h"));
+    }
+
+    #[test]
+    fn expires_at_deadlines_follow_the_wall_clock_and_ttls_do_not() {
+        assert_eq!(Expiry::Ttl(5 * NS_PER_SEC).wall_anchor(), 0);
+        let at = NOW.unix_ns + 600 * NS_PER_SEC as i128;
+        let anchor = Expiry::At(at).wall_anchor();
+        assert_eq!(anchor as i128, at);
+        // The clock as it was: the deadline deadline_for gave.
+        assert_eq!(
+            follow_wall_clock(anchor, NOW, LIMITS),
+            deadline_for(&Expiry::At(at), NOW, LIMITS).unwrap()
+        );
+        // Set 5 minutes forward: the deadline is 5 minutes nearer.
+        let forward = Now {
+            unix_ns: NOW.unix_ns + 300 * NS_PER_SEC as i128,
+            ..NOW
+        };
+        assert_eq!(
+            follow_wall_clock(anchor, forward, LIMITS),
+            NOW.boot_ns + 300 * NS_PER_SEC
+        );
+        // Set past the expiry: now.
+        let past = Now {
+            unix_ns: at + 1,
+            ..NOW
+        };
+        assert_eq!(follow_wall_clock(anchor, past, LIMITS), NOW.boot_ns);
+        // Set a day back: later, but never beyond max_ttl from now.
+        let back = Now {
+            unix_ns: NOW.unix_ns - 86_400 * NS_PER_SEC as i128,
+            ..NOW
+        };
+        assert_eq!(
+            follow_wall_clock(anchor, back, LIMITS),
+            NOW.boot_ns + LIMITS.max_ttl_ns
+        );
     }
 
     fn class() -> Class {

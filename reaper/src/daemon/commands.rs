@@ -52,7 +52,7 @@ impl State {
         result
     }
 
-    fn limits(&self) -> DeadlineLimits {
+    pub(super) fn limits(&self) -> DeadlineLimits {
         DeadlineLimits {
             max_ttl_ns: self.config.max_ttl_ns,
         }
@@ -311,14 +311,22 @@ impl State {
                 ),
             );
         }
-        let current = s.terms.deadline_ns;
-        let deadline = match &g.asked.expiry {
-            Some(expiry) => policy::deadline_for(expiry, now, self.limits())
-                .map_err(|e| Refusal::new(RefusalCode::DeadlineRefused, format!("grant: {e}")))?
-                .min(current),
+        let current = (s.terms.deadline_ns, s.terms.expires_unix_ns);
+        let (deadline, anchor) = match &g.asked.expiry {
+            Some(expiry) => {
+                let asked = policy::deadline_for(expiry, now, self.limits()).map_err(|e| {
+                    Refusal::new(RefusalCode::DeadlineRefused, format!("grant: {e}"))
+                })?;
+                // Only a tighter deadline replaces the session's (and its anchor).
+                if asked < current.0 {
+                    (asked, expiry.wall_anchor())
+                } else {
+                    current
+                }
+            }
             None => current,
         };
-        self.set_deadline(id, deadline)?;
+        self.set_deadline(id, deadline, anchor)?;
         Ok(id)
     }
 
@@ -400,6 +408,7 @@ impl State {
             idle_direction: terms.idle_direction.as_u32(),
             idle_timeout_ns: terms.idle_timeout_ns,
             touched_ns: 0,
+            expires_unix_ns: terms.expires_unix_ns,
             name: Label::new(&g.session).expect("length checked by the protocol"),
             user: Label::new(&g.user).expect("length checked by the protocol"),
             target: Label::new(&g.target).expect("length checked by the protocol"),
@@ -449,14 +458,21 @@ impl State {
         Ok(expect.len())
     }
 
-    /// Moves a session's deadline, in the kernel first.
-    fn set_deadline(&mut self, id: u64, deadline: u64) -> Result<(), Refusal> {
+    /// Moves a session's deadline, in the kernel first. `anchor` is the
+    /// wall-clock instant it stands for when an `expires_at` set it (else 0).
+    pub(super) fn set_deadline(
+        &mut self,
+        id: u64,
+        deadline: u64,
+        anchor: u64,
+    ) -> Result<(), Refusal> {
         let session = self.sessions.get_mut(&id).expect("caller checked");
         let old = session.terms.deadline_ns;
-        if old == deadline {
+        if old == deadline && session.terms.expires_unix_ns == anchor {
             return Ok(());
         }
         session.terms.deadline_ns = deadline;
+        session.terms.expires_unix_ns = anchor;
         let record = session.record();
         let cookies: Vec<u64> = session.flows.iter().copied().collect();
         let pending: Vec<FlowTuple> = session.pending.iter().flatten().copied().collect();
@@ -516,7 +532,7 @@ impl State {
                 ),
             );
         }
-        self.set_deadline(id, deadline)?;
+        self.set_deadline(id, deadline, e.expiry.wall_anchor())?;
         let session = self.view(id, now);
         info!(session = %session.session, deadline = %session.deadline, "extended");
         Ok(GrantResult {

@@ -26,7 +26,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
-use crate::clock::DeadlineTimer;
+use crate::clock::{DeadlineTimer, WallClockWatch};
 use crate::config::Config;
 use crate::enforcer::{Enforcer, KernelLog, Started};
 use crate::error::{Error, Result};
@@ -87,9 +87,22 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     let audit = Audit::open(config.audit_file.as_deref())?;
     let listener = bind_control_socket(&config)?;
 
+    let wall_clock = WallClockWatch::new().map_err(Error::io("watching the wall clock"))?;
     let mut state = State::new(enforcer, timer, audit, config.clone());
     state.adopt();
+    // The wall clock may have been set while no daemon ran.
+    state.follow_wall_clock();
     let state: Shared = Arc::new(Mutex::new(state));
+    // SAFETY: the AsyncFd owns the watch, whose descriptor stays open and
+    // unreplaced for as long as it is registered.
+    match unsafe { AsyncFd::register(wall_clock) } {
+        Ok(fd) => {
+            tokio::spawn(follow_wall_clock(state.clone(), fd));
+        }
+        Err(e) => error!(
+            "cannot watch the wall clock ({e}): expires_at deadlines will not follow a clock change"
+        ),
+    }
 
     tokio::spawn(run_timer(state.clone(), timer_fd));
     tokio::spawn(read_events(state.clone(), events));
@@ -184,6 +197,30 @@ async fn run_timer(state: Shared, fd: AsyncFd<OwnedFd>) {
             Ok(()) => s.run_due(),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => error!("reading the deadline timer: {e}"),
+        }
+    }
+}
+
+/// Moves `expires_at` deadlines whenever someone sets the wall clock.
+async fn follow_wall_clock(state: Shared, fd: AsyncFd<WallClockWatch>) {
+    loop {
+        let mut guard = match fd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                error!("wall clock watch failed: {e}");
+                return;
+            }
+        };
+        match fd.get_ref().was_set() {
+            Ok(true) => {
+                lock(&state).follow_wall_clock();
+            }
+            Ok(false) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => guard.clear_ready(),
+            Err(e) => {
+                error!("reading the wall clock watch: {e}");
+                return;
+            }
         }
     }
 }

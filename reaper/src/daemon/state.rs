@@ -78,6 +78,8 @@ pub(super) struct Terms {
     pub idle_direction: u32,
     pub idle_timeout_ns: u64,
     pub touched_ns: u64,
+    /// See `SessionRecord::expires_unix_ns`.
+    pub expires_unix_ns: u64,
 }
 
 impl Terms {
@@ -90,6 +92,7 @@ impl Terms {
             idle_direction: record.idle_direction,
             idle_timeout_ns: record.idle_timeout_ns,
             touched_ns: record.touched_ns,
+            expires_unix_ns: record.expires_unix_ns,
         }
     }
 }
@@ -199,6 +202,7 @@ impl Session {
             idle_direction: t.idle_direction,
             idle_timeout_ns: t.idle_timeout_ns,
             touched_ns: t.touched_ns,
+            expires_unix_ns: t.expires_unix_ns,
             name: Label::new(self.name()).unwrap_or_default(),
             user: Label::new(self.user()).unwrap_or_default(),
             target: Label::new(self.target()).unwrap_or_default(),
@@ -610,6 +614,43 @@ impl State {
             }
         }
         self.rearm();
+    }
+
+    /// Someone set the wall clock (or it may have been set while no daemon
+    /// ran): every session whose deadline came from an `expires_at` moves
+    /// to where that wall time now lies on the boot clock, through the same
+    /// path as an extend (kernel maps first, then the queue). Deadlines
+    /// given as a ttl do not move. Returns how many sessions moved.
+    pub fn follow_wall_clock(&mut self) -> usize {
+        /// Reading the two clocks back to back skews them by microseconds;
+        /// a real step of the clock is far larger.
+        const SKEW_NS: u64 = 1_000_000;
+        let now = clock::now();
+        let limits = self.limits();
+        let moves: Vec<(u64, u64, u64)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.terms.expires_unix_ns != 0)
+            .map(|(id, s)| {
+                let anchor = s.terms.expires_unix_ns;
+                let to = policy::follow_wall_clock(anchor, now, limits);
+                (*id, to, anchor)
+            })
+            .filter(|(id, to, _)| self.sessions[id].terms.deadline_ns.abs_diff(*to) > SKEW_NS)
+            .collect();
+        for &(id, to, anchor) in &moves {
+            if let Err(e) = self.set_deadline(id, to, anchor) {
+                error!(session = %self.sessions[&id].name(), "moving a deadline after a clock change: {}", e.message);
+            }
+        }
+        if !moves.is_empty() {
+            info!(
+                sessions = moves.len(),
+                "the wall clock was set: deadlines given as expires_at follow it"
+            );
+            self.run_due();
+        }
+        moves.len()
     }
 
     /// Reads the kernel's activity for the sessions' sockets; ends the idle
