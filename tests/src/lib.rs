@@ -699,3 +699,27 @@ pub fn script(name: &str) -> PathBuf {
 }
 
 pub const SECOND: Duration = Duration::from_secs(1);
+
+/// How much slower than this machine the tests are running: 1 here, more
+/// under `cargo xtask vm-test` when qemu emulates the CPU in software
+/// (`REAPER_TEST_TIME_SCALE`). Latency bounds (how late a kill may be, how
+/// long an answer may take) are multiplied by it; deadlines and the order
+/// of events are not, so a test still fails where reaper is wrong rather
+/// than slow.
+pub fn time_scale() -> f64 {
+    std::env::var("REAPER_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v >= 1.0)
+        .unwrap_or(1.0)
+}
+
+/// A latency bound in milliseconds, scaled by [`time_scale`].
+pub fn bound_ms(ms: f64) -> f64 {
+    ms * time_scale()
+}
+
+/// A latency bound, scaled by [`time_scale`].
+pub fn bound(d: Duration) -> Duration {
+    d.mul_f64(time_scale())
+}

@@ -2,7 +2,7 @@
 //! postpones that, `revoke` kills at once and only what it names, and IPv6
 //! behaves like IPv4.
 
-use reaper_tests::{assert_reset, boot_ns, sleep_until_boot, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, boot_ns, bound_ms, sleep_until_boot, Flow, Sandbox, SECOND};
 use serde_json::json;
 
 fn killed_at_deadline(name: &str, listen: &str) {
@@ -24,7 +24,7 @@ fn killed_at_deadline(name: &str, listen: &str) {
     assert!(seen_at >= deadline, "reset before the deadline");
     let late_ms = (seen_at - deadline) as f64 / 1e6;
     println!("{listen}: client saw the reset {late_ms:.3} ms after the deadline");
-    assert!(late_ms < 50.0, "reset {late_ms} ms late");
+    assert!(late_ms < bound_ms(50.0), "reset {late_ms} ms late");
 
     // The server side was destroyed (ECONNABORTED), not merely reset.
     let how = sb.peer_mut(peer).wait_end(flow.client, 5 * SECOND);
@@ -45,7 +45,7 @@ fn killed_at_deadline(name: &str, listen: &str) {
     assert_eq!(e["result"], "destroyed");
     let late_us = e["late_us"].as_u64().unwrap();
     println!("{listen}: audit reports the kill {late_us} us after the deadline");
-    assert!(late_us < 50_000);
+    assert!((late_us as f64) < bound_ms(50.0) * 1000.0);
 }
 
 /// Test 1.
@@ -162,12 +162,17 @@ fn thousands_of_flows_sharing_a_deadline_all_die() {
         .map(|_| Flow::connect("127.0.0.1:5900"))
         .collect();
     // One session, joined by grants of 64 flows (the most one request holds).
+    // The session is made with a long deadline and the last grant tightens
+    // it to 2 s: however slow the machine, every flow is in before the
+    // deadline the test waits for.
     let mut deadline = 0;
-    for chunk in flows.chunks(64) {
+    let chunks = flows.chunks(64).count();
+    for (i, chunk) in flows.chunks(64).enumerate() {
         let specs: Vec<serde_json::Value> = chunk.iter().map(Flow::spec).collect();
+        let ttl = if i + 1 == chunks { "2s" } else { "10m" };
         let granted = sb.ok(
             json!({"op": "grant", "session": "mass", "user": "u", "target": "t",
-                                   "ttl": "2s", "flows": specs}),
+                                   "ttl": ttl, "flows": specs}),
         );
         deadline = granted["session"]["deadline_boot_ns"].as_u64().unwrap();
     }

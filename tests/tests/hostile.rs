@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reaper_tests::{assert_reset, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, bound, Flow, Sandbox, SECOND};
 use serde_json::{json, Value};
 
 fn read_line(stream: &UnixStream, timeout: Duration) -> std::io::Result<String> {
@@ -95,7 +95,7 @@ fn slow_and_vanished_clients_do_not_stall_grants() {
                                                   "remote": format!("127.0.0.2:{}", 20000 + i)}]});
         let t0 = Instant::now();
         (&good).write_all(format!("{req}\n").as_bytes()).unwrap();
-        let line = read_line(&good, SECOND)
+        let line = read_line(&good, bound(SECOND))
             .unwrap_or_else(|e| panic!("grant {i} stalled behind the slow clients: {e}"));
         slowest = slowest.max(t0.elapsed());
         let v: Value = serde_json::from_str(&line).unwrap();
