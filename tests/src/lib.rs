@@ -48,6 +48,18 @@ pub fn sleep_until_boot(ns: u64) {
     }
 }
 
+/// Whether the running kernel is at least `major.minor` (by its release
+/// string, independent of reaper's own feature probe).
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= (major, minor)
+}
+
 /// The `reaper` binary under test.
 pub fn reaper_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("REAPER_BIN") {

@@ -9,6 +9,10 @@
 //!   and integration tests (as root).
 //! * `cargo xtask bench [--quick]` — run the benchmarks (release build) and
 //!   write bench/results/latest.md.
+//! * `cargo xtask vm-test [--kernel 6.1|6.12]... [--quick]` — the
+//!   integration tests on this machine's kernel and, in qemu, on Debian's
+//!   6.1 and 6.12 kernels; a table per kernel (see `vm.rs`). `cargo xtask
+//!   test` runs it too, with `--quick`.
 //! * `cargo xtask fuzz TARGET [SECONDS]` — fuzz the `protocol` or `config`
 //!   parser (cargo-fuzz, installed on first use) for SECONDS (default 600),
 //!   growing the committed corpus in fuzz/corpus/TARGET. `cargo xtask test`
@@ -17,8 +21,11 @@
 //! Only the standard library is used, so this builds in seconds on a
 //! machine that has nothing else yet.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command, Stdio};
+
+mod vm;
 
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -48,9 +55,10 @@ fn main() {
         "test" => setup().and_then(|()| test(rest)),
         "bench" => setup().and_then(|()| bench(rest)),
         "fuzz" => setup().and_then(|()| fuzz(rest)),
+        "vm-test" => setup().and_then(|()| vm_test(rest)),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]|fuzz protocol|config [SECONDS]>"
+                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]|vm-test [--kernel 6.1|6.12]... [--quick]|fuzz protocol|config [SECONDS]>"
             );
             Ok(())
         }
@@ -344,19 +352,124 @@ fn test(args: &[String]) -> Result<(), String> {
     build(false)?;
     sweep_leftovers();
     step("running unit and integration tests");
-    let target = root().join("target/debug");
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
-    sh(cargo()
-        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
-        .args(&args)
-        .env("REAPER_BIN", target.join("reaper"))
-        .env("REAPER_TEST_PEER", target.join("reaper-test-peer"))
-        .env("REAPER_PYDEPS", root().join("target/pydeps")))?;
+    let started = std::time::Instant::now();
+    let host = nextest(&["--workspace"], &args)?;
+    host.check()?;
+    if !args.is_empty() {
+        return Ok(());
+    }
     // The benchmarks are not tests, but CI keeps them working: every one
     // at its --quick size, results in target/ (the committed ones stay).
-    if args.is_empty() {
-        step("running the benchmarks at --quick sizes (results in target/bench-quick)");
-        run_bench(&["--quick".to_string()], &root().join("target/bench-quick"))?;
+    step("running the benchmarks at --quick sizes (results in target/bench-quick)");
+    run_bench(&["--quick".to_string()], &root().join("target/bench-quick"))?;
+    let host_row = vm::host_row(
+        host.passed,
+        host.failed,
+        host.skipped,
+        started.elapsed().as_secs(),
+    );
+    let opts = vm::Options {
+        kernels: Vec::new(),
+        quick: true,
+    };
+    kernel_matrix(host_row, &opts)
+}
+
+/// Outcome of a nextest run: counts of the integration tests (the
+/// `reaper-tests` package), for the kernel table.
+struct TestRun {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+    ok: bool,
+}
+
+impl TestRun {
+    fn check(&self) -> Result<(), String> {
+        if self.ok {
+            Ok(())
+        } else {
+            Err("tests failed".into())
+        }
+    }
+}
+
+/// Runs cargo-nextest, showing its output as it comes and counting the
+/// integration tests' outcomes from its status lines.
+fn nextest(select: &[&str], extra: &[&String]) -> Result<TestRun, String> {
+    let target = root().join("target/debug");
+    let mut child = cargo()
+        // Skipped (ignored) tests get a line too, to be counted.
+        .args(["nextest", "run", "--no-fail-fast", "--status-level", "skip"])
+        .args(select)
+        .args(extra)
+        .env("REAPER_BIN", target.join("reaper"))
+        .env("REAPER_TEST_PEER", target.join("reaper-test-peer"))
+        .env("REAPER_PYDEPS", root().join("target/pydeps"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cargo nextest: {e}"))?;
+    // nextest repeats failures in its summary: the last status per test counts.
+    let mut status: std::collections::BTreeMap<String, String> = Default::default();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        eprintln!("{line}");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(first) = words.first() else { continue };
+        if let Some(at) = words.iter().position(|w| w.starts_with("reaper-tests::")) {
+            if let Some(test) = words.get(at + 1) {
+                status.insert(format!("{} {test}", words[at]), first.to_string());
+            }
+        }
+    }
+    let ok = child.wait().map_err(|e| e.to_string())?.success();
+    let count = |s: &str| status.values().filter(|v| v.as_str() == s).count();
+    let skipped = count("SKIP");
+    let passed = count("PASS");
+    Ok(TestRun {
+        passed,
+        failed: status.len() - passed - skipped,
+        skipped,
+        ok,
+    })
+}
+
+/// `cargo xtask vm-test`: the integration tests on this machine's kernel,
+/// then in a VM per Debian kernel.
+fn vm_test(args: &[String]) -> Result<(), String> {
+    if !is_root() {
+        return Err("vm-test needs root (installs qemu, loads BPF programs on the host)".into());
+    }
+    let opts = vm::parse_options(args)?;
+    build(false)?;
+    sweep_leftovers();
+    step("running the integration tests on this machine's kernel");
+    let started = std::time::Instant::now();
+    let host = nextest(&["--package", "reaper-tests"], &[])?;
+    let row = vm::host_row(
+        host.passed,
+        host.failed,
+        host.skipped,
+        started.elapsed().as_secs(),
+    );
+    kernel_matrix(row, &opts)
+}
+
+/// Boots the VMs, prints the table, and fails if any kernel failed.
+fn kernel_matrix(host: vm::Row, opts: &vm::Options) -> Result<(), String> {
+    let mut rows = vec![host];
+    let result = vm::run(opts).map(|more| rows.extend(more));
+    let table = vm::report(&rows);
+    println!("\n{table}");
+    result?;
+    let failed: usize = rows.iter().map(|r| r.failed).sum();
+    if failed > 0 {
+        return Err(format!(
+            "{failed} test(s) failed across the kernels (see the table)"
+        ));
     }
     Ok(())
 }

@@ -762,8 +762,8 @@ fn report_features(features: &features::Features, config: &Config) {
         };
         if f.missing() && wanted {
             warn!(
-                feature = f.name,
-                "this kernel lacks {}: using {fallback}", f.purpose
+                "{} is not available on this kernel: {} uses {fallback} instead",
+                f.name, f.purpose
             );
         }
     }
