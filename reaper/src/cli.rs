@@ -482,14 +482,27 @@ pub fn features() -> Result<i32> {
             println!("{:<13} probe failed: {e}", "");
         }
     }
+    let unknown: Vec<&str> = features
+        .0
+        .iter()
+        .filter(|f| f.present.is_none())
+        .map(|f| f.name)
+        .collect();
     Ok(match features.blocker() {
-        None => {
-            println!("reaper can run on this kernel");
-            0
-        }
         Some(blocker) => {
             println!("{blocker}");
             1
+        }
+        None if !unknown.is_empty() => {
+            println!(
+                "could not probe {} (the probes need CAP_BPF and CAP_NET_ADMIN, as the daemon does)",
+                unknown.join(", ")
+            );
+            1
+        }
+        None => {
+            println!("reaper can run on this kernel");
+            0
         }
     })
 }

@@ -14,6 +14,13 @@ fn bystanders_survive_every_kill() {
     let peer = sb.peer(&["127.0.0.1:5900", "127.0.0.1:5901", "127.0.0.1:7000"]);
 
     // 10 TIME_WAIT entries: the client closes first, so its end waits.
+    // Loopback connects may otherwise take over a TIME_WAIT entry's port
+    // once it is a second old (tcp_tw_reuse = 2), which a slow machine
+    // reaches; this namespace is the test's own.
+    let status = std::process::Command::new("sysctl")
+        .args(["-qw", "net.ipv4.tcp_tw_reuse=0"])
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "sysctl tcp_tw_reuse");
     for port in [5900, 5901] {
         for _ in 0..5 {
             let f = Flow::connect(&format!("127.0.0.1:{port}"));

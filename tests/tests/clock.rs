@@ -54,7 +54,8 @@ impl Drop for ClockGuard {
 }
 
 /// RFC 3339 in UTC, whole seconds (days to civil date: Hinnant's
-/// algorithm).
+/// algorithm). Written here rather than borrowed from reaper's policy
+/// module, whose parser is under test: an independent reading of the date.
 fn rfc3339(unix_ns: i128) -> String {
     let secs = (unix_ns / NS) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));

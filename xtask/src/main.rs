@@ -126,27 +126,34 @@ fn llvm_path() -> String {
     )
 }
 
-fn setup() -> Result<(), String> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `packages` that are missing; `what`
+/// says what for.
+fn apt_install(packages: &[&str], what: &str) -> Result<(), String> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
             !output("dpkg-query", &["-W", "-f=${Status}", p]).contains("install ok installed")
         })
         .collect();
-    if !missing.is_empty() {
-        if !is_root() {
-            return Err(format!(
-                "Debian packages {missing:?} are missing; run as root to install them"
-            ));
-        }
-        step(&format!("installing Debian packages {missing:?}"));
-        sh(Command::new("apt-get").arg("update"))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if missing.is_empty() {
+        return Ok(());
     }
+    if !is_root() {
+        return Err(format!(
+            "Debian packages {missing:?} ({what}) are missing; run as root to install them"
+        ));
+    }
+    step(&format!("installing Debian packages {missing:?} ({what})"));
+    sh(Command::new("apt-get").arg("update"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn setup() -> Result<(), String> {
+    apt_install(APT_PACKAGES, "to build and test")?;
 
     if !output("rustup", &["toolchain", "list"])
         .lines()

@@ -129,34 +129,6 @@ fn vm_dir() -> PathBuf {
     root().join("target/vm")
 }
 
-/// Installs qemu, busybox and xz where missing.
-fn install_tools() -> Result<(), String> {
-    let missing: Vec<&str> = VM_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !output("dpkg-query", &["-W", "-f=${Status}", p]).contains("install ok installed")
-        })
-        .collect();
-    if !missing.is_empty() {
-        step(&format!(
-            "installing Debian packages {missing:?} (for vm-test)"
-        ));
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-        .or_else(|_| {
-            sh(Command::new("apt-get").arg("update"))?;
-            sh(Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
-        })?;
-    }
-    Ok(())
-}
-
 /// The number in a package name of the family, if it is one.
 fn package_number(family: &KernelFamily, name: &str) -> Option<u64> {
     name.strip_prefix(family.prefix)?
@@ -762,7 +734,7 @@ fn test_executables() -> Result<Vec<(String, PathBuf)>, String> {
 /// Boots every chosen kernel and runs the tests in it. The VMs run side
 /// by side: much of a test is waiting for a deadline, which overlaps well.
 pub fn run(opts: &Options) -> Result<Vec<Row>, String> {
-    install_tools()?;
+    crate::apt_install(VM_PACKAGES, "to boot test VMs")?;
     std::fs::create_dir_all(vm_dir()).map_err(|e| e.to_string())?;
     // The binaries and the test executables from the same sources.
     crate::build(false)?;

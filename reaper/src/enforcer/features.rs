@@ -85,9 +85,9 @@ impl Features {
             Ok(b) => (Some(b), None),
             Err(e) => (None, Some(e)),
         };
-        let program = |t| known(is_program_supported(t).map_err(|e| e.to_string()));
-        let helper = |t, h| known(is_helper_supported(t, h).map_err(|e| e.to_string()));
-        let map = |t| known(is_map_supported(t).map_err(|e| e.to_string()));
+        let program = |t| known(is_program_supported(t).map_err(|e| chain(&e)));
+        let helper = |t, h| known(is_helper_supported(t, h).map_err(|e| chain(&e)));
+        let map = |t| known(is_map_supported(t).map_err(|e| chain(&e)));
         let feature = |name, purpose, need, (present, probe_error)| Feature {
             name,
             purpose,
@@ -190,6 +190,17 @@ impl Features {
             )
         })
     }
+}
+
+/// An error with its sources: aya keeps the errno in the source.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
 }
 
 /// tcx (6.6+): a `BPF_PROG_QUERY` for tcx ingress on the loopback device
