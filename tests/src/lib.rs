@@ -174,7 +174,7 @@ impl Sandbox {
             .spawn()
             .expect("spawn reaper daemon");
         self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + bound(Duration::from_secs(20));
         loop {
             if UnixStream::connect(&self.socket).is_ok() {
                 return;
@@ -272,9 +272,10 @@ impl Sandbox {
             .collect()
     }
 
-    /// Waits until the audit file holds at least `n` events.
+    /// Waits until the audit file holds at least `n` events (for
+    /// `timeout` scaled by [`time_scale`], like every wait here).
     pub fn wait_audit(&self, n: usize, timeout: Duration) -> Vec<Value> {
-        let end = Instant::now() + timeout;
+        let end = Instant::now() + bound(timeout);
         loop {
             let events = self.audit();
             if events.len() >= n || Instant::now() > end {
@@ -527,7 +528,7 @@ impl Peer {
         if let Some(i) = self.seen.iter().position(|l| pred(l)) {
             return self.seen.remove(i);
         }
-        let end = Instant::now() + timeout;
+        let end = Instant::now() + bound(timeout);
         loop {
             let left = end.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -609,19 +610,29 @@ impl Flow {
     }
 
     /// Sends bytes and reads the echo back: proves the flow alive both ways.
+    /// A streaming peer's screen updates (`#` bytes) may come first or in
+    /// between, depending on how fast the machine is: they are skipped.
     pub fn echo(&mut self) -> std::io::Result<()> {
-        self.stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        self.stream
+            .set_read_timeout(Some(bound(Duration::from_secs(5))))?;
         self.stream.write_all(b"ping")?;
-        let mut buf = [0u8; 4];
-        self.stream.read_exact(&mut buf)?;
-        assert_eq!(&buf, b"ping");
+        let mut echoed: Vec<u8> = Vec::new();
+        while echoed.len() < 4 {
+            let mut buf = [0u8; 64];
+            let n = self.stream.read(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            echoed.extend(buf[..n].iter().filter(|b| **b != b'#'));
+        }
+        assert_eq!(echoed, b"ping");
         Ok(())
     }
 
     /// Blocks until the connection fails; returns the error and the boot
     /// time at which it was seen.
     pub fn wait_reset(&mut self, timeout: Duration) -> (std::io::Error, u64) {
-        self.stream.set_read_timeout(Some(timeout)).unwrap();
+        self.stream.set_read_timeout(Some(bound(timeout))).unwrap();
         let mut buf = [0u8; 64];
         loop {
             match self.stream.read(&mut buf) {
@@ -670,7 +681,7 @@ pub fn count_tcp_state(state: &str) -> usize {
 /// Waits until something in this namespace listens on TCP `port`, without
 /// connecting to it (a one-shot server must keep its one connection).
 pub fn wait_listening(port: u16, timeout: Duration) -> bool {
-    let end = Instant::now() + timeout;
+    let end = Instant::now() + bound(timeout);
     let hex = format!(":{port:04X} ");
     while Instant::now() < end {
         let listening = ["tcp", "tcp6"].iter().any(|f| {
@@ -715,9 +726,9 @@ pub const SECOND: Duration = Duration::from_secs(1);
 /// How much slower than this machine the tests are running: 1 here, more
 /// under `cargo xtask vm-test` when qemu emulates the CPU in software
 /// (`REAPER_TEST_TIME_SCALE`). Latency bounds (how late a kill may be, how
-/// long an answer may take) are multiplied by it; deadlines and the order
-/// of events are not, so a test still fails where reaper is wrong rather
-/// than slow.
+/// long an answer may take) and every wait of this harness are multiplied
+/// by it; deadlines and the order of events are not, so a test still fails
+/// where reaper is wrong rather than slow.
 pub fn time_scale() -> f64 {
     std::env::var("REAPER_TEST_TIME_SCALE")
         .ok()

@@ -14,17 +14,19 @@ use std::time::{Duration, Instant};
 use reaper_tests::{assert_reset, bound, Flow, Sandbox, SECOND};
 use serde_json::{json, Value};
 
+/// Reads one line, waiting at most `timeout` (scaled, like the harness's
+/// waits).
 fn read_line(stream: &UnixStream, timeout: Duration) -> std::io::Result<String> {
-    stream.set_read_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(bound(timeout)))?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     Ok(line)
 }
 
 /// Reads until EOF; `Err` if the daemon keeps the connection open past
-/// `timeout`.
+/// `timeout` (scaled).
 fn read_to_eof(stream: &mut UnixStream, timeout: Duration) -> std::io::Result<Vec<u8>> {
-    let end = Instant::now() + timeout;
+    let end = Instant::now() + bound(timeout);
     let mut all = Vec::new();
     let mut buf = [0u8; 64 * 1024];
     loop {
@@ -95,7 +97,7 @@ fn slow_and_vanished_clients_do_not_stall_grants() {
                                                   "remote": format!("127.0.0.2:{}", 20000 + i)}]});
         let t0 = Instant::now();
         (&good).write_all(format!("{req}\n").as_bytes()).unwrap();
-        let line = read_line(&good, bound(SECOND))
+        let line = read_line(&good, SECOND)
             .unwrap_or_else(|e| panic!("grant {i} stalled behind the slow clients: {e}"));
         slowest = slowest.max(t0.elapsed());
         let v: Value = serde_json::from_str(&line).unwrap();
@@ -137,7 +139,7 @@ fn connections_past_max_clients_are_refused_busy() {
     // Take all five slots. The daemon frees a slot when it sees its client
     // gone, so one of `start_daemon`'s probes may hold one for a moment.
     let mut held = Vec::new();
-    let end = Instant::now() + 5 * SECOND;
+    let end = Instant::now() + bound(5 * SECOND);
     while held.len() < 5 {
         let s = UnixStream::connect(&sb.socket).unwrap();
         let _ = (&s).write_all(b"{\"op\":\"status\"}\n");
@@ -157,7 +159,7 @@ fn connections_past_max_clients_are_refused_busy() {
     assert!(refused.contains("max_clients = 5"), "{refused}");
 
     drop(held.pop());
-    let end = Instant::now() + 5 * SECOND;
+    let end = Instant::now() + bound(5 * SECOND);
     loop {
         let s = UnixStream::connect(&sb.socket).unwrap();
         let _ = (&s).write_all(b"{\"op\":\"status\"}\n");
@@ -188,7 +190,7 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
     let mut filling: Vec<Flow> = (0..1024).map(|_| Flow::connect("127.0.0.1:5900")).collect();
     let counters = |sb: &Sandbox| sb.ok(json!({"op": "status"}))["counters"].clone();
     let mut spare = Flow::connect("127.0.0.1:5900");
-    let end = Instant::now() + 5 * SECOND;
+    let end = Instant::now() + bound(5 * SECOND);
     while counters(&sb)["table_full"].as_u64().unwrap_or(0) == 0 {
         assert!(
             Instant::now() < end,
@@ -205,7 +207,7 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
     // address is sure to be readable.
     let mut fenced = std::net::TcpStream::connect("127.0.0.1:6000").unwrap();
     let client = fenced.local_addr().unwrap();
-    fenced.set_read_timeout(Some(5 * SECOND)).unwrap();
+    fenced.set_read_timeout(Some(bound(5 * SECOND))).unwrap();
     let ended = std::io::Read::read(&mut fenced, &mut [0u8; 16]);
     match ended {
         Ok(0) => {}

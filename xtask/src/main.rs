@@ -9,7 +9,7 @@
 //!   and integration tests (as root).
 //! * `cargo xtask bench [--quick]` — run the benchmarks (release build) and
 //!   write bench/results/latest.md.
-//! * `cargo xtask vm-test [--kernel 6.1|6.12]... [--quick]` — the
+//! * `cargo xtask vm-test [--kernel 6.1|6.12]... [--only FILE::TEST]... [--quick]` — the
 //!   integration tests on this machine's kernel and, in qemu, on Debian's
 //!   6.1 and 6.12 kernels; a table per kernel (see `vm.rs`). `cargo xtask
 //!   test` runs it too, with `--quick`.
@@ -58,7 +58,7 @@ fn main() {
         "vm-test" => setup().and_then(|()| vm_test(rest)),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]|vm-test [--kernel 6.1|6.12]... [--quick]|fuzz protocol|config [SECONDS]>"
+                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]|vm-test [--kernel 6.1|6.12]... [--only FILE::TEST]... [--quick]|fuzz protocol|config [SECONDS]>"
             );
             Ok(())
         }
@@ -378,6 +378,7 @@ fn test(args: &[String]) -> Result<(), String> {
     );
     let opts = vm::Options {
         kernels: Vec::new(),
+        only: Vec::new(),
         quick: true,
     };
     kernel_matrix(host_row, &opts)

@@ -94,6 +94,8 @@ pub struct Row {
 pub struct Options {
     /// Kernel labels to boot (`6.1`, `6.12`); all when empty.
     pub kernels: Vec<String>,
+    /// Test-name prefixes (`FILE::TEST`) to run; all when empty.
+    pub only: Vec<String>,
     /// Leave out the tests listed in `SLOW` (CI's subset).
     pub quick: bool,
 }
@@ -101,6 +103,7 @@ pub struct Options {
 pub fn parse_options(args: &[String]) -> Result<Options, String> {
     let mut kernels = Vec::new();
     let mut quick = false;
+    let mut only = Vec::new();
     let mut it = args.iter().filter(|a| *a != "--");
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -115,14 +118,19 @@ pub fn parse_options(args: &[String]) -> Result<Options, String> {
                 kernels.push(k.clone());
             }
             "--quick" => quick = true,
+            "--only" => only.push(it.next().ok_or("--only needs a test-name prefix")?.clone()),
             other => {
                 return Err(format!(
-                    "unknown vm-test argument {other:?}; usage: cargo xtask vm-test [--kernel 6.1|6.12]... [--quick]"
+                    "unknown vm-test argument {other:?}; usage: cargo xtask vm-test [--kernel 6.1|6.12]... [--only FILE::TEST]... [--quick]"
                 ))
             }
         }
     }
-    Ok(Options { kernels, quick })
+    Ok(Options {
+        kernels,
+        only,
+        quick,
+    })
 }
 
 fn vm_dir() -> PathBuf {
@@ -393,12 +401,7 @@ impl Cpio {
 /// A binary as it goes into the initramfs: without debug info (the debug
 /// test binaries are several times larger with it).
 fn stripped(path: &Path) -> Result<Vec<u8>, String> {
-    // One file per thread: the VMs' initramfs are built side by side.
-    let thread = format!("{:?}", std::thread::current().id());
-    let tmp = vm_dir().join(format!(
-        "strip-{}.tmp",
-        thread.trim_matches(|c: char| !c.is_ascii_digit())
-    ));
+    let tmp = vm_dir().join("stripped.tmp");
     let ok = Command::new("strip")
         .arg("--strip-debug")
         .arg("-o")
@@ -421,16 +424,68 @@ fn libraries(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// What goes into every VM: the test executables (by test-file name) and
-/// the binaries from target/debug.
+/// What every VM gets besides its kernel's modules, read (and stripped)
+/// once and shared: `(path in the initramfs, bytes)` of busybox, `ip`, the
+/// reaper binaries, the test executables (by test-file name) and every
+/// shared library they load.
 pub struct Payload {
-    pub tests: Vec<(String, PathBuf)>,
-    pub bin_dir: PathBuf,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl Payload {
+    fn gather(tests: &[(String, PathBuf)], bin_dir: &Path) -> Result<Payload, String> {
+        let ip = ["/usr/bin/ip", "/bin/ip", "/sbin/ip"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .ok_or("no ip binary (iproute2)")?;
+        let mut executables: Vec<(String, PathBuf)> = vec![
+            ("bin/busybox".into(), "/bin/busybox".into()),
+            ("bin/ip".into(), ip.to_path_buf()),
+        ];
+        for b in ["reaper", "reaper-test-peer", "reaper-test-runner"] {
+            executables.push((format!("reaper/{b}"), bin_dir.join(b)));
+        }
+        for (name, path) in tests {
+            executables.push((format!("reaper/tests/{name}"), path.clone()));
+        }
+        let mut files = Vec::new();
+        let mut libs: Vec<String> = Vec::new();
+        for (name, path) in &executables {
+            files.push((name.clone(), stripped(path)?));
+            for lib in libraries(path) {
+                if !libs.contains(&lib) {
+                    libs.push(lib);
+                }
+            }
+        }
+        for lib in libs {
+            let bytes = std::fs::read(&lib).map_err(|e| format!("{lib}: {e}"))?;
+            files.push((lib.trim_start_matches('/').to_string(), bytes));
+        }
+        Ok(Payload { files })
+    }
+}
+
+/// The runner's arguments (shell-quoted): which tests, which are skipped
+/// and why, and how long one may take (the storm runs for minutes under
+/// emulation).
+fn runner_args(opts: &Options) -> String {
+    let mut args = String::new();
+    for prefix in &opts.only {
+        args.push_str(&format!(" --only '{prefix}'"));
+    }
+    for (prefix, reason) in SKIPS.iter().chain(if opts.quick { SLOW } else { &[] }) {
+        args.push_str(&format!(" --skip '{prefix}={reason}'"));
+    }
+    let timeout = if opts.quick { 600 } else { 1800 };
+    args.push_str(&format!(" --timeout {timeout}"));
+    args
 }
 
 /// Writes the init script: mount what the harness expects, load the
 /// modules, report features, run the tests, power off.
-fn init_script(modules: &[String], time_scale: u32, quick: bool) -> String {
+fn init_script(modules: &[String], time_scale: u32, opts: &Options) -> String {
     let mut s = String::from(
         "#!/bin/sh\n\
          export PATH=/bin\n\
@@ -459,11 +514,7 @@ fn init_script(modules: &[String], time_scale: u32, quick: bool) -> String {
          export REAPER_TEST_TIME_SCALE={time_scale} RUST_BACKTRACE=0\n\
          /reaper/reaper-test-runner /reaper/tests{}\n\
          poweroff -f\n",
-        SKIPS
-            .iter()
-            .chain(if quick { SLOW } else { &[] })
-            .map(|(p, r)| format!(" --skip '{p}={r}'"))
-            .collect::<String>()
+        runner_args(opts)
     ));
     s
 }
@@ -472,55 +523,22 @@ fn initramfs(
     kernel: &Path,
     payload: &Payload,
     time_scale: u32,
-    quick: bool,
+    opts: &Options,
 ) -> Result<PathBuf, String> {
     let mut cpio = Cpio::new();
     let mut made: Vec<String> = Vec::new();
-    for d in [
-        "bin", "proc", "sys", "dev", "tmp", "run", "var", "reaper", "modules",
-    ] {
+    for d in ["proc", "sys", "dev", "tmp", "run", "var", "modules"] {
         cpio.dir(d);
         made.push(d.to_string());
     }
     // iproute2 keeps `ip netns` names under /var/run/netns.
     cpio.symlink("var/run", "/run");
-
-    let busybox = Path::new("/bin/busybox");
-    cpio.file(
-        "bin/busybox",
-        &std::fs::read(busybox).map_err(|e| format!("/bin/busybox: {e}"))?,
-        true,
-    );
+    for (name, bytes) in &payload.files {
+        cpio.parents(name, &mut made);
+        cpio.file(name, bytes, true);
+    }
     for a in APPLETS {
         cpio.symlink(&format!("bin/{a}"), "busybox");
-    }
-    let ip = ["/usr/bin/ip", "/bin/ip", "/sbin/ip"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .ok_or("no ip binary (iproute2)")?;
-    let mut elves: Vec<(String, PathBuf)> = vec![("bin/ip".into(), ip.to_path_buf())];
-    for b in ["reaper", "reaper-test-peer", "reaper-test-runner"] {
-        elves.push((format!("reaper/{b}"), payload.bin_dir.join(b)));
-    }
-    for (name, path) in &payload.tests {
-        elves.push((format!("reaper/tests/{name}"), path.clone()));
-    }
-    cpio.dir("reaper/tests");
-    made.push("reaper/tests".into());
-    let mut libs: Vec<String> = Vec::new();
-    for (name, path) in &elves {
-        cpio.file(name, &stripped(path)?, true);
-        for lib in libraries(path) {
-            if !libs.contains(&lib) {
-                libs.push(lib);
-            }
-        }
-    }
-    for lib in &libs {
-        let bytes = std::fs::read(lib).map_err(|e| format!("{lib}: {e}"))?;
-        cpio.parents(lib, &mut made);
-        cpio.file(lib, &bytes, true);
     }
     let modules = modules(kernel)?;
     for (name, bytes) in &modules {
@@ -529,7 +547,7 @@ fn initramfs(
     let names: Vec<String> = modules.into_iter().map(|(n, _)| n).collect();
     cpio.file(
         "init",
-        init_script(&names, time_scale, quick).as_bytes(),
+        init_script(&names, time_scale, opts).as_bytes(),
         true,
     );
 
@@ -572,12 +590,12 @@ fn boot(
     kernel: &Path,
     payload: &Payload,
     kvm: bool,
-    quick: bool,
+    opts: &Options,
 ) -> Result<Row, String> {
     let vmlinuz = find_file(&kernel.join("boot"), &|f| f.starts_with("vmlinuz-"))
         .ok_or_else(|| format!("no vmlinuz in {}", kernel.display()))?;
     let scale = if kvm { KVM_TIME_SCALE } else { TCG_TIME_SCALE };
-    let initrd = initramfs(kernel, payload, scale, quick)?;
+    let initrd = initramfs(kernel, payload, scale, opts)?;
     let how = if kvm { "qemu kvm" } else { "qemu tcg" };
     step(&format!(
         "booting {} ({how}); test results follow",
@@ -738,10 +756,8 @@ pub fn run(opts: &Options) -> Result<Vec<Row>, String> {
     std::fs::create_dir_all(vm_dir()).map_err(|e| e.to_string())?;
     // The binaries and the test executables from the same sources.
     crate::build(false)?;
-    let payload = Payload {
-        tests: test_executables()?,
-        bin_dir: root().join("target/debug"),
-    };
+    step("gathering the binaries and libraries for the initramfs");
+    let payload = Payload::gather(&test_executables()?, &root().join("target/debug"))?;
     let mut chosen = Vec::new();
     for family in KERNELS {
         if opts.kernels.is_empty() || opts.kernels.iter().any(|k| k == family.label) {
@@ -760,7 +776,7 @@ pub fn run(opts: &Options) -> Result<Vec<Row>, String> {
     std::thread::scope(|scope| {
         let runs: Vec<_> = chosen
             .iter()
-            .map(|(label, dir)| scope.spawn(move || boot(label, dir, payload, kvm, opts.quick)))
+            .map(|(label, dir)| scope.spawn(move || boot(label, dir, payload, kvm, opts)))
             .collect();
         runs.into_iter()
             .map(|r| r.join().map_err(|_| "a VM thread panicked".to_string())?)

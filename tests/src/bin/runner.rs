@@ -15,8 +15,9 @@
 //! Tests marked `#[ignore]` are the ones that may only run in a VM (they set
 //! the system clock), so they run here too.
 //!
-//! Usage: `reaper-test-runner DIR [--skip PREFIX=REASON]... [--timeout SECS]`
-//! where DIR holds the test executables, named after their test file.
+//! Usage: `reaper-test-runner DIR [--only PREFIX]... [--skip PREFIX=REASON]...
+//! [--timeout SECS]` where DIR holds the test executables, named after their
+//! test file, and a test's name is `FILE::TEST`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 
 struct Options {
     dir: PathBuf,
+    /// Run only tests whose name starts with one of these (all if empty).
+    only: Vec<String>,
     skips: Vec<(String, String)>,
     timeout: Duration,
 }
@@ -33,6 +36,7 @@ fn parse_args() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     let mut dir = None;
     let mut skips = Vec::new();
+    let mut only = Vec::new();
     let mut timeout = Duration::from_secs(600);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -43,6 +47,7 @@ fn parse_args() -> Result<Options, String> {
                     .ok_or_else(|| format!("--skip {v:?}: expected PREFIX=REASON"))?;
                 skips.push((prefix.to_string(), reason.to_string()));
             }
+            "--only" => only.push(args.next().ok_or("--only needs a PREFIX")?),
             "--timeout" => {
                 let v = args.next().ok_or("--timeout needs SECS")?;
                 let secs: u64 = v
@@ -55,8 +60,10 @@ fn parse_args() -> Result<Options, String> {
         }
     }
     Ok(Options {
-        dir: dir
-            .ok_or("usage: reaper-test-runner DIR [--skip PREFIX=REASON]... [--timeout SECS]")?,
+        dir: dir.ok_or(
+            "usage: reaper-test-runner DIR [--only PREFIX]... [--skip PREFIX=REASON]... [--timeout SECS]",
+        )?,
+        only,
         skips,
         timeout,
     })
@@ -130,6 +137,23 @@ fn run_one(bin: &Path, test: &str, timeout: Duration) -> (bool, String) {
     }
 }
 
+/// A failed test's output, cut to what a console can take: the start
+/// (the panic, then the daemon log) and the end.
+fn excerpt(output: &str) -> String {
+    const HEAD: usize = 4000;
+    const TAIL: usize = 2000;
+    let chars: Vec<char> = output.chars().collect();
+    if chars.len() <= HEAD + TAIL {
+        return output.to_string();
+    }
+    let head: String = chars[..HEAD].iter().collect();
+    let tail: String = chars[chars.len() - TAIL..].iter().collect();
+    format!(
+        "{head}\n[... {} characters ...]\n{tail}",
+        chars.len() - HEAD - TAIL
+    )
+}
+
 fn main() {
     let opts = match parse_args() {
         Ok(o) => o,
@@ -160,6 +184,9 @@ fn main() {
         };
         for test in tests {
             let name = format!("{file}::{test}");
+            if !opts.only.is_empty() && !opts.only.iter().any(|p| name.starts_with(p.as_str())) {
+                continue;
+            }
             if let Some((_, reason)) = opts.skips.iter().find(|(p, _)| name.starts_with(p)) {
                 println!("REAPER-RESULT SKIP {name} {reason}");
                 skipped += 1;
@@ -173,12 +200,10 @@ fn main() {
                 println!("REAPER-RESULT PASS {name} {secs:.1}s");
             } else {
                 failed += 1;
-                // The end of the output holds the panic and the daemon log.
-                let tail: String = {
-                    let chars: Vec<char> = output.chars().collect();
-                    chars[chars.len().saturating_sub(6000)..].iter().collect()
-                };
-                println!("REAPER-OUTPUT-BEGIN {name}\n{tail}\nREAPER-OUTPUT-END");
+                println!(
+                    "REAPER-OUTPUT-BEGIN {name}\n{}\nREAPER-OUTPUT-END",
+                    excerpt(&output)
+                );
                 println!("REAPER-RESULT FAIL {name} {secs:.1}s");
             }
         }
