@@ -520,15 +520,19 @@ impl Peer {
     /// Waits for a reported line matching `pred` and returns it; lines that
     /// do not match are kept for later calls.
     pub fn expect(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
-        self.try_expect(pred, timeout)
+        self.try_expect(pred, bound(timeout))
             .unwrap_or_else(|| panic!("peer never reported the expected line; saw {:?}", self.seen))
     }
 
+    /// Like [`Peer::expect`], but `None` when no such line comes within
+    /// `timeout`. Not scaled: a test that expects nothing (a negative
+    /// check) must not spend longer than it says, or a deadline it counts
+    /// on may pass meanwhile.
     pub fn try_expect(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
         if let Some(i) = self.seen.iter().position(|l| pred(l)) {
             return self.seen.remove(i);
         }
-        let end = Instant::now() + bound(timeout);
+        let end = Instant::now() + timeout;
         loop {
             let left = end.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -553,7 +557,7 @@ impl Peer {
     /// How the server side of the connection from `client` ended, if it has.
     pub fn wait_end(&mut self, client: SocketAddr, timeout: Duration) -> Option<String> {
         let prefix = format!("end {client} ");
-        self.try_expect(|l| l.starts_with(&prefix), timeout)
+        self.try_expect(|l| l.starts_with(&prefix), bound(timeout))
             .map(|l| l[prefix.len()..].to_string())
     }
 }

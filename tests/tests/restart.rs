@@ -18,7 +18,9 @@ fn survives_restart(name: &str, signal: i32) {
         ["deadline_boot_ns"]
         .as_u64()
         .unwrap();
-    let kept_deadline = sb.grant("kept", "bob", "vm-2", "6s", &kept)["session"]["deadline_boot_ns"]
+    // Long enough to outlive a restart under software emulation too.
+    let kept_deadline = sb.grant("kept", "bob", "vm-2", "10s", &kept)["session"]
+        ["deadline_boot_ns"]
         .as_u64()
         .unwrap();
 
