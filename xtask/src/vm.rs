@@ -72,7 +72,7 @@ const SKIPS: &[(&str, &str)] = &[
 /// the daemon's logic rather than the kernel (they run on the host in CI).
 const SLOW: &[(&str, &str)] = &[(
     "storm::",
-    "left out by --quick: about 10 minutes under software emulation (the host runs it)",
+    "left out by --quick: about 12 minutes under software emulation (the host runs it)",
 )];
 
 const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "xz-utils"];
