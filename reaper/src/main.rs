@@ -48,18 +48,7 @@ fn main() {
     match outcome {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            // Show the whole chain: aya's errors keep the syscall's errno in
-            // their source.
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let more = s.to_string();
-                if !text.contains(&more) {
-                    text = format!("{text}: {more}");
-                }
-                source = s.source();
-            }
-            eprintln!("reaper: {text}");
+            eprintln!("reaper: {}", reaper::error::chain(&e));
             std::process::exit(1);
         }
     }

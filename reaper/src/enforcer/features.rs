@@ -22,6 +22,7 @@ use aya::programs::ProgramType;
 use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper};
 
 use super::diag::SockDiag;
+use crate::error::chain;
 
 /// Whether reaper can work without a feature, and what it does instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,17 +191,6 @@ impl Features {
             )
         })
     }
-}
-
-/// An error with its sources: aya keeps the errno in the source.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
-    text
 }
 
 /// tcx (6.6+): a `BPF_PROG_QUERY` for tcx ingress on the loopback device
