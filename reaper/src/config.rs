@@ -18,7 +18,7 @@ pub const DEFAULT_CLIENT_TIMEOUT: &str = "10s";
 pub const DEFAULT_MAX_CLIENTS: u32 = 4096;
 /// Each control connection holds a descriptor; the daemon raises its soft
 /// limit to the hard one, commonly 20000 or more where it runs.
-const MAX_CLIENTS_LIMIT: u32 = 16_384;
+pub const MAX_CLIENTS_LIMIT: u32 = 16_384;
 
 /// Which end of a connection a watched port range is matched against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

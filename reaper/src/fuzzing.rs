@@ -7,7 +7,7 @@
 //! the bounds the daemon never re-checks (non-zero durations, port ranges in
 //! order, classes within max_ttl, table and client limits in range).
 
-use crate::config::Config;
+use crate::config::{Config, MAX_CLIENTS_LIMIT};
 use crate::protocol::parse_request;
 
 /// One control line, as the daemon gets it from a client.
@@ -40,7 +40,7 @@ pub fn config_text(data: &[u8]) {
                 assert_ne!(class.idle_timeout_ns, Some(0), "class {}", class.name);
             }
             assert!(c.max_flows >= 1024 && c.max_sessions >= 16 && c.max_pending >= 16);
-            assert!((1..=16_384).contains(&c.max_clients));
+            assert!((1..=MAX_CLIENTS_LIMIT as usize).contains(&c.max_clients));
             assert!(!c.client_timeout.is_zero());
         }
         Err(e) => assert!(!e.is_empty(), "an error without a message"),

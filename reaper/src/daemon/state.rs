@@ -630,13 +630,12 @@ impl State {
         let moves: Vec<(u64, u64, u64)> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.terms.expires_unix_ns != 0)
-            .map(|(id, s)| {
+            .filter_map(|(id, s)| {
                 let anchor = s.terms.expires_unix_ns;
                 let to = policy::follow_wall_clock(anchor, now, limits);
-                (*id, to, anchor)
+                let moved = anchor != 0 && s.terms.deadline_ns.abs_diff(to) > SKEW_NS;
+                moved.then_some((*id, to, anchor))
             })
-            .filter(|(id, to, _)| self.sessions[id].terms.deadline_ns.abs_diff(*to) > SKEW_NS)
             .collect();
         for &(id, to, anchor) in &moves {
             if let Err(e) = self.set_deadline(id, to, anchor) {

@@ -799,6 +799,13 @@ fn attach_forwarding(
     if config.forward_interfaces.is_empty() {
         return Ok(());
     }
+    if config.forward_attach == ForwardAttach::Tcx && !have_tcx {
+        return Err(Error::Setup(
+            "forward.attach = \"tcx\" but this kernel has no tcx (Linux 6.6+); \
+             use \"auto\" or \"tc\""
+                .into(),
+        ));
+    }
     let prog: &mut SchedClassifier = ebpf
         .program_mut(program_names::FORWARD)
         .ok_or_else(|| Error::Setup("program reaper_forward missing from the object".into()))?
@@ -807,13 +814,6 @@ fn attach_forwarding(
     for (interface, pin_name) in config.forward_interfaces.iter().zip(&wanted) {
         let setup =
             |what: String| Error::Setup(format!("forward.interfaces: {interface:?}: {what}"));
-        if config.forward_attach == ForwardAttach::Tcx && !have_tcx {
-            return Err(setup(
-                "forward.attach = \"tcx\" but this kernel has no tcx (Linux 6.6+); \
-                 use \"auto\" or \"tc\""
-                    .into(),
-            ));
-        }
         if config.forward_attach == ForwardAttach::Tcx
             || (config.forward_attach == ForwardAttach::Auto && have_tcx)
         {
