@@ -360,7 +360,6 @@ fn test(args: &[String]) -> Result<(), String> {
     sweep_leftovers();
     step("running unit and integration tests");
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
-    let started = std::time::Instant::now();
     let host = nextest(&["--workspace"], &args)?;
     host.check()?;
     if !args.is_empty() {
@@ -370,26 +369,21 @@ fn test(args: &[String]) -> Result<(), String> {
     // at its --quick size, results in target/ (the committed ones stay).
     step("running the benchmarks at --quick sizes (results in target/bench-quick)");
     run_bench(&["--quick".to_string()], &root().join("target/bench-quick"))?;
-    let host_row = vm::host_row(
-        host.passed,
-        host.failed,
-        host.skipped,
-        started.elapsed().as_secs(),
-    );
     let opts = vm::Options {
         kernels: Vec::new(),
         only: Vec::new(),
         quick: true,
     };
-    kernel_matrix(host_row, &opts)
+    kernel_matrix(&host, &opts)
 }
 
 /// Outcome of a nextest run: counts of the integration tests (the
-/// `reaper-tests` package), for the kernel table.
-struct TestRun {
-    passed: usize,
-    failed: usize,
-    skipped: usize,
+/// `reaper-tests` package) and how long it took, for the kernel table.
+pub struct TestRun {
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub seconds: u64,
     ok: bool,
 }
 
@@ -407,6 +401,7 @@ impl TestRun {
 /// integration tests' outcomes from its status lines.
 fn nextest(select: &[&str], extra: &[&String]) -> Result<TestRun, String> {
     let target = root().join("target/debug");
+    let started = std::time::Instant::now();
     let mut child = cargo()
         // Skipped (ignored) tests get a line too, to be counted.
         .args(["nextest", "run", "--no-fail-fast", "--status-level", "skip"])
@@ -441,6 +436,7 @@ fn nextest(select: &[&str], extra: &[&String]) -> Result<TestRun, String> {
         passed,
         failed: status.len() - passed - skipped,
         skipped,
+        seconds: started.elapsed().as_secs(),
         ok,
     })
 }
@@ -455,20 +451,14 @@ fn vm_test(args: &[String]) -> Result<(), String> {
     build(false)?;
     sweep_leftovers();
     step("running the integration tests on this machine's kernel");
-    let started = std::time::Instant::now();
     let host = nextest(&["--package", "reaper-tests"], &[])?;
-    let row = vm::host_row(
-        host.passed,
-        host.failed,
-        host.skipped,
-        started.elapsed().as_secs(),
-    );
-    kernel_matrix(row, &opts)
+    kernel_matrix(&host, &opts)
 }
 
-/// Boots the VMs, prints the table, and fails if any kernel failed.
-fn kernel_matrix(host: vm::Row, opts: &vm::Options) -> Result<(), String> {
-    let mut rows = vec![host];
+/// Boots the VMs, prints the table (the host's row from `host`), and fails
+/// if any kernel failed.
+fn kernel_matrix(host: &TestRun, opts: &vm::Options) -> Result<(), String> {
+    let mut rows = vec![vm::host_row(host)];
     let result = vm::run(opts).map(|more| rows.extend(more));
     let table = vm::report(&rows);
     println!("\n{table}");

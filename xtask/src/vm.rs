@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{output, root, sh, step};
+use crate::{cargo, output, root, sh, step, TestRun};
 
 /// A Debian kernel package family: `linux-image-{prefix}N{suffix}`.
 struct KernelFamily {
@@ -662,12 +662,7 @@ fn boot(
         } else if line == "REAPER-FEATURES-END" {
             in_features = false;
         } else if in_features {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if let [name, state, ..] = words[..] {
-                if ["yes", "no", "unknown"].contains(&state) {
-                    row.features.insert(name.to_string(), state.to_string());
-                }
-            }
+            row.features.extend(feature_state(line));
             println!("  {line}");
         } else if line.starts_with("REAPER-OUTPUT-BEGIN") {
             in_output = true;
@@ -704,8 +699,7 @@ fn boot(
 
 /// The executables of the integration tests, built now, by test-file name.
 fn test_executables() -> Result<Vec<(String, PathBuf)>, String> {
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
+    let out = cargo()
         .args([
             "test",
             "--package",
@@ -749,13 +743,12 @@ fn test_executables() -> Result<Vec<(String, PathBuf)>, String> {
     Ok(tests)
 }
 
-/// Boots every chosen kernel and runs the tests in it. The VMs run side
-/// by side: much of a test is waiting for a deadline, which overlaps well.
+/// Boots every chosen kernel and runs the tests in it, with the binaries
+/// in target/debug (the caller built them). The VMs run side by side: much
+/// of a test is waiting for a deadline, which overlaps well.
 pub fn run(opts: &Options) -> Result<Vec<Row>, String> {
     crate::apt_install(VM_PACKAGES, "to boot test VMs")?;
     std::fs::create_dir_all(vm_dir()).map_err(|e| e.to_string())?;
-    // The binaries and the test executables from the same sources.
-    crate::build(false)?;
     step("gathering the binaries and libraries for the initramfs");
     let payload = Payload::gather(&test_executables()?, &root().join("target/debug"))?;
     let mut chosen = Vec::new();
@@ -784,29 +777,30 @@ pub fn run(opts: &Options) -> Result<Vec<Row>, String> {
     })
 }
 
+/// A `reaper features` table row as (feature, yes / no / unknown).
+fn feature_state(line: &str) -> Option<(String, String)> {
+    let mut words = line.split_whitespace();
+    let (name, state) = (words.next()?, words.next()?);
+    ["yes", "no", "unknown"]
+        .contains(&state)
+        .then(|| (name.to_string(), state.to_string()))
+}
+
 /// The host's own row: features from `reaper features`, counts from the
 /// nextest run the caller made.
-pub fn host_row(passed: usize, failed: usize, skipped: usize, seconds: u64) -> Row {
+pub fn host_row(run: &TestRun) -> Row {
     let bin = root().join("target/debug/reaper");
     let text = output(&bin.to_string_lossy(), &["features"]);
-    let mut features = BTreeMap::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if let [name, state, ..] = words[..] {
-            if ["yes", "no", "unknown"].contains(&state) {
-                features.insert(name.to_string(), state.to_string());
-            }
-        }
-    }
+    let features = text.lines().filter_map(feature_state).collect();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     Row {
         kernel: format!("host ({})", release.trim()),
         how: "directly".into(),
-        passed,
-        failed,
-        skipped,
+        passed: run.passed,
+        failed: run.failed,
+        skipped: run.skipped,
         features,
-        seconds,
+        seconds: run.seconds,
         failures: Vec::new(),
     }
 }
@@ -888,6 +882,15 @@ mod tests {
             package_number(&KERNELS[0], "linux-image-6.1.0-50-rt-amd64"),
             None
         );
+    }
+
+    #[test]
+    fn feature_rows_are_read_and_other_lines_are_not() {
+        let row = "tcx           no       attaching the forwarded-flow program";
+        assert_eq!(feature_state(row), Some(("tcx".into(), "no".into())));
+        assert_eq!(feature_state("feature       present  used for"), None);
+        assert_eq!(feature_state("kernel 6.1.0-56-amd64"), None);
+        assert_eq!(feature_state(""), None);
     }
 
     #[test]
