@@ -28,6 +28,29 @@ struct Conn {
     stream: TcpStream,
     peer: String,
     streaming: bool,
+    /// The error a write met first. The kernel reports a reset once, to
+    /// whichever call comes first: when that is a screen-update write, the
+    /// next read only sees EOF, and this keeps what really happened.
+    write_error: Option<std::io::Error>,
+}
+
+impl Conn {
+    fn write(&mut self, data: &[u8]) {
+        if let Err(e) = self.stream.write_all(data) {
+            if e.kind() != ErrorKind::WouldBlock && self.write_error.is_none() {
+                self.write_error = Some(e);
+            }
+        }
+    }
+}
+
+/// How a connection ended, as reported on stdout.
+fn ending(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNRESET) => "reset".into(),
+        Some(libc::ECONNABORTED) => "aborted".into(),
+        _ => format!("error:{e}"),
+    }
 }
 
 fn main() {
@@ -56,7 +79,7 @@ fn main() {
         if Instant::now() >= next_tick {
             next_tick += TICK;
             for c in conns.values_mut().filter(|c| c.streaming) {
-                let _ = c.stream.write(&[b'#'; 64]);
+                c.write(&[b'#'; 64]);
             }
         }
         let mut fds: Vec<libc::pollfd> = std::iter::once(stdin_fd)
@@ -91,26 +114,23 @@ fn main() {
                         peer: peer.to_string(),
                         streaming: *streaming,
                         stream: s,
+                        write_error: None,
                     };
                     conns.insert(conn.stream.as_raw_fd(), conn);
                 }
             } else {
                 let conn = conns.get_mut(&p.fd).expect("polled connection");
-                let (s, peer) = (&mut conn.stream, conn.peer.clone());
+                let peer = conn.peer.clone();
                 let mut buf = [0u8; 4096];
-                let end = match s.read(&mut buf) {
-                    Ok(0) => Some("eof".to_string()),
+                let end = match conn.stream.read(&mut buf) {
+                    Ok(0) => Some(conn.write_error.as_ref().map_or("eof".into(), ending)),
                     Ok(n) => {
                         writeln!(out, "data {peer} {n}").unwrap();
-                        let _ = s.write_all(&buf[..n]);
+                        conn.write(&buf[..n]);
                         None
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => None,
-                    Err(e) => Some(match e.raw_os_error() {
-                        Some(libc::ECONNRESET) => "reset".into(),
-                        Some(libc::ECONNABORTED) => "aborted".into(),
-                        _ => format!("error:{e}"),
-                    }),
+                    Err(e) => Some(ending(&e)),
                 };
                 if let Some(how) = end {
                     writeln!(out, "end {peer} {how}").unwrap();
