@@ -21,15 +21,18 @@ fn bystanders_survive_every_kill() {
         .args(["-qw", "net.ipv4.tcp_tw_reuse=0"])
         .status();
     assert!(status.is_ok_and(|s| s.success()), "sysctl tcp_tw_reuse");
+    let mut ends = Vec::new();
     for port in [5900, 5901] {
         for _ in 0..5 {
             let f = Flow::connect(&format!("127.0.0.1:{port}"));
             let client = f.client;
             f.stream.shutdown(std::net::Shutdown::Both).unwrap();
             drop(f);
-            sb.peer_mut(peer)
+            let end = sb
+                .peer_mut(peer)
                 .wait_end(client, 5 * SECOND)
                 .expect("peer saw the close");
+            ends.push(format!("{client} {end}"));
         }
     }
     // Let the last FIN/ACK exchanges land before counting.
@@ -40,7 +43,8 @@ fn bystanders_survive_every_kill() {
     let time_wait_before = count_tcp_state("06");
     assert!(
         time_wait_before >= 10,
-        "expected 10 TIME_WAIT sockets, saw {time_wait_before}"
+        "expected 10 TIME_WAIT sockets, saw {time_wait_before} (the peer saw {ends:?}):\n{}",
+        std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default()
     );
 
     // 990 open bystanders: watched port without grant (same port as the
