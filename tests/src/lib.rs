@@ -665,6 +665,41 @@ pub fn assert_reset(e: &std::io::Error) {
     );
 }
 
+/// Connects to `server` from a port bound first, so that the client's
+/// address is known even when the connection is reset before `connect`
+/// returns (a refusal can be that quick on a slow machine): the client
+/// address, and the stream or `connect`'s error.
+pub fn connect_bound(server: std::net::SocketAddrV4) -> (SocketAddr, std::io::Result<TcpStream>) {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh descriptor, owned by the TcpStream right away; the
+    // addresses are live sockaddr_in of the length passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(std::net::SocketAddrV4::new(*server.ip(), 0));
+        let rc = libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let client = stream.local_addr().expect("bound address");
+        let remote = sockaddr(server);
+        let rc = libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len);
+        if rc == 0 {
+            (client, Ok(stream))
+        } else {
+            (client, Err(std::io::Error::last_os_error()))
+        }
+    }
+}
+
 /// Counts this network namespace's TCP sockets in `state` (hex, as in
 /// /proc/net/tcp: 06 is TIME_WAIT, 0A is LISTEN).
 pub fn count_tcp_state(state: &str) -> usize {

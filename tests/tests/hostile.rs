@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reaper_tests::{assert_reset, bound, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, bound, connect_bound, Flow, Sandbox, SECOND};
 use serde_json::{json, Value};
 
 /// Reads one line, waiting at most `timeout` (scaled, like the harness's
@@ -203,12 +203,13 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
         .echo()
         .expect("an unfenced connection that did not fit is not harmed");
 
-    // The refusal can land before `connect` returns to us: only the local
-    // address is sure to be readable.
-    let mut fenced = std::net::TcpStream::connect("127.0.0.1:6000").unwrap();
-    let client = fenced.local_addr().unwrap();
-    fenced.set_read_timeout(Some(bound(5 * SECOND))).unwrap();
-    let ended = std::io::Read::read(&mut fenced, &mut [0u8; 16]);
+    // The refusal can land before `connect` returns to us, or even fail
+    // it: the client's address is fixed before connecting.
+    let (client, connected) = connect_bound("127.0.0.1:6000".parse().unwrap());
+    let ended = connected.and_then(|mut fenced| {
+        fenced.set_read_timeout(Some(bound(5 * SECOND)))?;
+        std::io::Read::read(&mut fenced, &mut [0u8; 16])
+    });
     match ended {
         Ok(0) => {}
         Ok(n) => panic!("the refused connection got {n} bytes"),
