@@ -89,6 +89,8 @@ pub struct Row {
     pub seconds: u64,
     /// Failed tests, by name.
     pub failures: Vec<String>,
+    /// Tests that passed only when run again (counted as passed).
+    pub flaky: Vec<String>,
 }
 
 pub struct Options {
@@ -479,7 +481,7 @@ fn runner_args(opts: &Options) -> String {
         args.push_str(&format!(" --skip '{prefix}={reason}'"));
     }
     let timeout = if opts.quick { 600 } else { 1800 };
-    args.push_str(&format!(" --timeout {timeout}"));
+    args.push_str(&format!(" --timeout {timeout} --retries 1"));
     args
 }
 
@@ -601,18 +603,41 @@ fn boot(
         "booting {} ({how}); test results follow",
         kernel.file_name().unwrap().to_string_lossy()
     ));
+    // A kernel that crashes while booting, before any test ran (TCG has
+    // been seen to fault while the kernel patches its own code early in
+    // boot), is booted once more; a crash once tests run is a failure.
+    let (row, reached_init) = run_vm(label, &vmlinuz, &initrd, kvm, how)?;
+    if reached_init {
+        return Ok(row);
+    }
+    println!("[{label}] the kernel crashed before any test ran: booting it again");
+    Ok(run_vm(label, &vmlinuz, &initrd, kvm, how)?.0)
+}
+
+/// One boot: runs qemu, relays and counts the runner's results. Returns the
+/// row and whether the kernel got as far as running `/init`.
+fn run_vm(
+    label: &str,
+    vmlinuz: &Path,
+    initrd: &Path,
+    kvm: bool,
+    how: &str,
+) -> Result<(Row, bool), String> {
     let mut qemu = Command::new("qemu-system-x86_64");
     if kvm {
         qemu.args(["-accel", "kvm", "-cpu", "host"]);
     } else {
-        qemu.args(["-accel", "tcg", "-cpu", "max"]);
+        // One host thread per VM: the VMs run side by side, and
+        // multi-threaded TCG has crashed guests here while they patched
+        // their own code (static keys flip when BPF programs attach).
+        qemu.args(["-accel", "tcg,thread=single", "-cpu", "max"]);
     }
     let mut child = qemu
         .args(["-smp", "2", "-m", "2048", "-display", "none", "-nodefaults"])
         .args(["-no-reboot", "-serial", "stdio", "-kernel"])
-        .arg(&vmlinuz)
+        .arg(vmlinuz)
         .arg("-initrd")
-        .arg(&initrd)
+        .arg(initrd)
         .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -641,8 +666,13 @@ fn boot(
         features: BTreeMap::new(),
         seconds: 0,
         failures: Vec::new(),
+        flaky: Vec::new(),
     };
     let (mut in_features, mut in_output, mut done) = (false, false, false);
+    let mut reached_init = false;
+    // The console's last lines, shown if the VM stops early (a kernel
+    // oops prints there).
+    let mut last: std::collections::VecDeque<String> = Default::default();
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut raw = Vec::new();
     while reader.read_until(b'\n', &mut raw).unwrap_or(0) > 0 {
@@ -650,12 +680,17 @@ fn boot(
         let text = String::from_utf8_lossy(&raw).into_owned();
         let line = text.trim_end_matches(['\r', '\n']);
         raw.clear();
+        if last.len() == 100 {
+            last.pop_front();
+        }
+        last.push_back(line.to_string());
         if in_output {
             in_output = !line.starts_with("REAPER-OUTPUT-END");
             println!("  {line}");
             continue;
         }
         if let Some(k) = line.strip_prefix("REAPER-VM-KERNEL ") {
+            reached_init = true;
             row.kernel = format!("{label} ({k})");
         } else if line == "REAPER-FEATURES-BEGIN" {
             in_features = true;
@@ -671,6 +706,10 @@ fn boot(
             let mut words = result.split_whitespace();
             match (words.next(), words.next()) {
                 (Some("PASS"), _) => row.passed += 1,
+                (Some("FLAKY"), Some(name)) => {
+                    row.passed += 1;
+                    row.flaky.push(name.to_string());
+                }
                 (Some("SKIP"), _) => row.skipped += 1,
                 (Some("FAIL"), Some(name)) => {
                     row.failed += 1;
@@ -688,13 +727,17 @@ fn boot(
     let _ = watchdog.join();
     row.seconds = start.elapsed().as_secs();
     if !done {
+        println!("[{label}] the VM stopped early; its console's last lines:");
+        for line in &last {
+            println!("[{label}]   {line}");
+        }
         row.failed += 1;
         row.failures.push(format!(
             "(the VM stopped before the tests finished; see {})",
             log_path.display()
         ));
     }
-    Ok(row)
+    Ok((row, reached_init))
 }
 
 /// The executables of the integration tests, built now, by test-file name.
@@ -802,6 +845,7 @@ pub fn host_row(run: &TestRun) -> Row {
         features,
         seconds: run.seconds,
         failures: Vec::new(),
+        flaky: Vec::new(),
     }
 }
 
@@ -851,6 +895,13 @@ pub fn report(rows: &[Row]) -> String {
             "\nFailed on {}: {}\n",
             r.kernel,
             r.failures.join(", ")
+        ));
+    }
+    for r in rows.iter().filter(|r| !r.flaky.is_empty()) {
+        s.push_str(&format!(
+            "\nPassed only on a second try on {}: {}\n",
+            r.kernel,
+            r.flaky.join(", ")
         ));
     }
     let path = vm_dir().join("results.md");
