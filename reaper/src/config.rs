@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::Error;
 use crate::policy::{self, Access, Class, GlobalLimit, IdleDirection, OnLimit};
 
 pub const DEFAULT_SOCKET: &str = "/run/reaper/reaper.sock";
@@ -202,6 +201,20 @@ pub fn default_watch() -> Vec<Watch> {
     ]
 }
 
+/// Why a config was refused. The message names the offending key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read, or its text or a value in it is refused.
+    #[error("{}{message}", path.as_ref().map(|p| format!("config {}: ", p.display())).unwrap_or_default())]
+    Invalid {
+        path: Option<PathBuf>,
+        message: String,
+    },
+    /// A valid config that the kernel maps did not take (on reload).
+    #[error("writing the new ports to the kernel: {0}")]
+    Apply(String),
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config::from_toml("").expect("the empty config is valid")
@@ -210,19 +223,26 @@ impl Default for Config {
 
 impl Config {
     /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            path: path.to_owned(),
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+            path: Some(path.to_owned()),
             message: format!("cannot read: {e}"),
         })?;
-        Config::from_toml(&text).map_err(|message| Error::Config {
-            path: path.to_owned(),
+        Config::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: Some(path.to_owned()),
             message,
         })
     }
 
     /// Parses and validates config text; the error names the offending key.
-    pub fn from_toml(text: &str) -> Result<Config, String> {
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text).map_err(|message| ConfigError::Invalid {
+            path: None,
+            message,
+        })
+    }
+
+    fn parse(text: &str) -> Result<Config, String> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string().trim().to_owned())?;
         let socket_mode = match raw.socket_mode.as_deref() {
             None => 0o660,
@@ -602,7 +622,7 @@ mod tests {
             ("client_timeout = \"soon\"", "client_timeout"),
         ] {
             let e = Config::from_toml(text).unwrap_err();
-            assert!(e.contains(needle), "{text:?} -> {e}");
+            assert!(e.to_string().contains(needle), "{text:?} -> {e}");
         }
     }
 
@@ -674,7 +694,7 @@ mod tests {
             ("[forward]\nattach = \"xdp\"", "attach"),
         ] {
             let e = Config::from_toml(text).unwrap_err();
-            assert!(e.contains(needle), "{text:?} -> {e}");
+            assert!(e.to_string().contains(needle), "{text:?} -> {e}");
         }
     }
 

@@ -3,12 +3,11 @@
 //! back to the client, never fatal to the daemon.
 
 use std::io;
-use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("config {}: {message}", path.display())]
-    Config { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 
     #[error("loading eBPF programs: {0}")]
     Ebpf(#[from] aya::EbpfError),

@@ -43,7 +43,7 @@ pub fn config_text(data: &[u8]) {
             assert!((1..=MAX_CLIENTS_LIMIT as usize).contains(&c.max_clients));
             assert!(!c.client_timeout.is_zero());
         }
-        Err(e) => assert!(!e.is_empty(), "an error without a message"),
+        Err(e) => assert!(!e.to_string().is_empty(), "an error without a message"),
     }
 }
 

@@ -12,5 +12,7 @@ pub mod daemon;
 pub mod enforcer;
 pub mod error;
 pub mod fuzzing;
+pub mod kernel;
 pub mod policy;
 pub mod protocol;
+pub mod tuple;

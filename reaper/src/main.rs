@@ -30,7 +30,10 @@ fn main() {
                 Some(path) => Config::load(path),
                 None => Ok(Config::default()),
             };
-            loaded.and_then(|c| daemon::run(c, config)).map(|()| 0)
+            loaded
+                .map_err(reaper::error::Error::from)
+                .and_then(|c| daemon::run(c, config))
+                .map(|()| 0)
         }
         CliCommand::Features => {
             init_logging(LevelFilter::WARN);

@@ -240,14 +240,14 @@ pub enum WireOp {
 }
 
 impl WireOp {
-    fn name(&self) -> &'static str {
+    pub fn op(&self) -> Op {
         match self {
-            WireOp::Grant(_) => "grant",
-            WireOp::Extend(_) => "extend",
-            WireOp::Touch(_) => "touch",
-            WireOp::Revoke(_) => "revoke",
-            WireOp::List(_) => "list",
-            WireOp::Status => "status",
+            WireOp::Grant(_) => Op::Grant,
+            WireOp::Extend(_) => Op::Extend,
+            WireOp::Touch(_) => Op::Touch,
+            WireOp::Revoke(_) => Op::Revoke,
+            WireOp::List(_) => Op::List,
+            WireOp::Status => Op::Status,
         }
     }
 
@@ -264,7 +264,7 @@ impl WireOp {
         .expect("requests serialize");
         let map = obj.as_object_mut().expect("requests are objects");
         map.insert("v".into(), PROTOCOL_VERSION.into());
-        map.insert("op".into(), self.name().into());
+        map.insert("op".into(), self.op().name().into());
         if let Some(id) = id {
             map.insert("id".into(), id);
         }
@@ -320,6 +320,53 @@ pub enum RevokeSelector {
     },
 }
 
+/// The control operations: the one list every message and dispatch uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Grant,
+    Extend,
+    Touch,
+    Revoke,
+    List,
+    Status,
+}
+
+impl Op {
+    pub const ALL: [Op; 6] = [
+        Op::Grant,
+        Op::Extend,
+        Op::Touch,
+        Op::Revoke,
+        Op::List,
+        Op::Status,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Grant => "grant",
+            Op::Extend => "extend",
+            Op::Touch => "touch",
+            Op::Revoke => "revoke",
+            Op::List => "list",
+            Op::Status => "status",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    /// Whether the operation changes grants (and so needs an allowed caller).
+    pub fn mutates(self) -> bool {
+        matches!(self, Op::Grant | Op::Extend | Op::Touch | Op::Revoke)
+    }
+
+    /// "grant, extend, touch, revoke, list, status", for messages.
+    pub fn list() -> String {
+        Op::ALL.map(Op::name).join(", ")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Grant(GrantRequest),
@@ -331,12 +378,20 @@ pub enum Command {
 }
 
 impl Command {
+    pub fn op(&self) -> Op {
+        match self {
+            Command::Grant(_) => Op::Grant,
+            Command::Extend(_) => Op::Extend,
+            Command::Touch(_) => Op::Touch,
+            Command::Revoke(_) => Op::Revoke,
+            Command::List(_) => Op::List,
+            Command::Status => Op::Status,
+        }
+    }
+
     /// Whether the command changes grants (and so needs an allowed caller).
     pub fn mutates(&self) -> bool {
-        matches!(
-            self,
-            Command::Grant(_) | Command::Extend(_) | Command::Touch(_) | Command::Revoke(_)
-        )
+        self.op().mutates()
     }
 }
 
@@ -387,27 +442,30 @@ fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
     let op = match obj.remove("op") {
         Some(Value::String(op)) => op,
         Some(other) => return Err(bad(format!("\"op\" must be a string, not {other}"))),
-        None => {
-            return Err(bad(
-                "missing \"op\" (one of grant, extend, touch, revoke, list, status)",
-            ))
-        }
+        None => return Err(bad(format!("missing \"op\" (one of {})", Op::list()))),
     };
     let body = Value::Object(obj);
     fn args<T: for<'de> Deserialize<'de>>(op: &str, body: Value) -> Result<T, Refusal> {
         serde_json::from_value(body).map_err(|e| bad(format!("{op}: {e}")))
     }
-    match op.as_str() {
-        "grant" => validate_grant(args("grant", body)?).map(Command::Grant),
-        "extend" => validate_extend(args("extend", body)?).map(Command::Extend),
-        "touch" => {
-            let a: TouchArgs = args("touch", body)?;
+    let Some(op) = Op::from_name(&op) else {
+        return Err(Refusal::new(
+            RefusalCode::UnknownOp,
+            format!("unknown op {op:?} (one of {})", Op::list()),
+        ));
+    };
+    let name = op.name();
+    match op {
+        Op::Grant => validate_grant(args(name, body)?).map(Command::Grant),
+        Op::Extend => validate_extend(args(name, body)?).map(Command::Extend),
+        Op::Touch => {
+            let a: TouchArgs = args(name, body)?;
             check_name("touch.session", &a.session, reaper_common::SESSION_NAME_MAX)?;
             Ok(Command::Touch(a.session))
         }
-        "revoke" => validate_revoke(args("revoke", body)?).map(Command::Revoke),
-        "list" => {
-            let a: ListArgs = args("list", body)?;
+        Op::Revoke => validate_revoke(args(name, body)?).map(Command::Revoke),
+        Op::List => {
+            let a: ListArgs = args(name, body)?;
             for (field, v) in [
                 ("session", &a.session),
                 ("user", &a.user),
@@ -419,14 +477,10 @@ fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
             }
             Ok(Command::List(a))
         }
-        "status" => {
-            let _: EmptyArgs = args("status", body)?;
+        Op::Status => {
+            let _: EmptyArgs = args(name, body)?;
             Ok(Command::Status)
         }
-        other => Err(Refusal::new(
-            RefusalCode::UnknownOp,
-            format!("unknown op {other:?} (one of grant, extend, touch, revoke, list, status)"),
-        )),
     }
 }
 

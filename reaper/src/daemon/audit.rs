@@ -1,6 +1,11 @@
-//! Audit events: one JSON line per killed flow, on stdout and optionally
+//! The audit trail: one JSON line per killed flow, on stdout and optionally
 //! appended to a file. Operational logs go to stderr through `tracing`, so
 //! stdout carries nothing but audit records and can be shipped as is.
+//!
+//! The core hands over `Kill` records (`core::AuditSink`); the line's shape
+//! is decided here and nowhere else.
+
+#![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -8,53 +13,55 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::core::model::{AuditSink, Kill};
 use crate::error::{Error, Result};
+use crate::policy;
+use crate::tuple;
 
-/// Why a flow was killed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// The session's deadline passed.
-    Expired,
-    /// Someone revoked it.
-    Revoked,
-    /// No activity for the idle timeout.
-    Idle,
-    /// A newer session took its place under an evict-oldest limit.
-    Evicted,
-    /// A fenced flow was not granted within the grace window.
-    Unauthorized,
-    /// The grant for it was refused by a reject-new limit.
-    Rejected,
-    /// It needed tracking (a fenced port, or a pre-registered grant) and the
-    /// kernel flow table was full: it fails closed.
-    TableFull,
-}
-
+/// One audit line.
 #[derive(Debug, Clone, Serialize)]
-pub struct KillEvent {
-    pub ts: String,
-    pub event: &'static str,
-    pub reason: Reason,
-    pub session: String,
-    pub user: String,
-    pub target: String,
-    pub local: String,
-    pub remote: String,
-    pub cookie: u64,
-    /// How long after the moment it was due (deadline, idle deadline, end
-    /// of the fence grace, or the request that asked for it) the socket
-    /// was destroyed, in microseconds.
-    pub late_us: u64,
-    /// How it was killed: `destroy` (SOCK_DESTROY) or `rst` (RST + drop).
-    pub path: crate::enforcer::KillPath,
+struct KillEvent<'a> {
+    ts: String,
+    event: &'static str,
+    reason: &'static str,
+    session: &'a str,
+    user: &'a str,
+    target: &'a str,
+    local: String,
+    remote: String,
+    cookie: u64,
+    /// How long after the moment it was due the kill completed, in
+    /// microseconds.
+    late_us: u64,
+    /// `destroy`, `rst` or `forward`.
+    path: &'static str,
     /// `destroyed`, `already_closed`, `drop_only`, or for a forwarded flow
     /// `reset` (its packets stopped after the RSTs).
-    pub result: &'static str,
-    /// Forwarded flows: whether the peers took the RSTs (no packet of the
-    /// flow reached this host after them).
+    result: &'static str,
+    /// Forwarded flows: whether the peers took the RSTs.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub acknowledged: Option<bool>,
+    acknowledged: Option<bool>,
+}
+
+/// The audit line of a kill (without the newline).
+pub fn line(kill: &Kill) -> String {
+    let (local, remote) = tuple::addrs_of(&kill.tuple);
+    let event = KillEvent {
+        ts: policy::format_rfc3339(kill.done.unix_ns),
+        event: "kill",
+        reason: kill.reason.name(),
+        session: &kill.owner.session,
+        user: &kill.owner.user,
+        target: &kill.owner.target,
+        local: local.to_string(),
+        remote: remote.to_string(),
+        cookie: kill.cookie,
+        late_us: kill.late_ns / policy::NS_PER_US,
+        path: kill.path.name(),
+        result: kill.result.name(),
+        acknowledged: kill.acknowledged,
+    };
+    serde_json::to_string(&event).expect("audit events serialize")
 }
 
 pub struct Audit {
@@ -75,9 +82,11 @@ impl Audit {
         };
         Ok(Audit { file })
     }
+}
 
-    pub fn record(&mut self, event: &KillEvent) {
-        let mut line = serde_json::to_string(event).expect("audit events serialize");
+impl AuditSink for Audit {
+    fn record(&mut self, kill: &Kill) {
+        let mut line = line(kill);
         line.push('\n');
         let mut out = std::io::stdout().lock();
         if let Err(e) = out.write_all(line.as_bytes()).and_then(|_| out.flush()) {

@@ -19,6 +19,7 @@ use reaper_common::FlowTuple;
 
 use super::rst::Counters;
 use super::sys::{send_to, set_option};
+use crate::kernel::{DestroyOutcome, SocketRef};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -64,40 +65,19 @@ const LIVE_STATES: u32 = (1 << 1) // ESTABLISHED
     | (1 << 9) // LAST_ACK
     | (1 << 11); // CLOSING
 
-/// One socket, as sock_diag finds it.
-#[derive(Debug, Clone, Copy)]
-pub struct DiagTarget {
-    pub cookie: u64,
-    pub tuple: FlowTuple,
-    /// The namespace the socket lives in (which `SockDiag` reaches it).
-    pub netns_cookie: u64,
-}
-
-/// What the kernel said about one destroy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DestroyOutcome {
-    /// Aborted: the peer got a RST.
-    Destroyed,
-    /// No such socket (it closed on its own), or the addresses now belong to
-    /// another socket (cookie mismatch): nothing was touched.
-    Gone,
-    /// The kernel refused (errno); the in-kernel drop stays in force.
-    Failed(i32),
-}
-
 /// What sock_diag tells about one socket: its state, how long ago it last
 /// received and sent data (ms), and its byte counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Activity {
+pub struct Sample {
     pub last_recv_ago_ms: u32,
     pub last_sent_ago_ms: u32,
     pub counters: Counters,
 }
 
-/// What reading a socket's activity gave.
+/// What sampling a socket gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reading {
-    Seen(Activity),
+pub enum Sampled {
+    Seen(Sample),
     /// No such socket (closed, or its namespace is gone).
     Gone,
     /// The request failed: no evidence either way.
@@ -186,7 +166,7 @@ impl SockDiag {
     }
 
     /// Destroys every target; the outcomes come back in the same order.
-    pub fn destroy(&mut self, targets: &[DiagTarget]) -> io::Result<Vec<DestroyOutcome>> {
+    pub fn destroy(&mut self, targets: &[SocketRef]) -> io::Result<Vec<DestroyOutcome>> {
         let replies = self.exchange(targets, DESTROY)?;
         Ok(replies
             .into_iter()
@@ -203,7 +183,7 @@ impl SockDiag {
     /// socket that cannot exist answers "no such socket" where the feature
     /// is built in (CONFIG_INET_DIAG_DESTROY), "not supported" where not.
     pub fn destroy_supported(&mut self) -> io::Result<bool> {
-        let nothing = DiagTarget {
+        let nothing = SocketRef {
             cookie: 0,
             tuple: FlowTuple {
                 family: reaper_common::AF_INET,
@@ -218,7 +198,7 @@ impl SockDiag {
     }
 
     /// Reads each target's activity; `None` for a socket that is gone.
-    pub fn activity(&mut self, targets: &[DiagTarget]) -> io::Result<Vec<Option<Activity>>> {
+    pub fn activity(&mut self, targets: &[SocketRef]) -> io::Result<Vec<Option<Sample>>> {
         let replies = self.exchange(targets, INFO)?;
         Ok(replies
             .into_iter()
@@ -232,7 +212,7 @@ impl SockDiag {
     /// Sends one request per target, in batches, and collects one reply per
     /// request, in order. A batch that fails as a whole (the socket itself
     /// erred) reports that errno for its targets; later batches still go.
-    fn exchange(&mut self, targets: &[DiagTarget], ask: Ask) -> io::Result<Vec<Reply>> {
+    fn exchange(&mut self, targets: &[SocketRef], ask: Ask) -> io::Result<Vec<Reply>> {
         let mut replies = Vec::with_capacity(targets.len());
         for chunk in targets.chunks(BATCH) {
             match self.exchange_batch(chunk, ask) {
@@ -252,7 +232,7 @@ impl SockDiag {
     /// because the receive buffer overflowed. So the replies are drained
     /// without waiting, and the requests that got none are sent again (a
     /// second destroy of a socket the first one killed finds it gone).
-    fn exchange_batch(&mut self, targets: &[DiagTarget], ask: Ask) -> io::Result<Vec<Reply>> {
+    fn exchange_batch(&mut self, targets: &[SocketRef], ask: Ask) -> io::Result<Vec<Reply>> {
         let mut replies: Vec<Option<Reply>> = (0..targets.len()).map(|_| None).collect();
         let mut rbuf = vec![0u8; 64 * 1024];
         for _ in 0..ATTEMPTS {
@@ -311,7 +291,7 @@ impl SockDiag {
 }
 
 /// Appends one request (nlmsghdr + inet_diag_req_v2) for one socket.
-fn encode_request(buf: &mut Vec<u8>, ask: Ask, seq: u32, target: &DiagTarget) {
+fn encode_request(buf: &mut Vec<u8>, ask: Ask, seq: u32, target: &SocketRef) {
     let t = &target.tuple;
     buf.extend_from_slice(&(MSG_LEN as u32).to_ne_bytes());
     buf.extend_from_slice(&ask.kind.to_ne_bytes());
@@ -358,7 +338,7 @@ fn parse_replies(mut data: &[u8]) -> Vec<(u32, Reply)> {
 }
 
 /// The state and tcp_info of an `inet_diag_msg` and its attributes.
-fn parse_activity(msg: &[u8]) -> Option<Activity> {
+fn parse_activity(msg: &[u8]) -> Option<Sample> {
     let state = *msg.get(1)?;
     let mut attrs = msg.get(DIAG_MSG_LEN..)?;
     while attrs.len() >= 4 {
@@ -378,7 +358,7 @@ fn parse_activity(msg: &[u8]) -> Option<Activity> {
                 info.get(at..at + 8)
                     .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()))
             };
-            return Some(Activity {
+            return Some(Sample {
                 last_sent_ago_ms: word(TCPI_LAST_DATA_SENT)?,
                 last_recv_ago_ms: word(TCPI_LAST_DATA_RECV)?,
                 counters: Counters {
@@ -401,7 +381,7 @@ mod tests {
 
     #[test]
     fn request_layout_matches_the_kernel_abi() {
-        let target = DiagTarget {
+        let target = SocketRef {
             cookie: 0x1122_3344_5566_7788,
             tuple: FlowTuple {
                 family: reaper_common::AF_INET,
@@ -477,7 +457,7 @@ mod tests {
         let (7, Reply::Info(body)) = &replies[2] else {
             panic!("third reply is not the diag message")
         };
-        let expected = Activity {
+        let expected = Sample {
             last_recv_ago_ms: 250,
             last_sent_ago_ms: 1500,
             counters: Counters {

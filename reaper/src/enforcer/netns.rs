@@ -24,6 +24,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use super::diag::SockDiag;
 use super::rst::{self, Rst};
+use crate::kernel::NetnsError;
 
 /// Raw IP sockets that put hand-built RSTs into a namespace's stack: one to
 /// a local address is delivered to the local socket, one to a remote
@@ -152,22 +153,23 @@ impl Namespaces {
 
     /// Opens (or reuses) the namespace behind a namespace file; returns its
     /// cookie.
-    pub fn resolve(&mut self, path: &Path) -> Result<u64, String> {
-        let id = identity(path)
-            .map_err(|e| format!("cannot open network namespace {} ({e})", path.display()))?;
+    pub fn resolve(&mut self, path: &Path) -> Result<u64, NetnsError> {
+        let failed = |action: &'static str| {
+            move |e: io::Error| NetnsError {
+                action,
+                path: path.display().to_string(),
+                why: e.to_string(),
+            }
+        };
+        let id = identity(path).map_err(failed("open"))?;
         if let Some(&cookie) = self.known.get(&id) {
             if cookie == self.own_cookie || self.others.contains_key(&cookie) {
                 return Ok(cookie);
             }
         }
-        let file = File::open(path)
-            .map_err(|e| format!("cannot open network namespace {} ({e})", path.display()))?;
-        let netns = open_in(file)
-            .map_err(|e| format!("cannot enter network namespace {} ({e})", path.display()))?;
-        let cookie = netns
-            .diag
-            .netns_cookie()
-            .map_err(|e| format!("cannot identify network namespace {} ({e})", path.display()))?;
+        let file = File::open(path).map_err(failed("open"))?;
+        let netns = open_in(file).map_err(failed("enter"))?;
+        let cookie = netns.diag.netns_cookie().map_err(failed("identify"))?;
         if cookie != self.own_cookie {
             self.others.entry(cookie).or_insert(netns);
         }

@@ -154,7 +154,7 @@ pub fn forwarded_resets(
     key: &reaper_common::FlowTuple,
     flow: &reaper_common::Forwarded,
 ) -> Vec<(usize, Rst)> {
-    let (a, b) = crate::enforcer::socket::addrs_of(key);
+    let (a, b) = crate::tuple::addrs_of(key);
     let addr = [a, b];
     let mut out = Vec::new();
     for to in 0..2 {

@@ -1,0 +1,328 @@
+//! The kill pipeline: the one way a flow dies, whatever the reason
+//! (expiry, revoke, idle, evict, reject, unauthorized, table full).
+//!
+//! For each flow, in this order: its deadline into the kernel (the
+//! in-kernel drop holds it from then on, even if the daemon dies now), one
+//! batched destroy (or exact RSTs), one `Kill` record per flow for the audit
+//! trail and the caller, then the index. Sessions that end are forgotten
+//! last, their records after their flows.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+
+use reaper_common::{Flow, FlowTuple, PendingGrant};
+use tracing::{debug, warn};
+
+use super::model::{Kill, KillResult, Owner, Reason};
+use super::schedule::Due;
+use super::Core;
+use crate::kernel::{DestroyOutcome, Kernel, KillPath, SocketRef};
+use crate::policy::{self, Now};
+
+/// How long after its RSTs a forwarded flow is checked for silence.
+pub(super) const RST_CHECK_NS: u64 = 250 * policy::NS_PER_MS;
+
+/// Who dies.
+#[derive(Clone, Copy)]
+pub(super) enum Victims<'a> {
+    /// Every flow of these sessions, and then the sessions.
+    Sessions(&'a [u64]),
+    /// These flows (local ones by cookie, forwarded ones by key); sessions
+    /// stay. `owner` names flows that belong to no session (a refused
+    /// grant's, in its audit events).
+    Flows {
+        cookies: &'a [u64],
+        forwarded: &'a [FlowTuple],
+        owner: Option<&'a Owner>,
+    },
+}
+
+/// A forwarded flow killed by RSTs, waiting for the check that completes
+/// its audit event.
+struct RstCheck {
+    kill: Kill,
+    key: FlowTuple,
+    dropped_before: u64,
+    sent: usize,
+}
+
+#[derive(Default)]
+pub(super) struct RstChecks {
+    pending: HashMap<u64, RstCheck>,
+    next_id: u64,
+}
+
+impl<K: Kernel> Core<K> {
+    /// Kills `victims` for `reason`. `due` is when the kill became due
+    /// (None: each flow's own deadline), from which lateness is measured.
+    pub(super) fn kill(
+        &mut self,
+        victims: Victims<'_>,
+        reason: Reason,
+        due: Option<u64>,
+    ) -> Vec<Kill> {
+        let (cookies, forwarded, ended, owner) = match victims {
+            Victims::Sessions(ids) => {
+                let sessions = || ids.iter().filter_map(|id| self.index.session(*id));
+                let cookies: Vec<u64> = sessions().flat_map(|s| s.flows.iter().copied()).collect();
+                let forwarded: Vec<FlowTuple> = sessions()
+                    .flat_map(|s| s.forwarded.iter().copied())
+                    .collect();
+                (cookies, forwarded, ids, None)
+            }
+            Victims::Flows {
+                cookies,
+                forwarded,
+                owner,
+            } => (
+                cookies.to_vec(),
+                forwarded.to_vec(),
+                &[][..],
+                owner.cloned(),
+            ),
+        };
+        let mut kills = self.kill_local(&cookies, reason, due, owner.as_ref());
+        kills.extend(self.kill_forwarded(&forwarded, reason, due, owner.as_ref()));
+        for &id in ended {
+            if let Some(s) = self.index.session(id) {
+                debug!(session = %s.name(), reason = reason.name(), "session ended");
+            }
+            self.forget_session(id);
+        }
+        kills
+    }
+
+    /// The names a killed flow's audit event carries.
+    fn owner_of(&self, session: u64, fallback: Option<&Owner>) -> Owner {
+        match self.index.session(session) {
+            Some(s) => Owner {
+                session: s.name().to_owned(),
+                user: s.user().to_owned(),
+                target: s.target().to_owned(),
+            },
+            None => fallback.cloned().unwrap_or_default(),
+        }
+    }
+
+    fn kill_local(
+        &mut self,
+        cookies: &[u64],
+        reason: Reason,
+        due: Option<u64>,
+        owner: Option<&Owner>,
+    ) -> Vec<Kill> {
+        let now = self.kernel.now().boot_ns;
+        let mut targets: Vec<(u64, Flow)> = Vec::with_capacity(cookies.len());
+        let mut gone = Vec::new();
+        for &cookie in cookies {
+            // The mirror is exact for what we need (the kernel sets a flow's
+            // addresses once; the daemon writes its deadline), and sparing a
+            // map lookup per flow matters when 100k flows expire together.
+            // A flow that has closed meanwhile is found gone by the destroy.
+            match self.index.flow(cookie).or_else(|| self.kernel.flow(cookie)) {
+                Some(mut flow) => {
+                    if flow.deadline_ns == 0 || flow.deadline_ns > now {
+                        flow.deadline_ns = now;
+                        let _ = self.kernel.update_flow(cookie, &flow);
+                    }
+                    targets.push((cookie, flow));
+                }
+                None => gone.push(cookie),
+            }
+        }
+        // The drop is in force for every target before any socket dies.
+        if let Err(e) = self.kernel.publish_flows() {
+            warn!("announcing killed flows to the packet path: {e}");
+        }
+        let sockets: Vec<SocketRef> = targets
+            .iter()
+            .map(|(cookie, flow)| SocketRef {
+                cookie: *cookie,
+                tuple: flow.tuple,
+                netns_cookie: flow.netns_cookie,
+            })
+            .collect();
+        let path = self.kernel.kill_path();
+        let outcomes = if targets.is_empty() {
+            Vec::new()
+        } else {
+            match path {
+                KillPath::Destroy => self.kernel.destroy(&sockets),
+                KillPath::Rst | KillPath::Forward => {
+                    let with_flows: Vec<(SocketRef, Flow)> = sockets
+                        .iter()
+                        .zip(&targets)
+                        .map(|(s, (_, f))| (*s, *f))
+                        .collect();
+                    self.kernel.reset(&with_flows)
+                }
+            }
+        };
+        let done = self.kernel.now();
+        let mut kills = Vec::with_capacity(targets.len() + gone.len());
+        for ((cookie, flow), outcome) in targets.into_iter().zip(outcomes) {
+            let result = match outcome {
+                DestroyOutcome::Destroyed => KillResult::Destroyed,
+                DestroyOutcome::Gone => {
+                    self.kernel.remove_flow(cookie);
+                    KillResult::AlreadyClosed
+                }
+                DestroyOutcome::Failed(errno) => {
+                    warn!(
+                        cookie,
+                        errno,
+                        "socket destroy refused; the kernel keeps dropping the flow's packets"
+                    );
+                    KillResult::DropOnly
+                }
+            };
+            let since = due.unwrap_or(flow.deadline_ns);
+            kills.push(self.record_kill(reason, cookie, &flow, path, result, done, since, owner));
+            // Even a drop-only flow leaves the index: its session is ending,
+            // and the kernel entry (with its deadline) stays until it closes.
+            self.untrack_flow(cookie);
+        }
+        for cookie in gone {
+            if let Some(flow) = self.index.flow(cookie) {
+                let since = due.unwrap_or(flow.deadline_ns);
+                let result = KillResult::AlreadyClosed;
+                kills.push(
+                    self.record_kill(reason, cookie, &flow, path, result, done, since, owner),
+                );
+                self.untrack_flow(cookie);
+            }
+        }
+        kills
+    }
+
+    /// Builds a local flow's kill record and writes its audit event.
+    #[allow(clippy::too_many_arguments)]
+    fn record_kill(
+        &mut self,
+        reason: Reason,
+        cookie: u64,
+        flow: &Flow,
+        path: KillPath,
+        result: KillResult,
+        done: Now,
+        since_ns: u64,
+        owner: Option<&Owner>,
+    ) -> Kill {
+        let kill = Kill {
+            reason,
+            owner: self.owner_of(flow.session, owner),
+            cookie,
+            tuple: flow.tuple,
+            path,
+            result,
+            done,
+            late_ns: done.boot_ns.saturating_sub(since_ns),
+            acknowledged: None,
+        };
+        self.audit.record(&kill);
+        kill
+    }
+
+    /// Forwarded flows: deadline into the kernel (the tc program drops
+    /// every further packet), a RST to each end, and a check a moment later
+    /// of whether the flow's packets stopped, which completes the audit
+    /// event (`finish_rst_check`).
+    fn kill_forwarded(
+        &mut self,
+        keys: &[FlowTuple],
+        reason: Reason,
+        due: Option<u64>,
+        owner: Option<&Owner>,
+    ) -> Vec<Kill> {
+        let mut kills = Vec::with_capacity(keys.len());
+        for key in keys {
+            let now = self.kernel.now().boot_ns;
+            let mut grant = self.kernel.forwarded_grant(key).unwrap_or(PendingGrant {
+                deadline_ns: 0,
+                session: 0,
+                netns_cookie: self.kernel.own_netns(),
+            });
+            if grant.deadline_ns == 0 || grant.deadline_ns > now {
+                grant.deadline_ns = now;
+                if let Ok(true) = self.kernel.put_forwarded_grant(key, &grant) {
+                    self.index.note_forwarded_grant(*key);
+                }
+            }
+            let kill_owner = self.owner_of(grant.session, owner);
+            if let Some(s) = self.index.session_mut(grant.session) {
+                s.forwarded.remove(key);
+            }
+            let since = due.unwrap_or(grant.deadline_ns);
+            let Some(flow) = self.kernel.forwarded(key) else {
+                let done = self.kernel.now();
+                let kill = Kill {
+                    reason,
+                    owner: kill_owner,
+                    cookie: 0,
+                    tuple: *key,
+                    path: KillPath::Forward,
+                    result: KillResult::AlreadyClosed,
+                    done,
+                    late_ns: done.boot_ns.saturating_sub(since),
+                    acknowledged: None,
+                };
+                self.audit.record(&kill);
+                kills.push(kill);
+                continue;
+            };
+            let sent = self.kernel.reset_forwarded(key, &flow);
+            let done = self.kernel.now();
+            let kill = Kill {
+                reason,
+                owner: kill_owner,
+                cookie: 0,
+                tuple: *key,
+                path: KillPath::Forward,
+                result: KillResult::RstSent,
+                done,
+                late_ns: done.boot_ns.saturating_sub(since),
+                acknowledged: None,
+            };
+            let checks = &mut self.rst_checks;
+            checks.next_id += 1;
+            let id = checks.next_id;
+            checks.pending.insert(
+                id,
+                RstCheck {
+                    kill: kill.clone(),
+                    key: *key,
+                    dropped_before: flow.dropped,
+                    sent,
+                },
+            );
+            self.schedule
+                .push(done.boot_ns + RST_CHECK_NS, Due::RstCheck(id));
+            kills.push(kill);
+        }
+        kills
+    }
+
+    /// The audit event of a forwarded kill: the peers acknowledged when
+    /// none of the flow's packets had to be dropped since the RSTs.
+    pub(super) fn finish_rst_check(&mut self, id: u64) {
+        let Some(check) = self.rst_checks.pending.remove(&id) else {
+            return;
+        };
+        let dropped_after = self
+            .kernel
+            .forwarded(&check.key)
+            .map_or(check.dropped_before, |f| f.dropped);
+        let acknowledged = check.sent > 0 && dropped_after == check.dropped_before;
+        let kill = Kill {
+            result: if acknowledged {
+                KillResult::Reset
+            } else {
+                KillResult::DropOnly
+            },
+            acknowledged: Some(acknowledged),
+            ..check.kill
+        };
+        self.audit.record(&kill);
+    }
+}

@@ -1,0 +1,136 @@
+//! The daemon core: what happens to sessions and flows. It speaks to the
+//! kernel only through the `Kernel` seam and to the audit trail only
+//! through `AuditSink`, and hands out domain values (`model`), so all of it
+//! runs in unit tests without root (`tests`, over `fake::FakeKernel`).
+//!
+//! Where to look:
+//! * `ops/` — one file per control operation (grant, extend, touch,
+//!   revoke, list, status) and the dispatch with the access check;
+//! * `due` — what happens when the timer fires: deadlines, idle checks,
+//!   fence ends, RST checks, garbage collection;
+//! * `kill` — the kill pipeline, the one way any flow dies;
+//! * `sync` — kernel → daemon: adoption at start, ring-buffer events,
+//!   wall-clock moves;
+//! * `store` — writes that keep kernel and index in step, in the
+//!   crash-safe order;
+//! * `index`, `schedule` — pure data: who is where, what is due when.
+//!
+//! Dependencies run one way: ops and due and sync → kill → store → index
+//! and schedule.
+//!
+//! The write order every operation keeps, so that a crash at any point
+//! leaves the kernel enforcing something safe:
+//! * grant: session record, then each flow's deadline (or pending entry);
+//! * kill: each flow's deadline (the backstop drops from then on), then
+//!   the socket destroy, then the session record.
+
+mod due;
+mod index;
+mod kill;
+pub mod model;
+mod ops;
+mod schedule;
+mod store;
+mod sync;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+use crate::config::{Config, ConfigError};
+use crate::kernel::Kernel;
+use crate::policy::DeadlineLimits;
+use index::Index;
+use kill::RstChecks;
+pub use model::{AuditSink, Outcome, Refused};
+pub use ops::Caller;
+use schedule::Schedule;
+
+use super::throttle::Throttle;
+
+pub struct Core<K: Kernel> {
+    kernel: K,
+    audit: Box<dyn AuditSink>,
+    config: Config,
+    index: Index,
+    schedule: Schedule,
+    rst_checks: RstChecks,
+    started_boot_ns: u64,
+    /// Successful config loads (1 at start, +1 per reload), and the last
+    /// reload's error: what `status` reports so operators can see a reload.
+    config_loads: u64,
+    last_reload_error: Option<String>,
+    /// The full-table warning (connections refused since the last one).
+    table_full: Throttle,
+    /// Unix time minus boot time, read once at start: every boot-clock
+    /// instant is shown as the same wall-clock time for the daemon's life,
+    /// instead of jittering with each pair of clock reads.
+    wall_offset_ns: i128,
+}
+
+impl<K: Kernel> Core<K> {
+    /// A core over `kernel`; call `adopt` before serving requests.
+    pub fn new(kernel: K, audit: Box<dyn AuditSink>, config: Config) -> Core<K> {
+        let now = kernel.now();
+        Core {
+            kernel,
+            audit,
+            config,
+            index: Index::new(),
+            schedule: Schedule::default(),
+            rst_checks: RstChecks::default(),
+            started_boot_ns: now.boot_ns,
+            config_loads: 1,
+            last_reload_error: None,
+            table_full: Throttle::new(std::time::Duration::from_secs(10)),
+            wall_offset_ns: now.unix_ns - now.boot_ns as i128,
+        }
+    }
+
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    /// The wall-clock time of a boot-clock instant.
+    fn wall(&self, boot_ns: u64) -> i128 {
+        boot_ns as i128 + self.wall_offset_ns
+    }
+
+    fn limits(&self) -> DeadlineLimits {
+        DeadlineLimits {
+            max_ttl_ns: self.config.max_ttl_ns,
+        }
+    }
+
+    /// Ends every entry point: the flow writes it made become visible to
+    /// the packet path at once, and the timer is armed for what is due
+    /// first (an operation may have moved it).
+    fn settle(&mut self) {
+        if let Err(e) = self.kernel.publish_flows() {
+            tracing::error!("announcing flow changes to the packet path: {e}");
+        }
+        self.kernel.arm_timer(self.schedule.next());
+    }
+
+    /// Applies a reloaded config: ports and grace go to the kernel at once;
+    /// classes, limits, access and max_ttl apply to requests from now on.
+    /// Live grants keep the terms they were given. Returns the keys that
+    /// changed but wait for a restart.
+    pub fn reload(&mut self, mut new: Config) -> Result<Vec<&'static str>, ConfigError> {
+        let restart_only = self.config.restart_only_changes(&new);
+        new.keep_restart_only(&self.config);
+        self.kernel
+            .apply_ports(&new)
+            .map_err(|e| ConfigError::Apply(crate::error::chain(&e)))?;
+        self.config = new;
+        self.config_loads += 1;
+        self.last_reload_error = None;
+        Ok(restart_only)
+    }
+
+    /// A reload that was refused: the running config stays, `status` says why.
+    pub fn reload_refused(&mut self, why: String) {
+        self.last_reload_error = Some(why);
+    }
+}

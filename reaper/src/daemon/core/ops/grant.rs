@@ -1,0 +1,597 @@
+//! `grant`: gives flows (established ones, forwarded ones, and connections
+//! to come) a deadline as part of a session, creating the session or
+//! joining it.
+//!
+//! In two phases. First every check that can refuse: the flows exist and
+//! are free, the class and terms allow it, the limits admit it, and every
+//! kernel table has room. Only then the writes, in the crash-safe order:
+//! evictions, the session record, each flow's deadline, forwarded grants,
+//! pending entries. Should the kernel still refuse a write (a table full
+//! against the count, an I/O error), what this grant wrote is undone in
+//! reverse order before it is refused.
+
+#![forbid(unsafe_code)]
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use reaper_common::{flow_flags, Flow, FlowTuple, Label, PendingGrant, SessionRecord};
+use tracing::info;
+
+use super::Caller;
+use crate::daemon::core::kill::Victims;
+use crate::daemon::core::model::{internal, refuse, Code, Granted, Owner, Reason, Refused};
+use crate::daemon::core::Core;
+use crate::kernel::Kernel;
+use crate::policy::{self, Admission, Holder, Now};
+use crate::protocol::{FlowRef, GrantRequest, NetnsRef};
+use crate::tuple::{self, describe};
+
+/// What a grant will do, once every check has passed.
+enum Plan {
+    /// Join session `id`, whose deadline becomes `deadline` (tightened or
+    /// kept) with wall anchor `anchor`.
+    Join { id: u64, deadline: u64, anchor: u64 },
+    /// Create session `id` with `record`, after evicting `evict`.
+    Create {
+        id: u64,
+        record: Box<SessionRecord>,
+        evict: Vec<u64>,
+    },
+}
+
+/// Connections to come: the namespace each is expected in, and the
+/// `PENDING` keys it may be recorded under.
+type Expected = Vec<(u64, Vec<FlowTuple>)>;
+
+/// What a grant wrote, so that a failing write can be undone.
+#[derive(Default)]
+struct Written {
+    /// Flows and what their entry was before.
+    flows: Vec<(u64, Flow)>,
+    /// Forwarded grants and what they were before.
+    forwarded: Vec<(FlowTuple, Option<PendingGrant>)>,
+    pending: Vec<FlowTuple>,
+    /// `expect` items added to the session's index.
+    expect_items: usize,
+}
+
+impl<K: Kernel> Core<K> {
+    pub(super) fn grant(
+        &mut self,
+        g: GrantRequest,
+        caller: Caller,
+        fds: &[OwnedFd],
+    ) -> Result<Granted, Refused> {
+        let now = self.kernel.now();
+        // Checks: nothing is written until every one has passed.
+        let (cookies, forwarded) = self.resolve(&g.flows, fds)?;
+        let existing = self.index.id_of(&g.session);
+        self.check_flows_free(&cookies, &forwarded, existing, now)?;
+        let expected = self.expected(&g.expect)?;
+        let plan = match existing {
+            Some(id) => self.plan_join(id, &g, now)?,
+            None => self.plan_create(&g, caller, now, &cookies, &forwarded)?,
+        };
+        self.check_room(&forwarded, &expected)?;
+
+        // Writes, in the crash-safe order.
+        let (id, deadline, created, before) = match plan {
+            Plan::Join {
+                id,
+                deadline,
+                anchor,
+            } => {
+                let t = self.index.session(id).expect("planned").terms;
+                self.set_deadline(id, deadline, anchor)?;
+                (
+                    id,
+                    deadline,
+                    false,
+                    Some((t.deadline_ns, t.expires_unix_ns)),
+                )
+            }
+            Plan::Create { id, record, evict } => {
+                if !evict.is_empty() {
+                    let names: Vec<&str> = evict
+                        .iter()
+                        .filter_map(|id| self.index.session(*id).map(|s| s.name()))
+                        .collect();
+                    info!(evicted = ?names, for_user = %g.user, target = %g.target, "evicting the oldest sessions");
+                    self.kill(
+                        Victims::Sessions(&evict),
+                        Reason::Evicted,
+                        Some(now.boot_ns),
+                    );
+                }
+                if !self.kernel.put_session(id, &record).map_err(internal)? {
+                    return refuse(Code::TableFull, "the kernel session table is full");
+                }
+                self.index_session(id, &record);
+                (id, record.deadline_ns, true, None)
+            }
+        };
+        let mut written = Written::default();
+        let added =
+            match self.write_grant(id, deadline, &cookies, &forwarded, &expected, &mut written) {
+                Ok(added) => added,
+                Err(refusal) => {
+                    self.undo_grant(id, before, written);
+                    return Err(refusal);
+                }
+            };
+        if added == 0 && expected.is_empty() && created {
+            self.forget_session(id);
+            return refuse(
+                Code::NoSuchFlow,
+                "grant: every named flow closed before it could be granted",
+            );
+        }
+        let idle_timeout = self
+            .index
+            .session(id)
+            .expect("written")
+            .terms
+            .idle_timeout_ns;
+        if created && idle_timeout != 0 {
+            self.queue_idle_check(id, now.boot_ns + idle_timeout);
+        }
+        let session = self.snapshot(id, now);
+        info!(session = %session.name, user = %session.user, target = %session.target,
+              class = %session.class, flows = added, expected = expected.len(),
+              deadline = %policy::format_rfc3339(session.deadline_unix_ns), created, "granted");
+        Ok(Granted { session, created })
+    }
+
+    /// The flows a grant names: socket cookies of local flows, each checked
+    /// to be tracked here, and keys of forwarded flows.
+    fn resolve(
+        &mut self,
+        refs: &[FlowRef],
+        fds: &[OwnedFd],
+    ) -> Result<(Vec<u64>, Vec<FlowTuple>), Refused> {
+        let mut cookies = Vec::new();
+        let mut forwarded = Vec::new();
+        for (i, r) in refs.iter().enumerate() {
+            match *r {
+                FlowRef::Fd(index) => {
+                    let Some(fd) = fds.get(index) else {
+                        return refuse(
+                            Code::BadFd,
+                            format!(
+                                "flows[{i}].fd: descriptor {index} was not passed ({} came with the request; send them with SCM_RIGHTS in the same sendmsg as the line)",
+                                fds.len()
+                            ),
+                        );
+                    };
+                    let info = self.kernel.inspect_socket(fd.as_fd()).map_err(|why| {
+                        Refused::new(Code::BadFd, format!("flows[{i}].fd: {why}"))
+                    })?;
+                    if self.tracked_flow(info.cookie).is_none() {
+                        return refuse(
+                            Code::FlowNotTracked,
+                            format!(
+                                "flows[{i}]: the socket {} <-> {} is not tracked: neither port is watched, or it belongs to a process outside cgroup {}",
+                                info.local,
+                                info.remote,
+                                self.kernel.cgroup().display()
+                            ),
+                        );
+                    }
+                    cookies.push(info.cookie);
+                }
+                FlowRef::Addrs {
+                    local,
+                    remote,
+                    ref netns,
+                } => {
+                    let netns_cookie = self.netns_of(netns.as_ref())?;
+                    let found = self.lookup_addrs(local, remote, netns_cookie);
+                    if found.is_empty() && netns.is_none() {
+                        if let Some(key) = self.forwarded_key(local, remote) {
+                            forwarded.push(key);
+                            continue;
+                        }
+                    }
+                    if found.is_empty() {
+                        let place = netns
+                            .as_ref()
+                            .map_or("this network namespace".to_string(), |n| {
+                                format!("network namespace {}", n.path().display())
+                            });
+                        return refuse(
+                            Code::NoSuchFlow,
+                            format!(
+                                "flows[{i}]: no tracked TCP flow {local} <-> {remote} in {place} (is it established, and is one of its ports watched?)"
+                            ),
+                        );
+                    }
+                    cookies.extend(found);
+                }
+            }
+        }
+        cookies.sort_unstable();
+        cookies.dedup();
+        forwarded.sort_unstable_by_key(|k| {
+            (
+                k.family,
+                k.local_addr,
+                k.local_port,
+                k.remote_addr,
+                k.remote_port,
+            )
+        });
+        forwarded.dedup();
+        Ok((cookies, forwarded))
+    }
+
+    /// Every named flow belongs to no session or to the one being joined,
+    /// and no fenced flow is past its grace window.
+    fn check_flows_free(
+        &self,
+        cookies: &[u64],
+        forwarded: &[FlowTuple],
+        existing: Option<u64>,
+        now: Now,
+    ) -> Result<(), Refused> {
+        for key in forwarded {
+            if let Some(grant) = self.kernel.forwarded_grant(key) {
+                let holder = self.index.session(grant.session);
+                if let Some(other) = holder.filter(|_| Some(grant.session) != existing) {
+                    return refuse(
+                        Code::FlowConflict,
+                        format!(
+                            "forwarded flow {} already belongs to session {:?}",
+                            describe(key),
+                            other.name()
+                        ),
+                    );
+                }
+            }
+        }
+        for cookie in cookies {
+            let flow = self
+                .index
+                .flow(*cookie)
+                .expect("resolved flows are indexed");
+            if flow.session != 0 && Some(flow.session) != existing {
+                let other = self.index.session(flow.session).map_or("?", |s| s.name());
+                return refuse(
+                    Code::FlowConflict,
+                    format!(
+                        "flow {} already belongs to session {other:?}",
+                        describe(&flow.tuple)
+                    ),
+                );
+            }
+            let grace_end = flow.established_ns + self.config.fence_grace_ns;
+            if flow.session == 0 && flow.flags & flow_flags::FENCED != 0 && now.boot_ns >= grace_end
+            {
+                return refuse(
+                    Code::DeadlineRefused,
+                    format!(
+                        "flow {} is on a fenced port and was not granted within the {} grace window",
+                        describe(&flow.tuple),
+                        policy::format_duration(self.config.fence_grace_ns)
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The namespaces and kernel keys of the connections a grant expects.
+    fn expected(
+        &mut self,
+        expect: &[(std::net::SocketAddr, std::net::SocketAddr, Option<NetnsRef>)],
+    ) -> Result<Expected, Refused> {
+        let mut out = Vec::with_capacity(expect.len());
+        for (local, remote, netns) in expect {
+            // Port 0 (any) stays 0 in every form.
+            out.push((
+                self.netns_of(netns.as_ref())?,
+                tuple::recorded_forms(*local, *remote),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A grant naming an existing session: same user, target and class; it
+    /// may tighten the deadline, never lengthen it.
+    fn plan_join(&self, id: u64, g: &GrantRequest, now: Now) -> Result<Plan, Refused> {
+        let s = self.index.session(id).expect("found by name");
+        if s.user() != g.user || s.target() != g.target {
+            return refuse(
+                Code::SessionConflict,
+                format!(
+                    "session {:?} belongs to user {:?} on target {:?}, not {:?} on {:?}",
+                    g.session,
+                    s.user(),
+                    s.target(),
+                    g.user,
+                    g.target
+                ),
+            );
+        }
+        if let Some(class) = &g.class {
+            if class != s.class() {
+                return refuse(
+                    Code::SessionConflict,
+                    format!(
+                        "session {:?} is of class {:?}, not {class:?}",
+                        g.session,
+                        s.class()
+                    ),
+                );
+            }
+        }
+        let asked_idle = g
+            .asked
+            .idle_timeout_ns
+            .is_some_and(|t| t != s.terms.idle_timeout_ns);
+        let asked_dir = g
+            .asked
+            .idle_direction
+            .is_some_and(|d| d != s.idle_direction());
+        if asked_idle || asked_dir {
+            return refuse(
+                Code::SessionConflict,
+                format!(
+                    "session {:?} already has its idle terms; a joining grant cannot change them",
+                    g.session
+                ),
+            );
+        }
+        let current = (s.terms.deadline_ns, s.terms.expires_unix_ns);
+        let (deadline, anchor) = match &g.asked.expiry {
+            Some(expiry) => {
+                let asked = policy::deadline_for(expiry, now, self.limits())
+                    .map_err(|e| Refused::new(Code::DeadlineRefused, format!("grant: {e}")))?;
+                // Only a tighter deadline replaces the session's (and its anchor).
+                if asked < current.0 {
+                    (asked, expiry.wall_anchor())
+                } else {
+                    current
+                }
+            }
+            None => current,
+        };
+        Ok(Plan::Join {
+            id,
+            deadline,
+            anchor,
+        })
+    }
+
+    /// A grant for a new session: the class's terms and limits apply. A
+    /// reject-new limit refuses it and kills the named flows (they came
+    /// without a right to exist); the audit events name who was refused.
+    fn plan_create(
+        &mut self,
+        g: &GrantRequest,
+        caller: Caller,
+        now: Now,
+        cookies: &[u64],
+        forwarded: &[FlowTuple],
+    ) -> Result<Plan, Refused> {
+        let Some(class) = self.config.class(g.class.as_deref()) else {
+            let known: Vec<&String> = self.config.classes.keys().collect();
+            return refuse(
+                Code::BadValue,
+                format!(
+                    "grant.class: no class {:?} (configured: {known:?})",
+                    g.class.as_deref().unwrap_or("")
+                ),
+            );
+        };
+        let terms = policy::terms_for(&class, &g.asked, now, self.limits(), caller.uid == 0)
+            .map_err(|e| Refused::new(Code::DeadlineRefused, format!("grant: {e}")))?;
+        if self.index.session_count() >= self.config.max_sessions as usize {
+            return refuse(
+                Code::TableFull,
+                format!(
+                    "the session table is full ({} sessions, max_sessions)",
+                    self.config.max_sessions
+                ),
+            );
+        }
+        let admission = if class.is_limited(self.config.limits) {
+            let holders: Vec<Holder<'_>> = self
+                .index
+                .sessions()
+                .map(|(id, s)| Holder {
+                    id,
+                    user: s.user(),
+                    target: s.target(),
+                    granted_unix_ns: s.terms.granted_unix_ns as i128,
+                })
+                .collect();
+            policy::admit(&holders, &g.user, &g.target, &class, self.config.limits)
+        } else {
+            Admission::Admit
+        };
+        let evict = match admission {
+            Admission::Admit => Vec::new(),
+            Admission::Evict(ids) => ids,
+            Admission::Reject(why) => {
+                let owner = Owner {
+                    session: g.session.clone(),
+                    user: g.user.clone(),
+                    target: g.target.clone(),
+                };
+                let victims = Victims::Flows {
+                    cookies,
+                    forwarded,
+                    owner: Some(&owner),
+                };
+                let killed = self.kill(victims, Reason::Rejected, Some(now.boot_ns));
+                return refuse(
+                    Code::LimitReached,
+                    format!(
+                        "grant refused by class {:?}: {why}; {} flow(s) of the refused grant killed",
+                        class.name,
+                        killed.len()
+                    ),
+                );
+            }
+        };
+        let record = SessionRecord {
+            deadline_ns: terms.deadline_ns,
+            granted_ns: now.boot_ns,
+            granted_unix_ns: now.unix_ns as u64,
+            granted_by_uid: caller.uid,
+            idle_direction: terms.idle_direction.as_u32(),
+            idle_timeout_ns: terms.idle_timeout_ns,
+            touched_ns: 0,
+            expires_unix_ns: terms.expires_unix_ns,
+            name: Label::new(&g.session).expect("length checked by the protocol"),
+            user: Label::new(&g.user).expect("length checked by the protocol"),
+            target: Label::new(&g.target).expect("length checked by the protocol"),
+            class: Label::new(&class.name).expect("length checked by the config"),
+            ..Default::default()
+        };
+        Ok(Plan::Create {
+            id: self.index.next_id(),
+            record: Box::new(record),
+            evict,
+        })
+    }
+
+    /// The kernel tables the grant writes new keys into have room for them.
+    fn check_room(&self, forwarded: &[FlowTuple], expected: &Expected) -> Result<(), Refused> {
+        let new_pending: usize = expected.iter().map(|(_, keys)| keys.len()).sum();
+        if self.index.pending_keys() + new_pending > self.config.max_pending as usize {
+            return refuse(
+                Code::TableFull,
+                format!(
+                    "the pre-registration table is full ({} entries, max_pending)",
+                    self.config.max_pending
+                ),
+            );
+        }
+        let new_forwarded = forwarded
+            .iter()
+            .filter(|k| !self.index.has_forwarded_grant(k))
+            .count();
+        if self.index.forwarded_grant_count() + new_forwarded
+            > reaper_common::MAX_FORWARDED as usize
+        {
+            return refuse(Code::TableFull, "the forwarded-flow grant table is full");
+        }
+        Ok(())
+    }
+
+    /// The flows' writes, after the session's: each flow's deadline, the
+    /// forwarded grants, the pending entries. Returns how many flows were
+    /// granted (a flow that closed meanwhile is not).
+    fn write_grant(
+        &mut self,
+        id: u64,
+        deadline: u64,
+        cookies: &[u64],
+        forwarded: &[FlowTuple],
+        expected: &Expected,
+        written: &mut Written,
+    ) -> Result<usize, Refused> {
+        let mut added = 0;
+        for &cookie in cookies {
+            let before = self.index.flow(cookie).expect("resolved flows are indexed");
+            let flow = Flow {
+                deadline_ns: deadline,
+                session: id,
+                ..before
+            };
+            if self.kernel.update_flow(cookie, &flow).map_err(internal)? {
+                written.flows.push((cookie, before));
+                self.track_flow(cookie, flow);
+                self.index.attach(cookie);
+                added += 1;
+            } else {
+                self.untrack_flow(cookie);
+            }
+        }
+        let own_netns = self.kernel.own_netns();
+        for key in forwarded {
+            let before = self.kernel.forwarded_grant(key);
+            let grant = PendingGrant {
+                deadline_ns: deadline,
+                session: id,
+                netns_cookie: own_netns,
+            };
+            if !self
+                .kernel
+                .put_forwarded_grant(key, &grant)
+                .map_err(internal)?
+            {
+                return refuse(Code::TableFull, "the forwarded-flow grant table is full");
+            }
+            written.forwarded.push((*key, before));
+            self.index.note_forwarded_grant(*key);
+            if let Some(s) = self.index.session_mut(id) {
+                s.forwarded.insert(*key);
+            }
+            added += 1;
+        }
+        for (netns_cookie, keys) in expected {
+            let grant = PendingGrant {
+                deadline_ns: deadline,
+                session: id,
+                netns_cookie: *netns_cookie,
+            };
+            for key in keys {
+                if !self.kernel.put_pending(key, &grant).map_err(internal)? {
+                    return refuse(
+                        Code::TableFull,
+                        format!(
+                            "the pre-registration table is full ({} entries, max_pending)",
+                            self.config.max_pending
+                        ),
+                    );
+                }
+                written.pending.push(*key);
+            }
+            self.index.add_pending(id, keys.clone().into_boxed_slice());
+            written.expect_items += 1;
+        }
+        Ok(added)
+    }
+
+    /// Undoes a grant's writes in reverse order. `before` is the joined
+    /// session's (deadline, anchor) before the grant; `None`: it created
+    /// the session, which goes.
+    fn undo_grant(&mut self, id: u64, before: Option<(u64, u64)>, written: Written) {
+        for key in written.pending.iter().rev() {
+            self.kernel.remove_pending(key);
+        }
+        for _ in 0..written.expect_items {
+            self.index.pop_pending(id);
+        }
+        for (key, old) in written.forwarded.iter().rev() {
+            match old {
+                Some(grant) => {
+                    let _ = self.kernel.put_forwarded_grant(key, grant);
+                }
+                None => {
+                    self.kernel.remove_forwarded_grant(key);
+                    self.index.forget_forwarded_grant(key);
+                }
+            }
+            if let Some(s) = self.index.session_mut(id) {
+                if old.is_none_or(|g| g.session != id) {
+                    s.forwarded.remove(key);
+                }
+            }
+        }
+        for (cookie, old) in written.flows.iter().rev() {
+            let _ = self.kernel.update_flow(*cookie, old);
+            self.index.remove_flow(*cookie);
+            self.index.insert_flow(*cookie, *old);
+            self.index.attach(*cookie);
+        }
+        match before {
+            None => self.forget_session(id),
+            Some((deadline, anchor)) => {
+                let _ = self.set_deadline(id, deadline, anchor);
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The control operations, one file each, dispatched from `handle`, which
+//! also does the access check. Every handler checks everything that can
+//! refuse before its first write, so a refused request changes nothing
+//! (the one exception is stated by its code: `limit_reached` kills the
+//! refused grant's flows).
+//!
+//! This file also holds what several handlers share: finding sessions and
+//! flows, and a session's snapshot.
+
+#![forbid(unsafe_code)]
+
+mod extend;
+mod grant;
+mod list;
+mod revoke;
+mod status;
+mod touch;
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+
+use reaper_common::{forwarded_key, FlowTuple};
+
+use super::model::{refuse, Code, FlowSnapshot, Granted, Outcome, Refused, SessionSnapshot};
+use super::Core;
+use crate::kernel::{Kernel, KillPath};
+use crate::protocol::{Command, NetnsRef, Op};
+use crate::tuple;
+
+/// Who is asking, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl<K: Kernel> Core<K> {
+    /// Runs one request for `caller`; `fds` are the descriptors that came
+    /// with it.
+    pub fn handle(
+        &mut self,
+        command: Command,
+        caller: Caller,
+        fds: &[OwnedFd],
+    ) -> Result<Outcome, Refused> {
+        let op = command.op();
+        if op.mutates() && !self.config.access.allows(caller.uid, caller.gid) {
+            let a = &self.config.access;
+            return refuse(
+                Code::PermissionDenied,
+                format!(
+                    "uid {} (gid {}) may not change grants; allowed are root, uids {:?} and gids {:?} (config [access])",
+                    caller.uid, caller.gid, a.uids, a.gids
+                ),
+            );
+        }
+        let outcome = match command {
+            Command::Grant(g) => self.grant(g, caller, fds).map(Outcome::Granted),
+            Command::Extend(e) => self.extend(e).map(Outcome::Granted),
+            Command::Touch(session) => self.touch(&session).map(Outcome::Granted),
+            Command::Revoke(r) => self.revoke(r).map(Outcome::Revoked),
+            Command::List(l) => Ok(Outcome::Listed(self.list(&l))),
+            Command::Status => Ok(Outcome::Status(self.status())),
+        };
+        if op.mutates() {
+            self.settle();
+        }
+        outcome
+    }
+
+    /// The id of the session called `name`.
+    fn session_id(&self, op: Op, name: &str) -> Result<u64, Refused> {
+        self.index.id_of(name).ok_or_else(|| {
+            Refused::new(
+                Code::NoSuchSession,
+                format!("{}: no session {name:?}", op.name()),
+            )
+        })
+    }
+
+    /// The cookie of the namespace a request names (the daemon's own when
+    /// it names none).
+    fn netns_of(&mut self, netns: Option<&NetnsRef>) -> Result<u64, Refused> {
+        match netns {
+            None => Ok(self.kernel.own_netns()),
+            Some(n) => self
+                .kernel
+                .resolve_netns(&n.path())
+                .map_err(|why| Refused::new(Code::BadValue, format!("netns: {why}"))),
+        }
+    }
+
+    /// Finds the tracked sockets of a flow named by addresses, in the
+    /// network namespace with cookie `netns`.
+    fn lookup_addrs(&mut self, local: SocketAddr, remote: SocketAddr, netns: u64) -> Vec<u64> {
+        let candidates = tuple::candidate_tuples(local, remote);
+        let found = self.index.lookup(netns, &candidates);
+        if !found.is_empty() {
+            return found;
+        }
+        // The ring buffer may have lost events: ask the kernel itself.
+        let mut found = Vec::new();
+        for (cookie, flow) in self.kernel.flows() {
+            if flow.netns_cookie == netns && candidates.contains(&flow.tuple) {
+                self.track_flow(cookie, flow);
+                found.push(cookie);
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        found
+    }
+
+    /// A tracked flow by cookie: from the index, or (events lost or not
+    /// read yet) from the kernel, which then indexes it.
+    fn tracked_flow(&mut self, cookie: u64) -> Option<reaper_common::Flow> {
+        if let Some(flow) = self.index.flow(cookie) {
+            return Some(flow);
+        }
+        let flow = self.kernel.flow(cookie)?;
+        self.track_flow(cookie, flow);
+        Some(flow)
+    }
+
+    /// A flow named by addresses that has no local socket, but that this
+    /// host forwards.
+    fn forwarded_key(&self, local: SocketAddr, remote: SocketAddr) -> Option<FlowTuple> {
+        let t = tuple::tuple_of(local, remote);
+        let (key, _) = forwarded_key(
+            t.family,
+            t.local_addr,
+            t.local_port,
+            t.remote_addr,
+            t.remote_port,
+        );
+        self.kernel.forwarded(&key).map(|_| key)
+    }
+
+    /// A session as it stands now.
+    fn snapshot(&self, id: u64, now: crate::policy::Now) -> SessionSnapshot {
+        let s = self.index.session(id).expect("caller checked");
+        let path = self.kernel.kill_path();
+        let mut flows: Vec<FlowSnapshot> = s
+            .flows
+            .iter()
+            .filter_map(|c| self.index.flow(*c).map(|f| (*c, f)))
+            .map(|(cookie, f)| FlowSnapshot {
+                cookie,
+                tuple: f.tuple,
+                established_unix_ns: self.wall(f.established_ns),
+                path,
+            })
+            .collect();
+        for key in &s.forwarded {
+            let first_seen = self.kernel.forwarded(key).map_or(0, |f| f.first_seen_ns);
+            flows.push(FlowSnapshot {
+                cookie: 0,
+                tuple: *key,
+                established_unix_ns: self.wall(first_seen),
+                path: KillPath::Forward,
+            });
+        }
+        SessionSnapshot {
+            name: s.name().to_owned(),
+            user: s.user().to_owned(),
+            target: s.target().to_owned(),
+            class: s.class().to_owned(),
+            deadline_boot_ns: s.terms.deadline_ns,
+            deadline_unix_ns: self.wall(s.terms.deadline_ns),
+            time_left_ns: s.terms.deadline_ns as i128 - now.boot_ns as i128,
+            granted_unix_ns: s.terms.granted_unix_ns as i128,
+            granted_by_uid: s.terms.granted_by_uid,
+            idle_timeout_ns: s.terms.idle_timeout_ns,
+            idle_direction: s.idle_direction(),
+            flows,
+            expecting: s.expecting(),
+        }
+    }
+
+    /// What an extend or touch answers.
+    fn granted(&self, id: u64, now: crate::policy::Now) -> Granted {
+        Granted {
+            session: self.snapshot(id, now),
+            created: false,
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! `status`: what the daemon is doing, for operators.
+
+#![forbid(unsafe_code)]
+
+use crate::daemon::core::model::Status;
+use crate::daemon::core::Core;
+use crate::kernel::Kernel;
+
+impl<K: Kernel> Core<K> {
+    pub(super) fn status(&self) -> Status {
+        Status {
+            uptime_ns: self.kernel.now().boot_ns - self.started_boot_ns,
+            cgroup: self.kernel.cgroup().display().to_string(),
+            pin_path: self.kernel.pin_path().display().to_string(),
+            sessions: self.index.session_count(),
+            tracked_flows: self.index.flow_count(),
+            granted_flows: self.index.granted_flow_count(),
+            max_flows: self.config.max_flows,
+            max_sessions: self.config.max_sessions,
+            counters: self.kernel.counters(),
+            namespaces: self.kernel.namespaces_open(),
+            kill_path: self.kernel.kill_path(),
+            watch: self.config.watch.clone(),
+            fence: self.config.fence.clone(),
+            classes: self.config.classes.keys().cloned().collect(),
+            config_loads: self.config_loads,
+            last_reload_error: self.last_reload_error.clone(),
+        }
+    }
+}

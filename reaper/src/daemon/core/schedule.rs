@@ -1,0 +1,87 @@
+//! The schedule: everything due at an instant of the boot clock, earliest
+//! first. One timer serves all of it: after every operation the core arms
+//! the kernel's timer for `next()` (see `Core::settle`), so nothing is ever
+//! found by polling.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeSet;
+
+/// Something the timer must do at a given boot time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Due {
+    /// A session's absolute deadline.
+    Deadline(u64),
+    /// Time to look at a session's activity.
+    IdleCheck(u64),
+    /// A fenced flow's grace window is over (by socket cookie).
+    Fence(u64),
+    /// Time to see whether a forwarded flow's packets stopped after its
+    /// RSTs (by check id), and write its audit event.
+    RstCheck(u64),
+    /// Time to forget forwarded flows nobody uses any more.
+    ForwardGc,
+}
+
+#[derive(Default)]
+pub(super) struct Schedule {
+    queue: BTreeSet<(u64, Due)>,
+}
+
+impl Schedule {
+    pub fn push(&mut self, at: u64, due: Due) {
+        self.queue.insert((at, due));
+    }
+
+    pub fn cancel(&mut self, at: u64, due: Due) {
+        self.queue.remove(&(at, due));
+    }
+
+    /// Moves an entry from `old` to `new`.
+    pub fn reschedule(&mut self, old: u64, new: u64, due: Due) {
+        self.cancel(old, due);
+        self.push(new, due);
+    }
+
+    /// The earliest entry due at or before `now`, taken off the schedule.
+    pub fn pop_due(&mut self, now: u64) -> Option<(u64, Due)> {
+        let &(at, _) = self.queue.first()?;
+        if at > now {
+            return None;
+        }
+        self.queue.pop_first()
+    }
+
+    /// When the earliest entry is due: what the timer is armed for.
+    pub fn next(&self) -> Option<u64> {
+        self.queue.first().map(|(at, _)| *at)
+    }
+
+    /// Session ids in deadline order.
+    pub fn deadlines(&self) -> impl Iterator<Item = u64> + '_ {
+        self.queue.iter().filter_map(|(_, due)| match due {
+            Due::Deadline(id) => Some(*id),
+            _ => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pops_only_what_is_due_in_time_order() {
+        let mut s = Schedule::default();
+        s.push(30, Due::Deadline(1));
+        s.push(10, Due::Fence(7));
+        s.push(20, Due::IdleCheck(1));
+        assert_eq!(s.next(), Some(10));
+        assert_eq!(s.pop_due(15), Some((10, Due::Fence(7))));
+        assert_eq!(s.pop_due(15), None, "20 is not due at 15");
+        s.reschedule(30, 5, Due::Deadline(1));
+        assert_eq!(s.pop_due(15), Some((5, Due::Deadline(1))));
+        s.cancel(20, Due::IdleCheck(1));
+        assert_eq!(s.next(), None);
+    }
+}

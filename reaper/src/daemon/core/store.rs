@@ -1,0 +1,121 @@
+//! Writes that keep the kernel maps, the index and the schedule in step:
+//! kernel first, in the order that leaves a crash harmless, then the index.
+
+#![forbid(unsafe_code)]
+
+use reaper_common::{flow_flags, Flow, FlowTuple, SessionRecord};
+
+use super::model::{internal, Refused};
+use super::schedule::Due;
+use super::Core;
+use crate::kernel::Kernel;
+
+impl<K: Kernel> Core<K> {
+    /// Indexes a tracked flow (not yet part of any session).
+    pub(super) fn track_flow(&mut self, cookie: u64, flow: Flow) {
+        self.index.insert_flow(cookie, flow);
+    }
+
+    /// Unindexes a flow, letting go of its network namespace when it was
+    /// the last tracked flow there.
+    pub(super) fn untrack_flow(&mut self, cookie: u64) -> Option<Flow> {
+        let (flow, namespace_empty) = self.index.remove_flow(cookie)?;
+        if namespace_empty {
+            self.kernel.release_netns(flow.netns_cookie);
+        }
+        Some(flow)
+    }
+
+    /// Indexes a session whose record is in the kernel map, and schedules
+    /// its deadline.
+    pub(super) fn index_session(&mut self, id: u64, record: &SessionRecord) {
+        self.index.insert_session(id, record);
+        self.schedule.push(record.deadline_ns, Due::Deadline(id));
+    }
+
+    /// Removes a session whose flows are dead or gone: its schedule
+    /// entries, its pre-registrations, and its record last.
+    pub(super) fn forget_session(&mut self, id: u64) {
+        let Some(s) = self.index.remove_session(id) else {
+            return;
+        };
+        self.schedule.cancel(s.terms.deadline_ns, Due::Deadline(id));
+        if let Some(at) = s.idle_check_at {
+            self.schedule.cancel(at, Due::IdleCheck(id));
+        }
+        for key in s.pending_keys() {
+            self.kernel.remove_pending(key);
+        }
+        self.kernel.remove_session(id);
+    }
+
+    /// Moves a session's deadline: its record, then each flow's, forwarded
+    /// grant's and pending entry's deadline in the kernel, then the
+    /// schedule. `anchor` is the wall-clock instant it stands for when an
+    /// `expires_at` set it (else 0).
+    pub(super) fn set_deadline(
+        &mut self,
+        id: u64,
+        deadline: u64,
+        anchor: u64,
+    ) -> Result<(), Refused> {
+        let session = self.index.session_mut(id).expect("caller checked");
+        let old = session.terms.deadline_ns;
+        if old == deadline && session.terms.expires_unix_ns == anchor {
+            return Ok(());
+        }
+        session.terms.deadline_ns = deadline;
+        session.terms.expires_unix_ns = anchor;
+        let record = session.record();
+        let cookies = session.flows.to_vec();
+        let pending: Vec<FlowTuple> = session.pending_keys().copied().collect();
+        let forwarded: Vec<FlowTuple> = session.forwarded.iter().copied().collect();
+        self.kernel.put_session(id, &record).map_err(internal)?;
+        for cookie in cookies {
+            if let Some(mut flow) = self.index.flow(cookie) {
+                flow.deadline_ns = deadline;
+                if self.kernel.update_flow(cookie, &flow).map_err(internal)? {
+                    self.index.insert_flow(cookie, flow);
+                } else {
+                    self.untrack_flow(cookie);
+                }
+            }
+        }
+        for key in forwarded {
+            if let Some(mut grant) = self.kernel.forwarded_grant(&key) {
+                grant.deadline_ns = deadline;
+                self.kernel
+                    .put_forwarded_grant(&key, &grant)
+                    .map_err(internal)?;
+            }
+        }
+        for key in pending {
+            // Same registration, new deadline (and the namespace it had).
+            if let Some(mut grant) = self.kernel.pending_grant(&key) {
+                grant.deadline_ns = deadline;
+                let _ = self.kernel.put_pending(&key, &grant);
+            }
+        }
+        self.schedule.reschedule(old, deadline, Due::Deadline(id));
+        Ok(())
+    }
+
+    /// Queues (or moves) a session's idle check.
+    pub(super) fn queue_idle_check(&mut self, id: u64, at: u64) {
+        let Some(session) = self.index.session_mut(id) else {
+            return;
+        };
+        if let Some(old) = session.idle_check_at.replace(at) {
+            self.schedule.cancel(old, Due::IdleCheck(id));
+        }
+        self.schedule.push(at, Due::IdleCheck(id));
+    }
+
+    /// Queues the end of an ungranted fenced flow's grace window.
+    pub(super) fn queue_fence_check(&mut self, cookie: u64, flow: &Flow) {
+        if flow.flags & flow_flags::FENCED != 0 && flow.session == 0 {
+            let at = flow.established_ns + self.config.fence_grace_ns;
+            self.schedule.push(at, Due::Fence(cookie));
+        }
+    }
+}

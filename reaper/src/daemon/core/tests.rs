@@ -1,0 +1,817 @@
+//! The core's rules, checked without root over `FakeKernel`: the write
+//! order every operation promises, the join / tighten / extend rules, the
+//! limits, adoption, the wall clock, and that a refused request changes
+//! nothing.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use reaper_common::{forwarded_key, FlowTuple, Forwarded, Label, PendingGrant, SessionRecord};
+
+use super::fake::{FakeKernel, Write, OWN_NETNS};
+use super::model::{AuditSink, Code, Kill, KillResult, Outcome, Reason, Refused};
+use super::{Caller, Core};
+use crate::config::Config;
+use crate::kernel::SocketInfo;
+use crate::policy::{NS_PER_MS, NS_PER_SEC};
+use crate::protocol::parse_request;
+use crate::tuple;
+
+const ROOT: Caller = Caller { uid: 0, gid: 0 };
+const PROXY: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<Kill>>>);
+
+impl AuditSink for Captured {
+    fn record(&mut self, kill: &Kill) {
+        self.0.lock().unwrap().push(kill.clone());
+    }
+}
+
+impl Captured {
+    fn take(&self) -> Vec<Kill> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+struct Harness {
+    core: Core<FakeKernel>,
+    audit: Captured,
+}
+
+const CONFIG: &str = r#"
+max_pending = 16
+max_sessions = 16
+[access]
+uids = [1000]
+[classes.default]
+ttl = "10m"
+[classes.console]
+max_ttl = "1h"
+max_per_target = 1
+[classes.shared]
+max_per_target = 1
+on_limit = "evict-oldest"
+[classes.notebook]
+idle_timeout = "10m"
+idle_direction = "input"
+"#;
+
+fn harness() -> Harness {
+    harness_with(CONFIG)
+}
+
+fn harness_with(config: &str) -> Harness {
+    let audit = Captured::default();
+    let config = Config::from_toml(config).expect("test config");
+    let mut core = Core::new(FakeKernel::new(), Box::new(audit.clone()), config);
+    core.adopt();
+    Harness { core, audit }
+}
+
+impl Harness {
+    fn fake(&mut self) -> &mut FakeKernel {
+        &mut self.core.kernel
+    }
+
+    /// A tracked connection, known to the core through its event.
+    fn connect(&mut self, cookie: u64, local: &str, remote: &str) {
+        let event = self.fake().connect(cookie, local, remote, true, false);
+        self.core.apply_events(&[event]);
+    }
+
+    fn ask(&mut self, caller: Caller, line: &str) -> Result<Outcome, Refused> {
+        let request = parse_request(line.as_bytes()).expect("test request parses");
+        self.core.handle(request.command, caller, &[])
+    }
+
+    fn ok(&mut self, line: &str) -> Outcome {
+        self.ask(ROOT, line).expect("request succeeds")
+    }
+
+    fn refused(&mut self, caller: Caller, line: &str) -> Refused {
+        self.ask(caller, line).expect_err("request is refused")
+    }
+
+    /// Everything the kernel holds, to compare before and after.
+    fn kernel_state(&self) -> String {
+        let k = &self.core.kernel;
+        let mut pending: Vec<String> = k.pending.iter().map(|e| format!("{e:?}")).collect();
+        pending.sort();
+        let mut grants: Vec<String> = k
+            .forwarded_grants
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect();
+        grants.sort();
+        format!("{:?}\n{:?}\n{pending:?}\n{grants:?}", k.flows, k.sessions)
+    }
+
+    fn sessions(&mut self) -> Vec<String> {
+        match self.ok(r#"{"op":"list"}"#) {
+            Outcome::Listed(l) => l.sessions.into_iter().map(|s| s.name).collect(),
+            other => panic!("list answered {other:?}"),
+        }
+    }
+
+    /// Lets `ns` pass and runs what fell due, as the timer would.
+    fn pass(&mut self, ns: u64) {
+        self.fake().advance(ns);
+        self.core.run_due();
+    }
+
+    fn mark(&self) -> usize {
+        self.core.kernel.log.len()
+    }
+
+    fn writes_since(&self, mark: usize) -> Vec<Write> {
+        self.core.kernel.writes_since(mark).to_vec()
+    }
+}
+
+fn grant_line(
+    session: &str,
+    user: &str,
+    target: &str,
+    extra: &str,
+    flows: &[(&str, &str)],
+) -> String {
+    let flows: Vec<String> = flows
+        .iter()
+        .map(|(l, r)| format!(r#"{{"local":"{l}","remote":"{r}"}}"#))
+        .collect();
+    format!(
+        r#"{{"op":"grant","session":"{session}","user":"{user}","target":"{target}"{extra},"flows":[{}]}}"#,
+        flows.join(",")
+    )
+}
+
+const A: (&str, &str) = ("127.0.0.1:5900", "127.0.0.1:40001");
+const B: (&str, &str) = ("127.0.0.1:5900", "127.0.0.1:40002");
+
+fn index_of(writes: &[Write], pred: impl Fn(&Write) -> bool) -> usize {
+    writes
+        .iter()
+        .position(pred)
+        .unwrap_or_else(|| panic!("no such write in {writes:?}"))
+}
+
+// --- write order
+
+#[test]
+fn grant_writes_the_session_record_before_any_flow() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    let mark = h.mark();
+    h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]));
+    let w = h.writes_since(mark);
+    let session = index_of(&w, |w| matches!(w, Write::Session { .. }));
+    let flow = index_of(
+        &w,
+        |w| matches!(w, Write::Flow { cookie: 1, session, .. } if *session != 0),
+    );
+    let publish = index_of(&w, |w| matches!(w, Write::Publish));
+    assert!(session < flow && flow < publish, "order was {w:?}");
+}
+
+#[test]
+fn kill_writes_the_deadline_then_destroys_then_removes_the_session() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line(
+        "s1",
+        "alice",
+        "vm-1",
+        r#","ttl":"10s""#,
+        &[A, B],
+    ));
+    let mark = h.mark();
+    h.pass(10 * NS_PER_SEC);
+    let w = h.writes_since(mark);
+    // At expiry the kernel already holds each flow's deadline (the drop is
+    // in force): the destroy comes first, the session record goes last.
+    let now = h.core.kernel.now.boot_ns;
+    assert!(h.core.kernel.sessions.is_empty());
+    let destroy = index_of(&w, |w| matches!(w, Write::Destroy(c) if c == &vec![1, 2]));
+    let removed = index_of(&w, |w| matches!(w, Write::RemoveSession(_)));
+    assert!(destroy < removed, "{w:?}");
+    assert!(!w
+        .iter()
+        .any(|w| matches!(w, Write::Flow { deadline, .. } if *deadline > now)));
+    assert_eq!(
+        w.iter().filter(|w| matches!(w, Write::Destroy(_))).count(),
+        1,
+        "one batched destroy: {w:?}"
+    );
+    let kills = h.audit.take();
+    assert_eq!(kills.len(), 2);
+    assert!(kills
+        .iter()
+        .all(|k| k.reason == Reason::Expired && k.result == KillResult::Destroyed));
+    assert!(kills
+        .iter()
+        .all(|k| k.owner.session == "s1" && k.owner.user == "alice"));
+    assert!(h.sessions().is_empty());
+}
+
+#[test]
+fn revoke_keeps_the_kill_order_and_answers_with_the_audited_records() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]));
+    let mark = h.mark();
+    let Outcome::Revoked(r) = h.ok(r#"{"op":"revoke","user":"alice"}"#) else {
+        panic!("revoke answers Revoked");
+    };
+    let w = h.writes_since(mark);
+    let flow = index_of(&w, |w| matches!(w, Write::Flow { cookie: 1, .. }));
+    let destroy = index_of(&w, |w| matches!(w, Write::Destroy(_)));
+    let removed = index_of(&w, |w| matches!(w, Write::RemoveSession(_)));
+    assert!(flow < destroy && destroy < removed, "{w:?}");
+    assert_eq!(r.sessions, vec!["s1".to_string()]);
+    assert_eq!(
+        r.kills,
+        h.audit.take(),
+        "the response and the audit share one record"
+    );
+}
+
+#[test]
+fn the_timer_is_armed_for_the_earliest_deadline() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    let start = h.core.kernel.now.boot_ns;
+    h.ok(&grant_line(
+        "late",
+        "alice",
+        "vm-1",
+        r#","ttl":"10m""#,
+        &[A],
+    ));
+    assert_eq!(h.core.kernel.timer, Some(start + 600 * NS_PER_SEC));
+    h.ok(&grant_line("early", "bob", "vm-2", r#","ttl":"1m""#, &[B]));
+    assert_eq!(h.core.kernel.timer, Some(start + 60 * NS_PER_SEC));
+    h.pass(60 * NS_PER_SEC);
+    assert_eq!(h.core.kernel.timer, Some(start + 600 * NS_PER_SEC));
+}
+
+// --- join, tighten, extend
+
+#[test]
+fn a_joining_grant_tightens_the_deadline_and_never_lengthens_it() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    let start = h.core.kernel.now.boot_ns;
+    h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]));
+    let Outcome::Granted(g) = h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"1h""#, &[B]))
+    else {
+        panic!("grant answers Granted")
+    };
+    assert!(!g.created);
+    assert_eq!(
+        g.session.deadline_boot_ns,
+        start + 600 * NS_PER_SEC,
+        "not lengthened"
+    );
+    assert_eq!(g.session.flows.len(), 2);
+    let Outcome::Granted(g) = h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"1m""#, &[A]))
+    else {
+        panic!("grant answers Granted")
+    };
+    assert_eq!(
+        g.session.deadline_boot_ns,
+        start + 60 * NS_PER_SEC,
+        "tightened"
+    );
+    for cookie in [1, 2] {
+        assert_eq!(
+            h.core.kernel.flows[&cookie].deadline_ns,
+            start + 60 * NS_PER_SEC
+        );
+    }
+}
+
+#[test]
+fn extend_moves_the_deadline_later_only() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    let start = h.core.kernel.now.boot_ns;
+    h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]));
+    h.ok(r#"{"op":"extend","session":"s1","ttl":"30m"}"#);
+    assert_eq!(
+        h.core.kernel.flows[&1].deadline_ns,
+        start + 1800 * NS_PER_SEC
+    );
+    assert_eq!(
+        h.core.kernel.sessions[&1].deadline_ns,
+        start + 1800 * NS_PER_SEC
+    );
+    let before = h.kernel_state();
+    let r = h.refused(ROOT, r#"{"op":"extend","session":"s1","ttl":"1m"}"#);
+    assert_eq!(r.code, Code::DeadlineRefused);
+    assert_eq!(h.kernel_state(), before);
+}
+
+#[test]
+fn touch_restarts_the_idle_clock() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.ok(&grant_line(
+        "nb",
+        "alice",
+        "lab",
+        r#","class":"notebook","ttl":"1h""#,
+        &[A],
+    ));
+    // The user's input stopped 9 minutes ago.
+    h.fake().activity.get_mut(&1).unwrap().last_recv_ago_ms = 9 * 60 * 1000;
+    h.pass(9 * 60 * NS_PER_SEC);
+    assert_eq!(
+        h.sessions(),
+        vec!["nb".to_string()],
+        "idle for 9 of 10 minutes"
+    );
+    h.ok(r#"{"op":"touch","session":"nb"}"#);
+    h.fake().activity.get_mut(&1).unwrap().last_recv_ago_ms = 10 * 60 * 1000;
+    h.pass(2 * 60 * NS_PER_SEC);
+    assert_eq!(
+        h.sessions(),
+        vec!["nb".to_string()],
+        "the touch counts as input"
+    );
+    // No input since well before the touch; activity is credited a jiffy
+    // late (policy::JIFFY_SLACK_MS).
+    h.fake().activity.get_mut(&1).unwrap().last_recv_ago_ms = 60 * 60 * 1000;
+    h.pass(9 * 60 * NS_PER_SEC + 20 * NS_PER_MS);
+    assert!(
+        h.sessions().is_empty(),
+        "10 minutes after the touch it is idle"
+    );
+    let kills = h.audit.take();
+    assert_eq!(kills.len(), 1);
+    assert_eq!(kills[0].reason, Reason::Idle);
+}
+
+// --- limits
+
+#[test]
+fn reject_new_kills_the_refused_flows_and_names_who_was_refused() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line(
+        "first",
+        "alice",
+        "vm-1",
+        r#","class":"console","ttl":"10m""#,
+        &[A],
+    ));
+    let r = h.refused(
+        ROOT,
+        &grant_line(
+            "second",
+            "bob",
+            "vm-1",
+            r#","class":"console","ttl":"10m""#,
+            &[B],
+        ),
+    );
+    assert_eq!(r.code, Code::LimitReached, "{r:?}");
+    assert!(r.message.contains("1 flow(s)"), "{}", r.message);
+    assert_eq!(h.sessions(), vec!["first".to_string()], "the holder stays");
+    let kills = h.audit.take();
+    assert_eq!(kills.len(), 1);
+    assert_eq!(kills[0].cookie, 2);
+    assert_eq!(kills[0].reason, Reason::Rejected);
+    assert_eq!(
+        (
+            kills[0].owner.session.as_str(),
+            kills[0].owner.user.as_str(),
+            kills[0].owner.target.as_str()
+        ),
+        ("second", "bob", "vm-1"),
+        "the audit event names the refused grant"
+    );
+    assert!(h.core.kernel.flows.contains_key(&1));
+}
+
+#[test]
+fn evict_oldest_ends_the_holder_for_the_newcomer() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line(
+        "old",
+        "alice",
+        "vm-1",
+        r#","class":"shared","ttl":"10m""#,
+        &[A],
+    ));
+    h.fake().advance(NS_PER_SEC);
+    h.ok(&grant_line(
+        "new",
+        "bob",
+        "vm-1",
+        r#","class":"shared","ttl":"10m""#,
+        &[B],
+    ));
+    assert_eq!(h.sessions(), vec!["new".to_string()]);
+    let kills = h.audit.take();
+    assert_eq!(kills.len(), 1);
+    assert_eq!((kills[0].reason, kills[0].cookie), (Reason::Evicted, 1));
+    assert_eq!(kills[0].owner.session, "old");
+}
+
+// --- adoption, events, wall clock
+
+#[test]
+fn adoption_repairs_a_half_written_state() {
+    let audit = Captured::default();
+    let mut fake = FakeKernel::new();
+    let now = fake.now.boot_ns;
+    // A flow whose session record is gone (a kill crashed midway).
+    let tracked = fake.connect(1, A.0, A.1, true, false);
+    let mut orphan = tracked.flow;
+    orphan.session = 7;
+    orphan.deadline_ns = now + 5 * NS_PER_SEC;
+    fake.flows.insert(1, orphan);
+    // A record with an unreadable label, and a pre-registration of a
+    // session that does not exist.
+    let bad = SessionRecord {
+        deadline_ns: now + NS_PER_SEC,
+        name: Label {
+            len: 200,
+            ..Label::default()
+        },
+        ..SessionRecord::default()
+    };
+    fake.sessions.insert(9, bad);
+    let key = tuple::tuple_of(B.0.parse().unwrap(), B.1.parse().unwrap());
+    fake.pending.insert(
+        key,
+        PendingGrant {
+            deadline_ns: now,
+            session: 8,
+            netns_cookie: OWN_NETNS,
+        },
+    );
+    let config = Config::from_toml(CONFIG).unwrap();
+    let mut core = Core::new(fake, Box::new(audit.clone()), config);
+    core.adopt();
+    let k = &core.kernel;
+    assert!(
+        !k.sessions.contains_key(&9),
+        "the unreadable record is dropped"
+    );
+    assert!(
+        k.pending.is_empty(),
+        "the ownerless pre-registration is dropped"
+    );
+    let stand_in = k
+        .sessions
+        .get(&7)
+        .expect("a stand-in session for the orphan");
+    assert_eq!(
+        stand_in.deadline_ns,
+        now + 5 * NS_PER_SEC,
+        "the flow keeps its deadline"
+    );
+    assert_eq!(stand_in.name.as_str(), Some("orphan-7"));
+    assert_eq!(k.timer, Some(now + 5 * NS_PER_SEC));
+    core.kernel.advance(5 * NS_PER_SEC);
+    core.run_due();
+    let kills = audit.take();
+    assert_eq!(kills.len(), 1);
+    assert_eq!((kills[0].cookie, kills[0].reason), (1, Reason::Expired));
+}
+
+#[test]
+fn a_pre_registered_connection_takes_its_grant_when_it_comes() {
+    let mut h = harness();
+    h.ok(r#"{"op":"grant","session":"s1","user":"alice","target":"vm-1","ttl":"10m","expect":[{"local":"127.0.0.1:0","remote":"127.0.0.1:5900"}]}"#);
+    assert_eq!(h.core.kernel.pending.len(), 2, "as given and v4-mapped");
+    let event = h
+        .fake()
+        .connect(5, "127.0.0.1:41000", "127.0.0.1:5900", false, false);
+    assert_eq!(event.flow.session, 1, "the kernel tagged it");
+    h.core.apply_events(&[event]);
+    assert!(
+        h.core.kernel.pending.is_empty(),
+        "every key of the item is gone"
+    );
+    assert_eq!(h.core.index.pending_keys(), 0);
+    let Outcome::Listed(l) = h.ok(r#"{"op":"list"}"#) else {
+        panic!()
+    };
+    assert_eq!(l.sessions[0].flows.len(), 1);
+    assert_eq!(l.sessions[0].expecting, 0);
+}
+
+#[test]
+fn a_fenced_flow_not_granted_in_its_grace_window_dies() {
+    let mut h = harness();
+    let event = h
+        .fake()
+        .connect(3, "127.0.0.1:5901", "127.0.0.1:40003", true, true);
+    h.core.apply_events(&[event]);
+    let grace = h.core.config.fence_grace_ns;
+    h.pass(grace);
+    let kills = h.audit.take();
+    assert_eq!(kills.len(), 1);
+    assert_eq!(
+        (kills[0].cookie, kills[0].reason),
+        (3, Reason::Unauthorized)
+    );
+    assert_eq!(kills[0].late_ns, 0);
+}
+
+#[test]
+fn expires_at_deadlines_follow_the_wall_clock_and_ttl_ones_do_not() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    let now = h.core.kernel.now;
+    let at = crate::policy::format_rfc3339(now.unix_ns + 1800 * NS_PER_SEC as i128);
+    h.ok(&grant_line(
+        "wall",
+        "alice",
+        "vm-1",
+        &format!(r#","expires_at":"{at}""#),
+        &[A],
+    ));
+    h.ok(&grant_line("ttl", "bob", "vm-2", r#","ttl":"30m""#, &[B]));
+    // Someone sets the clock 20 minutes forward.
+    h.fake().now.unix_ns += 1200 * NS_PER_SEC as i128;
+    assert_eq!(h.core.follow_wall_clock(), 1);
+    let k = &h.core.kernel;
+    assert_eq!(
+        k.flows[&1].deadline_ns,
+        now.boot_ns + 600 * NS_PER_SEC,
+        "10 minutes left"
+    );
+    assert_eq!(
+        k.flows[&2].deadline_ns,
+        now.boot_ns + 1800 * NS_PER_SEC,
+        "the ttl stays"
+    );
+}
+
+// --- a refused request changes nothing
+
+/// Asks, expects `code`, and checks that neither the kernel nor what
+/// `list` shows moved, and that nothing was written.
+fn refused_changes_nothing(h: &mut Harness, caller: Caller, line: &str, code: Code) -> Refused {
+    let before = (h.kernel_state(), h.sessions());
+    let mark = h.mark();
+    let r = h.refused(caller, line);
+    assert_eq!(r.code, code, "{line} -> {r:?}");
+    assert_eq!(h.writes_since(mark), vec![], "{line} wrote to the kernel");
+    assert_eq!(
+        (h.kernel_state(), h.sessions()),
+        before,
+        "{line} changed the state"
+    );
+    assert!(h.audit.take().is_empty(), "{line} killed something");
+    r
+}
+
+#[test]
+fn a_refused_request_changes_nothing_for_every_code() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]));
+    let cases: Vec<(Caller, String, Code)> = vec![
+        (Caller { uid: 1001, gid: 1001 }, grant_line("s2", "bob", "vm-2", "", &[B]), Code::PermissionDenied),
+        (ROOT, grant_line("s2", "bob", "vm-2", r#","class":"nope""#, &[B]), Code::BadValue),
+        (PROXY, grant_line("s2", "bob", "vm-2", r#","class":"console","ttl":"2h""#, &[B]), Code::DeadlineRefused),
+        (ROOT, grant_line("s2", "bob", "vm-2", "", &[("127.0.0.1:5900", "127.0.0.1:49999")]), Code::NoSuchFlow),
+        (ROOT, r#"{"op":"extend","session":"nobody","ttl":"1m"}"#.into(), Code::NoSuchSession),
+        (ROOT, r#"{"op":"touch","session":"nobody"}"#.into(), Code::NoSuchSession),
+        (ROOT, r#"{"op":"revoke","session":"nobody"}"#.into(), Code::NoSuchSession),
+        (ROOT, grant_line("s1", "mallory", "vm-1", "", &[B]), Code::SessionConflict),
+        (ROOT, grant_line("s1", "alice", "vm-1", r#","idle_timeout":"5m""#, &[B]), Code::SessionConflict),
+        (ROOT, grant_line("s2", "bob", "vm-2", "", &[A]), Code::FlowConflict),
+        (ROOT, r#"{"op":"grant","session":"s2","user":"bob","target":"vm-2","flows":[{"fd":0}]}"#.into(), Code::BadFd),
+        (ROOT, r#"{"op":"grant","session":"s2","user":"bob","target":"vm-2","flows":[{"local":"127.0.0.1:5900","remote":"127.0.0.1:40002","netns":"/run/netns/absent"}]}"#.into(), Code::BadValue),
+        (ROOT, r#"{"op":"revoke","flow":{"local":"127.0.0.1:5900","remote":"127.0.0.1:49999"}}"#.into(), Code::NoSuchFlow),
+    ];
+    for (caller, line, code) in cases {
+        refused_changes_nothing(&mut h, caller, &line, code);
+    }
+    // Reading needs no [access] entry.
+    assert!(h
+        .ask(
+            Caller {
+                uid: 1001,
+                gid: 1001
+            },
+            r#"{"op":"status"}"#
+        )
+        .is_ok());
+}
+
+#[test]
+fn a_refused_grant_for_an_untracked_socket_changes_nothing() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let fd = OwnedFd::from(file);
+    h.fake().sockets.insert(
+        fd.as_raw_fd(),
+        SocketInfo {
+            cookie: 77,
+            local: A.0.parse().unwrap(),
+            remote: "127.0.0.1:40077".parse().unwrap(),
+        },
+    );
+    let before = h.kernel_state();
+    let line = r#"{"op":"grant","session":"s2","user":"bob","target":"vm-2","flows":[{"fd":0}]}"#;
+    let request = parse_request(line.as_bytes()).unwrap();
+    let r = h.core.handle(request.command, ROOT, &[fd]).unwrap_err();
+    assert_eq!(r.code, Code::FlowNotTracked, "{r:?}");
+    assert_eq!(h.kernel_state(), before);
+}
+
+#[test]
+fn a_full_session_table_refuses_before_anything_is_written() {
+    let mut h = harness();
+    for i in 0..16u64 {
+        let remote = format!("127.0.0.1:{}", 41000 + i);
+        h.connect(100 + i, "127.0.0.1:5900", &remote);
+        h.ok(&grant_line(
+            &format!("s{i}"),
+            "alice",
+            &format!("vm-{i}"),
+            "",
+            &[("127.0.0.1:5900", &remote)],
+        ));
+    }
+    h.connect(1, A.0, A.1);
+    let r = refused_changes_nothing(
+        &mut h,
+        ROOT,
+        &grant_line("one-more", "bob", "vm-x", "", &[A]),
+        Code::TableFull,
+    );
+    assert!(r.message.contains("max_sessions"), "{}", r.message);
+}
+
+/// A forwarded flow the tc program has seen, as the fake kernel holds it.
+fn forwarded(h: &mut Harness, local: &str, remote: &str) -> FlowTuple {
+    let t = tuple::tuple_of(local.parse().unwrap(), remote.parse().unwrap());
+    let (key, _) = forwarded_key(
+        t.family,
+        t.local_addr,
+        t.local_port,
+        t.remote_addr,
+        t.remote_port,
+    );
+    h.fake().forwarded.insert(key, Forwarded::default());
+    key
+}
+
+#[test]
+fn a_grant_refused_for_a_full_forwarded_table_writes_no_local_flow() {
+    // Before the core was reshaped, such a grant had already created its
+    // session and written its local flows' deadlines when it was refused.
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    forwarded(&mut h, "198.18.0.2:5900", "198.18.1.2:40000");
+    h.fake().max_forwarded_grants = 0;
+    h.core
+        .index
+        .fill_forwarded_grants_for_test(reaper_common::MAX_FORWARDED as usize);
+    let line = grant_line(
+        "s1",
+        "alice",
+        "vm-1",
+        r#","ttl":"10m""#,
+        &[A, ("198.18.0.2:5900", "198.18.1.2:40000")],
+    );
+    let r = refused_changes_nothing(&mut h, ROOT, &line, Code::TableFull);
+    assert!(r.message.contains("forwarded"), "{}", r.message);
+    assert_eq!(
+        h.core.kernel.flows[&1].session, 0,
+        "the local flow was not granted"
+    );
+}
+
+#[test]
+fn a_kernel_that_refuses_a_write_after_the_checks_gets_it_undone() {
+    // The kernel's forwarded-grant table is full while the daemon's count
+    // says there is room (entries written by someone else): the grant has
+    // written its session and local flow when the kernel says no, and
+    // undoes both.
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    forwarded(&mut h, "198.18.0.2:5900", "198.18.1.2:40000");
+    h.fake().max_forwarded_grants = 0;
+    let before = (h.kernel_state(), h.sessions());
+    let line = grant_line(
+        "s1",
+        "alice",
+        "vm-1",
+        r#","ttl":"10m""#,
+        &[A, ("198.18.0.2:5900", "198.18.1.2:40000")],
+    );
+    let r = h.refused(ROOT, &line);
+    assert_eq!(r.code, Code::TableFull);
+    assert_eq!((h.kernel_state(), h.sessions()), before, "undone");
+    assert_eq!(h.core.index.flow(1).map(|f| f.session), Some(0));
+    // And the same grant goes through once there is room.
+    h.fake().max_forwarded_grants = 10;
+    h.ok(&line);
+    assert_ne!(h.core.kernel.flows[&1].session, 0);
+}
+
+#[test]
+fn an_evicting_grant_refused_for_a_full_pre_registration_table_evicts_nobody() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.ok(&grant_line(
+        "old",
+        "alice",
+        "vm-1",
+        r#","class":"shared","ttl":"10m""#,
+        &[A],
+    ));
+    // Fill the pre-registration table (16 entries: 8 IPv4 items, 2 keys each).
+    for i in 0..8 {
+        h.ok(&format!(
+            r#"{{"op":"grant","session":"e{i}","user":"u","target":"t{i}","expect":[{{"local":"127.0.0.1:0","remote":"127.0.0.1:{}"}}]}}"#,
+            6000 + i
+        ));
+    }
+    let line = r#"{"op":"grant","session":"new","user":"bob","target":"vm-1","class":"shared","ttl":"10m","expect":[{"local":"127.0.0.1:0","remote":"127.0.0.1:5900"}]}"#;
+    let r = refused_changes_nothing(&mut h, ROOT, line, Code::TableFull);
+    assert!(r.message.contains("max_pending"), "{}", r.message);
+    assert!(
+        h.sessions().contains(&"old".to_string()),
+        "the holder was not evicted"
+    );
+}
+
+#[test]
+fn a_grant_whose_flows_all_closed_leaves_no_session() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    // The socket closes before its event is read: the index still has it.
+    h.fake().flows.remove(&1);
+    let r = h.refused(ROOT, &grant_line("s1", "alice", "vm-1", "", &[A]));
+    assert_eq!(r.code, Code::NoSuchFlow);
+    assert!(h.core.kernel.sessions.is_empty());
+    assert!(h.sessions().is_empty());
+}
+
+#[test]
+fn revoke_of_a_flow_kills_it_and_leaves_its_session() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line(
+        "s1",
+        "alice",
+        "vm-1",
+        r#","ttl":"10m""#,
+        &[A, B],
+    ));
+    h.ok(&format!(
+        r#"{{"op":"revoke","flow":{{"local":"{}","remote":"{}"}}}}"#,
+        A.0, A.1
+    ));
+    let kills = h.audit.take();
+    assert_eq!(kills.len(), 1);
+    assert_eq!((kills[0].cookie, kills[0].reason), (1, Reason::Revoked));
+    let Outcome::Listed(l) = h.ok(r#"{"op":"list"}"#) else {
+        panic!()
+    };
+    assert_eq!(l.sessions[0].flows.len(), 1, "the other flow stays granted");
+}
+
+#[test]
+fn an_allowed_proxy_grants_and_a_closed_flow_leaves_its_session() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ask(
+        PROXY,
+        &grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A, B]),
+    )
+    .expect("uid 1000 is in [access]");
+    let event = h.fake().close(1);
+    h.core.apply_events(&[event]);
+    let Outcome::Listed(l) = h.ok(r#"{"op":"list"}"#) else {
+        panic!()
+    };
+    assert_eq!(l.sessions[0].flows.len(), 1);
+    assert_eq!(l.sessions[0].flows[0].cookie, 2);
+    assert_eq!(l.sessions[0].granted_by_uid, 1000);
+}
