@@ -9,12 +9,12 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, DEFAULT_SOCKET};
 use crate::error::{Error, Result};
-use crate::policy;
 use crate::policy::IdleDirection;
 use crate::protocol::{
     DurationArg, ExtendArgs, FlowSpec, GrantArgs, GrantResult, ListArgs, ListResult, NetnsRef,
     Response, RevokeArgs, RevokeResult, SessionView, StatusResult, TouchArgs, WireOp,
 };
+use crate::timefmt;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -332,7 +332,7 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                 s.version,
                 s.protocol,
                 s.pid,
-                policy::format_duration(s.uptime_ms * policy::NS_PER_MS)
+                timefmt::format_duration(s.uptime_ms * timefmt::NS_PER_MS)
             );
             println!("cgroup     {}", s.cgroup);
             println!("kill path  {} (local flows)", s.kill_path);
@@ -383,14 +383,14 @@ fn print_sessions(sessions: &[SessionView]) {
         .iter()
         .map(|s| {
             let left = if s.time_left_ms >= 0 {
-                policy::format_duration(s.time_left_ms as u64 * policy::NS_PER_MS)
+                timefmt::format_duration(s.time_left_ms as u64 * timefmt::NS_PER_MS)
             } else {
                 "overdue".into()
             };
             let idle = match s.idle_timeout_ms {
                 Some(ms) => format!(
                     "{} ({})",
-                    policy::format_duration(ms * policy::NS_PER_MS),
+                    timefmt::format_duration(ms * timefmt::NS_PER_MS),
                     if s.idle_direction == IdleDirection::Any {
                         "any"
                     } else {

@@ -204,6 +204,12 @@ impl AsRawFd for WallClockWatch {
     }
 }
 
+impl std::os::fd::AsFd for DeadlineTimer {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl AsRawFd for DeadlineTimer {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.fd.as_raw_fd()

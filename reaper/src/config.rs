@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::policy::{self, Access, Class, GlobalLimit, IdleDirection, OnLimit};
+use crate::policy::{Access, Class, GlobalLimit, IdleDirection, OnLimit};
+use crate::timefmt;
 
 pub const DEFAULT_SOCKET: &str = "/run/reaper/reaper.sock";
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/reaper";
@@ -275,7 +276,7 @@ impl Config {
                 "max_pending: {max_pending} is outside 16..=4194304"
             ));
         }
-        let max_ttl_ns = policy::parse_duration(raw.max_ttl.as_deref().unwrap_or(DEFAULT_MAX_TTL))
+        let max_ttl_ns = timefmt::parse_duration(raw.max_ttl.as_deref().unwrap_or(DEFAULT_MAX_TTL))
             .map_err(|e| format!("max_ttl: {e}"))?;
         if max_ttl_ns == 0 {
             return Err("max_ttl: must be greater than zero".into());
@@ -286,7 +287,7 @@ impl Config {
         };
         let fence = port_ranges("fence", raw.fence.unwrap_or_default())?;
         let fence_grace_ns =
-            policy::parse_duration(raw.fence_grace.as_deref().unwrap_or(DEFAULT_FENCE_GRACE))
+            timefmt::parse_duration(raw.fence_grace.as_deref().unwrap_or(DEFAULT_FENCE_GRACE))
                 .map_err(|e| format!("fence_grace: {e}"))?;
         if fence_grace_ns == 0 {
             return Err("fence_grace: must be greater than zero".into());
@@ -322,13 +323,13 @@ impl Config {
                 "max_clients: {max_clients} is outside 1..={MAX_CLIENTS_LIMIT}"
             ));
         }
-        let client_timeout_ns = policy::parse_duration(
+        let client_timeout_ns = timefmt::parse_duration(
             raw.client_timeout
                 .as_deref()
                 .unwrap_or(DEFAULT_CLIENT_TIMEOUT),
         )
         .map_err(|e| format!("client_timeout: {e}"))?;
-        if !(policy::NS_PER_MS * 100..=3_600 * 1_000 * policy::NS_PER_MS)
+        if !(timefmt::NS_PER_MS * 100..=3_600 * 1_000 * timefmt::NS_PER_MS)
             .contains(&client_timeout_ns)
         {
             return Err("client_timeout: must be between 100ms and 1h".into());
@@ -463,7 +464,7 @@ fn class_of(name: String, raw: RawClass, global_max_ttl_ns: u64) -> Result<Class
     let duration = |field: &str, v: Option<String>| -> Result<Option<u64>, String> {
         match v {
             None => Ok(None),
-            Some(text) => match policy::parse_duration(&text) {
+            Some(text) => match timefmt::parse_duration(&text) {
                 Ok(0) => Err(format!("{key}.{field}: must be greater than zero")),
                 Ok(ns) => Ok(Some(ns)),
                 Err(e) => Err(format!("{key}.{field}: {e}")),
@@ -475,16 +476,16 @@ fn class_of(name: String, raw: RawClass, global_max_ttl_ns: u64) -> Result<Class
     if max_ttl_ns > global_max_ttl_ns {
         return Err(format!(
             "{key}.max_ttl: {} is beyond the global max_ttl {}",
-            policy::format_duration(max_ttl_ns),
-            policy::format_duration(global_max_ttl_ns)
+            timefmt::format_duration(max_ttl_ns),
+            timefmt::format_duration(global_max_ttl_ns)
         ));
     }
     if let Some(ttl) = ttl_ns {
         if ttl > max_ttl_ns {
             return Err(format!(
                 "{key}.ttl: {} is longer than the class's max_ttl {}",
-                policy::format_duration(ttl),
-                policy::format_duration(max_ttl_ns)
+                timefmt::format_duration(ttl),
+                timefmt::format_duration(max_ttl_ns)
             ));
         }
     }
@@ -551,7 +552,7 @@ mod tests {
         assert_eq!(c.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
         assert_eq!(c.socket_mode, 0o660);
         assert_eq!(c.watch, default_watch());
-        assert_eq!(c.max_ttl_ns, 7 * 86_400 * policy::NS_PER_SEC);
+        assert_eq!(c.max_ttl_ns, 7 * 86_400 * timefmt::NS_PER_SEC);
         assert!(c.cgroup.is_none() && c.audit_file.is_none());
     }
 
@@ -649,12 +650,12 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(c.fence_grace_ns, 500 * policy::NS_PER_MS);
+        assert_eq!(c.fence_grace_ns, 500 * timefmt::NS_PER_MS);
         assert_eq!(c.fence.len(), 1);
         assert_eq!(c.limits.max_sessions, 100);
         assert_eq!(c.limits.on_limit, OnLimit::EvictOldest);
         let vm = c.class(Some("vm-console")).unwrap();
-        assert_eq!(vm.ttl_ns, Some(600 * policy::NS_PER_SEC));
+        assert_eq!(vm.ttl_ns, Some(600 * timefmt::NS_PER_SEC));
         assert_eq!(vm.idle_direction, IdleDirection::Any);
         assert_eq!(vm.max_per_target, 1);
         let nb = c.class(Some("notebook")).unwrap();

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 
-use reaper_common::{Flow, FlowTuple, Forwarded, PendingGrant, SessionRecord};
+use reaper_common::{Flow, FlowEvent, FlowTuple, Forwarded, PendingGrant, SessionRecord};
 
 use crate::config::Config;
 use crate::error::Result;
@@ -122,6 +122,11 @@ pub trait Kernel {
     fn flow(&self, cookie: u64) -> Option<Flow>;
     fn update_flow(&mut self, cookie: u64, flow: &Flow) -> Result<bool>;
     fn remove_flow(&mut self, cookie: u64);
+    /// The flow events the kernel queued since the last call, in order.
+    fn take_events(&mut self) -> Vec<FlowEvent>;
+    /// How many events the kernel could not queue (ring buffer full) since
+    /// it started: when this moves, the index may miss flows.
+    fn events_lost(&self) -> u64;
     /// Makes the flow writes since the last call visible to the packet
     /// path, which caches flows per CPU (one epoch bump for a whole batch).
     /// The core calls it after each batch and before any destroy.

@@ -15,4 +15,5 @@ pub mod fuzzing;
 pub mod kernel;
 pub mod policy;
 pub mod protocol;
+pub mod timefmt;
 pub mod tuple;

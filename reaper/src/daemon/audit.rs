@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::core::model::{AuditSink, Kill};
 use crate::error::{Error, Result};
-use crate::policy;
+use crate::timefmt;
 use crate::tuple;
 
 /// One audit line.
@@ -47,7 +47,7 @@ struct KillEvent<'a> {
 pub fn line(kill: &Kill) -> String {
     let (local, remote) = tuple::addrs_of(&kill.tuple);
     let event = KillEvent {
-        ts: policy::format_rfc3339(kill.done.unix_ns),
+        ts: timefmt::format_rfc3339(kill.done.unix_ns),
         event: "kill",
         reason: kill.reason.name(),
         session: &kill.owner.session,
@@ -56,7 +56,7 @@ pub fn line(kill: &Kill) -> String {
         local: local.to_string(),
         remote: remote.to_string(),
         cookie: kill.cookie,
-        late_us: kill.late_ns / policy::NS_PER_US,
+        late_us: kill.late_ns / timefmt::NS_PER_US,
         path: kill.path.name(),
         result: kill.result.name(),
         acknowledged: kill.acknowledged,

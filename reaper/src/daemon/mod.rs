@@ -19,6 +19,7 @@ mod tasks;
 mod throttle;
 mod wire;
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -73,13 +74,10 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     raise_fd_limit();
     let Started {
         enforcer,
-        mut events,
         kernel_log,
     } = Enforcer::start(&config)?;
-    // Events queued while no daemon ran are stale: the maps, scanned by
-    // `adopt` right after, are the truth. Only later events are applied.
-    while events.next().is_some() {}
-    let timer_fd = tasks::timer_watch(enforcer.timer())?;
+    let timer_fd = tasks::watch(enforcer.timer().as_fd(), "deadline timer")?;
+    let events_fd = tasks::watch(enforcer.events_fd(), "flow-event ring buffer")?;
     let audit = Audit::open(config.audit_file.as_deref())?;
     let listener = server::bind_control_socket(&config)?;
 
@@ -100,7 +98,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         ),
     }
     tokio::spawn(tasks::run_timer(state.clone(), timer_fd));
-    tokio::spawn(tasks::read_events(state.clone(), events));
+    tokio::spawn(tasks::read_events(state.clone(), events_fd));
     if let Some(log) = kernel_log {
         tokio::spawn(tasks::read_kernel_log(log));
     }

@@ -16,8 +16,8 @@ use super::core::Caller;
 use super::{lock, throttle, wire, Shared};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::policy;
 use crate::protocol::{parse_request, Refusal, RefusalCode, Response, MAX_LINE_BYTES};
+use crate::timefmt;
 
 /// Accepts control connections until the future is dropped: each gets a
 /// task of its own while a slot is free, the rest one `busy` line.
@@ -141,7 +141,7 @@ async fn serve_client(state: Shared, stream: UnixStream, timeout: Duration, _slo
                     RefusalCode::TimedOut,
                     format!(
                         "request line left unfinished for {} (client_timeout); closing the connection",
-                        policy::format_duration(timeout.as_nanos() as u64)
+                        timefmt::format_duration(timeout.as_nanos() as u64)
                     ),
                 );
                 let _ = conn.send(&Response::refused(None, refusal).to_line()).await;

@@ -3,16 +3,14 @@
 //! reload. Each waits on its descriptor, then runs one synchronous core
 //! call under the state lock.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 
-use aya::maps::{MapData, RingBuf};
-use reaper_common::FlowEvent;
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
 use super::{lock, Shared};
-use crate::clock::{DeadlineTimer, WallClockWatch};
+use crate::clock::WallClockWatch;
 use crate::config::Config;
 use crate::enforcer::KernelLog;
 use crate::error::{Error, Result};
@@ -40,18 +38,15 @@ pub(super) fn reload(state: &Shared, path: Option<&Path>) {
     }
 }
 
-/// A second descriptor for the timer, for the reactor to watch.
-pub(super) fn timer_watch(timer: &DeadlineTimer) -> Result<AsyncFd<OwnedFd>> {
-    // SAFETY: dup of a live descriptor; the copy is owned by the OwnedFd.
-    let fd = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(Error::io("duplicating the timer descriptor")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+/// A second descriptor for one the enforcer owns (the timer, the event
+/// ring), for the reactor to watch; readiness is the same on both.
+pub(super) fn watch(fd: BorrowedFd<'_>, what: &str) -> Result<AsyncFd<OwnedFd>> {
+    let owned = fd
+        .try_clone_to_owned()
+        .map_err(Error::io(format!("duplicating the {what} descriptor")))?;
     // SAFETY: the OwnedFd stays open, unreplaced, for as long as the AsyncFd.
-    unsafe { AsyncFd::register(owned) }.map_err(|e| Error::io("registering the timer")(e.into()))
+    unsafe { AsyncFd::register(owned) }
+        .map_err(|e| Error::io(format!("registering the {what}"))(e.into()))
 }
 
 pub(super) async fn run_timer(state: Shared, fd: AsyncFd<OwnedFd>) {
@@ -97,17 +92,11 @@ pub(super) async fn follow_wall_clock(state: Shared, fd: AsyncFd<WallClockWatch>
     }
 }
 
-pub(super) async fn read_events(state: Shared, ring: RingBuf<MapData>) {
-    // SAFETY: the ring buffer owns its map descriptor for its whole life.
-    let mut fd = match unsafe { AsyncFd::register(ring) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            error!("cannot watch the flow-event ring buffer: {e}; grants fall back to map scans");
-            return;
-        }
-    };
+/// Applies the kernel's flow events as they come: waits for the ring
+/// buffer to be readable, then lets the core drain it.
+pub(super) async fn read_events(state: Shared, fd: AsyncFd<OwnedFd>) {
     loop {
-        let mut guard = match fd.readable_mut().await {
+        let mut guard = match fd.readable().await {
             Ok(g) => g,
             Err(e) => {
                 error!("flow-event ring buffer failed: {e}");
@@ -117,17 +106,7 @@ pub(super) async fn read_events(state: Shared, ring: RingBuf<MapData>) {
         // Clear first, then drain: an event that lands after the drain
         // raises readiness again instead of being missed.
         guard.clear_ready();
-        let ring = guard.get_inner_mut();
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<FlowEvent>() {
-                // SAFETY: the kernel wrote a FlowEvent; read it unaligned.
-                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
-            }
-        }
-        if !batch.is_empty() {
-            lock(&state).apply_events(&batch);
-        }
+        lock(&state).sync_events();
     }
 }
 

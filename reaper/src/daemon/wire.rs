@@ -9,11 +9,11 @@ use serde_json::Value;
 use super::core::model::{
     Code, FlowSnapshot, Granted, Kill, Listing, Outcome, Refused, Revoked, SessionSnapshot, Status,
 };
-use crate::policy;
 use crate::protocol::{
     FlowView, GrantResult, KillView, ListResult, Refusal, RefusalCode, RevokeResult, SessionView,
     StatusResult, PROTOCOL_VERSION,
 };
+use crate::timefmt;
 use crate::tuple;
 
 /// An operation's result as the response's `result` value.
@@ -51,7 +51,7 @@ fn flow_view(f: &FlowSnapshot) -> FlowView {
         cookie: f.cookie,
         local: local.to_string(),
         remote: remote.to_string(),
-        established: policy::format_rfc3339(f.established_unix_ns),
+        established: timefmt::format_rfc3339(f.established_unix_ns),
         path: f.path.name().to_string(),
     }
 }
@@ -62,12 +62,12 @@ pub fn session_view(s: &SessionSnapshot) -> SessionView {
         user: s.user.clone(),
         target: s.target.clone(),
         class: s.class.clone(),
-        deadline: policy::format_rfc3339(s.deadline_unix_ns),
+        deadline: timefmt::format_rfc3339(s.deadline_unix_ns),
         deadline_boot_ns: s.deadline_boot_ns,
-        time_left_ms: (s.time_left_ns / policy::NS_PER_MS as i128) as i64,
-        granted_at: policy::format_rfc3339(s.granted_unix_ns),
+        time_left_ms: (s.time_left_ns / timefmt::NS_PER_MS as i128) as i64,
+        granted_at: timefmt::format_rfc3339(s.granted_unix_ns),
         granted_by_uid: s.granted_by_uid,
-        idle_timeout_ms: (s.idle_timeout_ns != 0).then_some(s.idle_timeout_ns / policy::NS_PER_MS),
+        idle_timeout_ms: (s.idle_timeout_ns != 0).then_some(s.idle_timeout_ns / timefmt::NS_PER_MS),
         idle_direction: s.idle_direction,
         flows: s.flows.iter().map(flow_view).collect(),
         expecting: s.expecting,
@@ -102,7 +102,7 @@ fn revoke_result(r: Revoked) -> RevokeResult {
 
 fn list_result(l: Listing) -> ListResult {
     ListResult {
-        now: policy::format_rfc3339(l.now_unix_ns),
+        now: timefmt::format_rfc3339(l.now_unix_ns),
         sessions: l.sessions.iter().map(session_view).collect(),
     }
 }
@@ -112,7 +112,7 @@ fn status_result(s: Status) -> StatusResult {
         version: env!("CARGO_PKG_VERSION").into(),
         protocol: PROTOCOL_VERSION,
         pid: std::process::id(),
-        uptime_ms: s.uptime_ns / policy::NS_PER_MS,
+        uptime_ms: s.uptime_ns / timefmt::NS_PER_MS,
         cgroup: s.cgroup,
         pin_path: s.pin_path,
         sessions: s.sessions,

@@ -118,6 +118,7 @@ impl Enforcer {
             watch,
             epoch: settings.get(&setting::FLOWS_EPOCH, 0).unwrap_or(0),
             timer: DeadlineTimer::new().map_err(Error::io("creating the deadline timer"))?,
+            events,
             flows_dirty: false,
             settings,
             pending,
@@ -175,7 +176,6 @@ impl Enforcer {
         );
         Ok(Started {
             enforcer,
-            events,
             kernel_log,
         })
     }

@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::Ebpf;
 use reaper_common::{
-    counter, setting, watch_slot, Flow, FlowTuple, Forwarded, PendingGrant, PortSet, PortSide,
-    SessionRecord,
+    counter, setting, watch_slot, Flow, FlowEvent, FlowTuple, Forwarded, PendingGrant, PortSet,
+    PortSide, SessionRecord,
 };
 
 use crate::config::Config;
@@ -62,6 +62,8 @@ pub struct Enforcer {
     namespaces: netns::Namespaces,
     /// The one deadline timer (CLOCK_BOOTTIME timerfd) the core arms.
     timer: crate::clock::DeadlineTimer,
+    /// Flow events from the sock_ops program (see `Kernel::take_events`).
+    events: RingBuf<MapData>,
     /// Flow writes not yet announced to the packet path (see
     /// `Kernel::publish_flows`).
     flows_dirty: bool,
@@ -76,7 +78,6 @@ pub struct Enforcer {
 /// What `Enforcer::start` hands over besides the enforcer itself.
 pub struct Started {
     pub enforcer: Enforcer,
-    pub events: RingBuf<MapData>,
     pub kernel_log: Option<aya_log::EbpfLogger<KernelLog>>,
 }
 
@@ -98,6 +99,13 @@ impl log::Log for KernelLog {
 }
 
 impl Enforcer {
+    /// The flow-event ring buffer's descriptor, for the daemon's reactor to
+    /// wait on (the events themselves are read with `take_events`).
+    pub fn events_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.events.as_fd()
+    }
+
     /// The deadline timer, for the daemon's reactor to wait on.
     pub fn timer(&self) -> &crate::clock::DeadlineTimer {
         &self.timer
@@ -180,6 +188,24 @@ impl Kernel for Enforcer {
         if self.flows.remove(&cookie).is_ok() {
             self.flows_dirty = true;
         }
+    }
+
+    fn take_events(&mut self) -> Vec<FlowEvent> {
+        let mut batch = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                // SAFETY: the kernel wrote a FlowEvent; read it unaligned.
+                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
+            }
+        }
+        batch
+    }
+
+    fn events_lost(&self) -> u64 {
+        self.counters
+            .get(&counter::EVENTS_LOST, 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
     }
 
     fn publish_flows(&mut self) -> Result<()> {

@@ -17,11 +17,12 @@ use super::schedule::Due;
 use super::Core;
 use crate::kernel::{Kernel, Reading, SocketRef};
 use crate::policy::{self, IdleDirection, SocketActivity};
+use crate::timefmt;
 
 /// Forwarded flows not seen for this long (and not granted, or long past
 /// their deadline) are forgotten; the collection runs this often.
-const FORWARD_IDLE_NS: u64 = 120 * policy::NS_PER_SEC;
-pub(super) const FORWARD_GC_EVERY_NS: u64 = 30 * policy::NS_PER_SEC;
+const FORWARD_IDLE_NS: u64 = 120 * timefmt::NS_PER_SEC;
+pub(super) const FORWARD_GC_EVERY_NS: u64 = 30 * timefmt::NS_PER_SEC;
 
 impl<K: Kernel> Core<K> {
     /// Does everything that has come due. Called when the timer fires (and
@@ -117,7 +118,7 @@ impl<K: Kernel> Core<K> {
             let s = self.index.session(id).expect("filtered");
             if s.flows.iter().any(|c| unknown.contains(c)) {
                 // Without evidence of idleness nobody is killed; look again soon.
-                self.queue_idle_check(id, now + policy::NS_PER_SEC);
+                self.queue_idle_check(id, now + timefmt::NS_PER_SEC);
                 continue;
             }
             let sockets: Vec<SocketActivity> = s
@@ -139,7 +140,7 @@ impl<K: Kernel> Core<K> {
             let last = policy::last_activity(now, s.idle_direction(), &sockets, floor);
             let idle_deadline = last + s.terms.idle_timeout_ns;
             if now >= idle_deadline {
-                info!(session = %s.name(), idle_for_ms = (now - last) / policy::NS_PER_MS, "idle");
+                info!(session = %s.name(), idle_for_ms = (now - last) / timefmt::NS_PER_MS, "idle");
                 self.kill(Victims::Sessions(&[id]), Reason::Idle, Some(idle_deadline));
             } else {
                 self.queue_idle_check(id, idle_deadline);

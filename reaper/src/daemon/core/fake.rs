@@ -16,7 +16,8 @@ use crate::error::Result;
 use crate::kernel::{
     Activity, DestroyOutcome, Kernel, KillPath, NetnsError, Reading, SocketInfo, SocketRef,
 };
-use crate::policy::{Now, NS_PER_SEC};
+use crate::policy::Now;
+use crate::timefmt::NS_PER_SEC;
 use crate::tuple;
 
 /// One write the core made, in order.
@@ -67,6 +68,9 @@ pub struct FakeKernel {
     /// Namespace files a request may name, and their cookies.
     pub namespaces: HashMap<PathBuf, u64>,
     pub log: Vec<Write>,
+    /// Events not yet taken by the core, and how many the ring lost.
+    pub queued: Vec<FlowEvent>,
+    pub lost: u64,
     /// Flow writes since the last publish.
     dirty: bool,
 }
@@ -96,6 +100,8 @@ impl FakeKernel {
             sockets: HashMap::new(),
             namespaces: HashMap::new(),
             log: Vec::new(),
+            queued: Vec::new(),
+            lost: 0,
             dirty: false,
         }
     }
@@ -241,6 +247,14 @@ impl Kernel for FakeKernel {
         self.flows.remove(&cookie);
         self.dirty = true;
         self.log.push(Write::RemoveFlow(cookie));
+    }
+
+    fn take_events(&mut self) -> Vec<FlowEvent> {
+        std::mem::take(&mut self.queued)
+    }
+
+    fn events_lost(&self) -> u64 {
+        self.lost
     }
 
     fn publish_flows(&mut self) -> Result<()> {

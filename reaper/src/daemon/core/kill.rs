@@ -18,10 +18,11 @@ use super::model::{Kill, KillResult, Owner, Reason};
 use super::schedule::Due;
 use super::Core;
 use crate::kernel::{DestroyOutcome, Kernel, KillPath, SocketRef};
-use crate::policy::{self, Now};
+use crate::policy::Now;
+use crate::timefmt;
 
 /// How long after its RSTs a forwarded flow is checked for silence.
-pub(super) const RST_CHECK_NS: u64 = 250 * policy::NS_PER_MS;
+pub(super) const RST_CHECK_NS: u64 = 250 * timefmt::NS_PER_MS;
 
 /// Who dies.
 #[derive(Clone, Copy)]

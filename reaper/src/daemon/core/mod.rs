@@ -61,6 +61,8 @@ pub struct Core<K: Kernel> {
     /// reload's error: what `status` reports so operators can see a reload.
     config_loads: u64,
     last_reload_error: Option<String>,
+    /// The kernel's lost-event count when the index last caught up.
+    events_lost_seen: u64,
     /// The full-table warning (connections refused since the last one).
     table_full: Throttle,
     /// Unix time minus boot time, read once at start: every boot-clock
@@ -83,6 +85,7 @@ impl<K: Kernel> Core<K> {
             started_boot_ns: now.boot_ns,
             config_loads: 1,
             last_reload_error: None,
+            events_lost_seen: 0,
             table_full: Throttle::new(std::time::Duration::from_secs(10)),
             wall_offset_ns: now.unix_ns - now.boot_ns as i128,
         }

@@ -22,6 +22,10 @@ impl<K: Kernel> Core<K> {
     /// does before it accepts requests. What fell due while no daemon ran
     /// is handled by the first timer expiry, right after.
     pub fn adopt(&mut self) {
+        // Events queued while no daemon ran are stale: the maps are the
+        // truth. Only later events are applied.
+        self.kernel.take_events();
+        self.events_lost_seen = self.kernel.events_lost();
         for (cookie, flow) in self.kernel.flows() {
             self.track_flow(cookie, flow);
         }
@@ -122,6 +126,36 @@ impl<K: Kernel> Core<K> {
         }
         self.track_flow(cookie, flow);
         self.index.attach(cookie);
+    }
+
+    /// Applies the flow events the kernel has queued.
+    pub fn sync_events(&mut self) {
+        let events = self.kernel.take_events();
+        if !events.is_empty() {
+            self.apply_events(&events);
+        }
+    }
+
+    /// Brings the index up to the kernel's flows when a lookup missed: the
+    /// queued events first (a proxy often grants before its connection's
+    /// event is read), and the whole map only if the kernel lost events
+    /// since the last time. Returns whether anything was learnt.
+    pub(super) fn catch_up(&mut self) -> bool {
+        let before = self.index.flow_count();
+        self.sync_events();
+        let lost = self.kernel.events_lost();
+        if lost != self.events_lost_seen {
+            self.events_lost_seen = lost;
+            tracing::warn!(lost, "flow events were lost: reading the flow table again");
+            for (cookie, flow) in self.kernel.flows() {
+                if self.index.flow(cookie).is_none() {
+                    self.track_flow(cookie, flow);
+                    self.queue_fence_check(cookie, &flow);
+                }
+            }
+            return true;
+        }
+        self.index.flow_count() != before
     }
 
     /// Applies flow events from the kernel, in order.

@@ -13,8 +13,8 @@ use super::model::{AuditSink, Code, Kill, KillResult, Outcome, Reason, Refused};
 use super::{Caller, Core};
 use crate::config::Config;
 use crate::kernel::SocketInfo;
-use crate::policy::{NS_PER_MS, NS_PER_SEC};
 use crate::protocol::parse_request;
+use crate::timefmt::{NS_PER_MS, NS_PER_SEC};
 use crate::tuple;
 
 const ROOT: Caller = Caller { uid: 0, gid: 0 };
@@ -538,7 +538,7 @@ fn expires_at_deadlines_follow_the_wall_clock_and_ttl_ones_do_not() {
     h.connect(1, A.0, A.1);
     h.connect(2, B.0, B.1);
     let now = h.core.kernel.now;
-    let at = crate::policy::format_rfc3339(now.unix_ns + 1800 * NS_PER_SEC as i128);
+    let at = crate::timefmt::format_rfc3339(now.unix_ns + 1800 * NS_PER_SEC as i128);
     h.ok(&grant_line(
         "wall",
         "alice",
@@ -814,4 +814,33 @@ fn an_allowed_proxy_grants_and_a_closed_flow_leaves_its_session() {
     assert_eq!(l.sessions[0].flows.len(), 1);
     assert_eq!(l.sessions[0].flows[0].cookie, 2);
     assert_eq!(l.sessions[0].granted_by_uid, 1000);
+}
+
+#[test]
+fn a_grant_finds_a_flow_whose_event_is_still_queued_or_was_lost() {
+    let mut h = harness();
+    // The proxy grants before the daemon has read the connection's event.
+    let event = h.fake().connect(1, A.0, A.1, true, false);
+    h.fake().queued.push(event);
+    h.ok(&grant_line("s1", "alice", "vm-1", "", &[A]));
+    assert_eq!(h.core.kernel.flows[&1].session, 1);
+    // The ring buffer was full: the event never came; the lost count says so.
+    h.fake().connect(2, B.0, B.1, true, false);
+    h.fake().lost += 1;
+    h.ok(&grant_line("s2", "bob", "vm-2", "", &[B]));
+    assert_ne!(h.core.kernel.flows[&2].session, 0);
+    // Without a lost event, a miss is a miss: nothing scans the flow table.
+    h.fake()
+        .connect(3, "127.0.0.1:5900", "127.0.0.1:40003", true, false);
+    let r = h.refused(
+        ROOT,
+        &grant_line(
+            "s3",
+            "carol",
+            "vm-3",
+            "",
+            &[("127.0.0.1:5900", "127.0.0.1:40003")],
+        ),
+    );
+    assert_eq!(r.code, Code::NoSuchFlow);
 }

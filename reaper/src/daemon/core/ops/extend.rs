@@ -10,6 +10,7 @@ use crate::daemon::core::Core;
 use crate::kernel::Kernel;
 use crate::policy;
 use crate::protocol::{ExtendRequest, Op};
+use crate::timefmt;
 
 impl<K: Kernel> Core<K> {
     pub(super) fn extend(&mut self, e: ExtendRequest) -> Result<Granted, Refused> {
@@ -28,15 +29,15 @@ impl<K: Kernel> Core<K> {
                 Code::DeadlineRefused,
                 format!(
                     "extend: the new deadline {} is earlier than the current {}; extend never shortens (revoke ends a session now)",
-                    policy::format_rfc3339(self.wall(deadline)),
-                    policy::format_rfc3339(self.wall(current))
+                    timefmt::format_rfc3339(self.wall(deadline)),
+                    timefmt::format_rfc3339(self.wall(current))
                 ),
             );
         }
         self.set_deadline(id, deadline, e.expiry.wall_anchor())?;
         let granted = self.granted(id, now);
         info!(session = %granted.session.name,
-              deadline = %policy::format_rfc3339(granted.session.deadline_unix_ns), "extended");
+              deadline = %timefmt::format_rfc3339(granted.session.deadline_unix_ns), "extended");
         Ok(granted)
     }
 }

@@ -24,6 +24,7 @@ use crate::daemon::core::Core;
 use crate::kernel::Kernel;
 use crate::policy::{self, Admission, Holder, Now};
 use crate::protocol::{FlowRef, GrantRequest, NetnsRef};
+use crate::timefmt;
 use crate::tuple::{self, describe};
 
 /// What a grant will do, once every check has passed.
@@ -138,7 +139,7 @@ impl<K: Kernel> Core<K> {
         let session = self.snapshot(id, now);
         info!(session = %session.name, user = %session.user, target = %session.target,
               class = %session.class, flows = added, expected = expected.len(),
-              deadline = %policy::format_rfc3339(session.deadline_unix_ns), created, "granted");
+              deadline = %timefmt::format_rfc3339(session.deadline_unix_ns), created, "granted");
         Ok(Granted { session, created })
     }
 
@@ -271,7 +272,7 @@ impl<K: Kernel> Core<K> {
                     format!(
                         "flow {} is on a fenced port and was not granted within the {} grace window",
                         describe(&flow.tuple),
-                        policy::format_duration(self.config.fence_grace_ns)
+                        timefmt::format_duration(self.config.fence_grace_ns)
                     ),
                 );
             }

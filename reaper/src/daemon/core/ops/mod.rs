@@ -91,35 +91,24 @@ impl<K: Kernel> Core<K> {
     }
 
     /// Finds the tracked sockets of a flow named by addresses, in the
-    /// network namespace with cookie `netns`.
+    /// network namespace with cookie `netns`: in the index, caught up with
+    /// the kernel's events if it misses.
     fn lookup_addrs(&mut self, local: SocketAddr, remote: SocketAddr, netns: u64) -> Vec<u64> {
         let candidates = tuple::candidate_tuples(local, remote);
         let found = self.index.lookup(netns, &candidates);
-        if !found.is_empty() {
-            return found;
+        if found.is_empty() && self.catch_up() {
+            return self.index.lookup(netns, &candidates);
         }
-        // The ring buffer may have lost events: ask the kernel itself.
-        let mut found = Vec::new();
-        for (cookie, flow) in self.kernel.flows() {
-            if flow.netns_cookie == netns && candidates.contains(&flow.tuple) {
-                self.track_flow(cookie, flow);
-                found.push(cookie);
-            }
-        }
-        found.sort_unstable();
-        found.dedup();
         found
     }
 
-    /// A tracked flow by cookie: from the index, or (events lost or not
-    /// read yet) from the kernel, which then indexes it.
+    /// A tracked flow by cookie, from the index caught up if it misses.
     fn tracked_flow(&mut self, cookie: u64) -> Option<reaper_common::Flow> {
         if let Some(flow) = self.index.flow(cookie) {
             return Some(flow);
         }
-        let flow = self.kernel.flow(cookie)?;
-        self.track_flow(cookie, flow);
-        Some(flow)
+        self.catch_up();
+        self.index.flow(cookie)
     }
 
     /// A flow named by addresses that has no local socket, but that this

@@ -1,279 +1,18 @@
-//! The control protocol: line-delimited JSON over a Unix stream socket.
-//!
-//! One request per line, one response line per request, in order. Every
-//! request is an object with `"op"`, optionally `"v"` (the protocol
-//! version, which is 1) and `"id"` (any JSON value, echoed back so that a
-//! client may pipeline).
-//! The daemon and the CLI both use the types here, so they cannot drift.
-//!
-//! Parsing is strict: unknown fields, wrong types, missing fields and
-//! conflicting options are refused with a [`Refusal`] that names the field.
-//! Semantic checks that need state or a clock (is the flow there, is the
-//! deadline allowed) happen in the daemon and use the same refusal type.
+//! Requests once validated: what the daemon acts on, and `parse_request`,
+//! which turns a line into one or refuses it naming the field.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::Watch;
-use crate::policy::{self, Asked, Expiry, IdleDirection};
-
-pub const PROTOCOL_VERSION: u64 = 1;
-/// Longest request line; a longer one is refused and the connection closed.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
-/// Most socket descriptors one request may carry with SCM_RIGHTS.
-pub const MAX_FDS_PER_REQUEST: usize = 16;
-
-/// Why a request was refused: a stable machine-readable code plus a message
-/// for humans that names what was wrong.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Refusal {
-    pub code: RefusalCode,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RefusalCode {
-    /// The line is not JSON, or not a JSON object.
-    BadJson,
-    /// A field is missing, unknown, of the wrong type, or conflicts with another.
-    BadRequest,
-    UnknownOp,
-    UnsupportedVersion,
-    LineTooLong,
-    /// A ttl, expires_at or name is malformed.
-    BadValue,
-    /// The deadline is in the past, zero, or beyond max_ttl.
-    DeadlineRefused,
-    NoSuchFlow,
-    NoSuchSession,
-    /// The flow is not one the kernel tracks (unwatched port or outside the cgroup).
-    FlowNotTracked,
-    /// The session exists with another user or target.
-    SessionConflict,
-    /// The flow already belongs to another session.
-    FlowConflict,
-    /// A session limit of the class (or the host) refused the new session;
-    /// its flows were killed.
-    LimitReached,
-    PermissionDenied,
-    /// A passed file descriptor is missing or not a TCP socket.
-    BadFd,
-    /// A kernel table is full.
-    TableFull,
-    /// The daemon already serves `max_clients` control connections.
-    Busy,
-    /// A request line was left unfinished for `client_timeout`.
-    TimedOut,
-    Internal,
-}
-
-impl fmt::Display for RefusalCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = serde_json::to_value(self).expect("codes serialize");
-        f.write_str(v.as_str().expect("codes are strings"))
-    }
-}
-
-impl Refusal {
-    pub fn new(code: RefusalCode, message: impl Into<String>) -> Refusal {
-        Refusal {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
-
-fn bad(message: impl Into<String>) -> Refusal {
-    Refusal::new(RefusalCode::BadRequest, message)
-}
-
-// ---------------------------------------------------------------------------
-// Requests as they travel (what the CLI writes and the daemon reads).
-
-/// A duration: a number of seconds, or text such as "300ms" or "1h30m".
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum DurationArg {
-    Seconds(f64),
-    Text(String),
-}
-
-/// A network namespace as a request names it: a name under /run/netns, a
-/// path to a namespace file, or the pid of a process living in it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum NetnsRef {
-    Pid(u32),
-    Text(String),
-}
-
-impl NetnsRef {
-    /// The namespace file it designates.
-    pub fn path(&self) -> std::path::PathBuf {
-        match self {
-            NetnsRef::Pid(pid) => format!("/proc/{pid}/ns/net").into(),
-            NetnsRef::Text(t) if t.starts_with('/') => t.into(),
-            NetnsRef::Text(name) => std::path::Path::new("/run/netns").join(name),
-        }
-    }
-
-    fn check(&self, field: &str) -> Result<(), Refusal> {
-        match self {
-            NetnsRef::Text(t)
-                if t.is_empty()
-                    || (!t.starts_with('/') && (t.contains('/') || t == "." || t == "..")) =>
-            {
-                Err(Refusal::new(
-                    RefusalCode::BadValue,
-                    format!("{field}: {t:?} is neither a namespace name (as in /run/netns) nor an absolute path"),
-                ))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-/// A flow, named by its addresses (from either end's point of view, in the
-/// daemon's network namespace unless `netns` says otherwise) or by the index
-/// of a socket descriptor sent with the request.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FlowSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remote: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fd: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub netns: Option<NetnsRef>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GrantArgs {
-    pub session: String,
-    pub user: String,
-    pub target: String,
-    /// The policy class; `default` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub class: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<DurationArg>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_timeout: Option<DurationArg>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_direction: Option<IdleDirection>,
-    /// Established flows.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub flows: Vec<FlowSpec>,
-    /// Flows that will be established: tagged the moment they are. A port
-    /// of 0 matches any port (the client's ephemeral one).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub expect: Vec<FlowSpec>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExtendArgs {
-    pub session: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<DurationArg>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TouchArgs {
-    pub session: String,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RevokeArgs {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub class: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flow: Option<FlowSpec>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListArgs {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
-}
-
-/// A request on the wire.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WireOp {
-    Grant(GrantArgs),
-    Extend(ExtendArgs),
-    Touch(TouchArgs),
-    Revoke(RevokeArgs),
-    List(ListArgs),
-    Status,
-}
-
-impl WireOp {
-    pub fn op(&self) -> Op {
-        match self {
-            WireOp::Grant(_) => Op::Grant,
-            WireOp::Extend(_) => Op::Extend,
-            WireOp::Touch(_) => Op::Touch,
-            WireOp::Revoke(_) => Op::Revoke,
-            WireOp::List(_) => Op::List,
-            WireOp::Status => Op::Status,
-        }
-    }
-
-    /// The request line (without the newline).
-    pub fn to_line(&self, id: Option<Value>) -> String {
-        let mut obj = match self {
-            WireOp::Grant(a) => serde_json::to_value(a),
-            WireOp::Extend(a) => serde_json::to_value(a),
-            WireOp::Touch(a) => serde_json::to_value(a),
-            WireOp::Revoke(a) => serde_json::to_value(a),
-            WireOp::List(a) => serde_json::to_value(a),
-            WireOp::Status => Ok(Value::Object(Map::new())),
-        }
-        .expect("requests serialize");
-        let map = obj.as_object_mut().expect("requests are objects");
-        map.insert("v".into(), PROTOCOL_VERSION.into());
-        map.insert("op".into(), self.op().name().into());
-        if let Some(id) = id {
-            map.insert("id".into(), id);
-        }
-        obj.to_string()
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Requests once validated (what the daemon acts on).
+use super::refusal::{bad, Refusal, RefusalCode};
+use super::wire::{
+    DurationArg, ExtendArgs, FlowSpec, GrantArgs, ListArgs, NetnsRef, RevokeArgs, TouchArgs,
+};
+use super::{MAX_FDS_PER_REQUEST, PROTOCOL_VERSION};
+use crate::policy::{self, Asked, Expiry};
+use crate::timefmt;
 
 /// A flow reference the daemon can resolve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -514,15 +253,15 @@ fn expiry_of(
     match (ttl, expires_at) {
         (Some(_), Some(_)) => Err(bad(format!("{op}: give ttl or expires_at, not both"))),
         (Some(DurationArg::Seconds(s)), None) => Ok(Some(Expiry::Ttl(
-            policy::seconds_to_ns(s)
+            timefmt::seconds_to_ns(s)
                 .map_err(|e| Refusal::new(RefusalCode::BadValue, format!("{op}: ttl {e}")))?,
         ))),
         (Some(DurationArg::Text(t)), None) => Ok(Some(Expiry::Ttl(
-            policy::parse_duration(&t)
+            timefmt::parse_duration(&t)
                 .map_err(|e| value(policy::PolicyError(format!("ttl: {e}"))))?,
         ))),
         (None, Some(at)) => Ok(Some(Expiry::At(
-            policy::parse_rfc3339(&at)
+            timefmt::parse_rfc3339(&at)
                 .map_err(|e| value(policy::PolicyError(format!("expires_at: {e}"))))?,
         ))),
         (None, None) => Ok(None),
@@ -639,10 +378,10 @@ fn validate_grant(a: GrantArgs) -> Result<GrantRequest, Refusal> {
         .collect::<Result<Vec<_>, _>>()?;
     let idle_timeout_ns = match a.idle_timeout {
         None => None,
-        Some(DurationArg::Seconds(s)) => Some(policy::seconds_to_ns(s).map_err(|e| {
+        Some(DurationArg::Seconds(s)) => Some(timefmt::seconds_to_ns(s).map_err(|e| {
             Refusal::new(RefusalCode::BadValue, format!("grant: idle_timeout {e}"))
         })?),
-        Some(DurationArg::Text(t)) => Some(policy::parse_duration(&t).map_err(|e| {
+        Some(DurationArg::Text(t)) => Some(timefmt::parse_duration(&t).map_err(|e| {
             Refusal::new(RefusalCode::BadValue, format!("grant: idle_timeout: {e}"))
         })?),
     };
@@ -718,146 +457,10 @@ fn validate_revoke(a: RevokeArgs) -> Result<RevokeSelector, Refusal> {
     })
 }
 
-// ---------------------------------------------------------------------------
-// Responses.
-
-/// One response line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Response {
-    pub v: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<Value>,
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<Refusal>,
-}
-
-impl Response {
-    pub fn ok(id: Option<Value>, result: impl Serialize) -> Response {
-        Response {
-            v: PROTOCOL_VERSION,
-            id,
-            ok: true,
-            result: Some(serde_json::to_value(result).expect("results serialize")),
-            error: None,
-        }
-    }
-
-    pub fn refused(id: Option<Value>, refusal: Refusal) -> Response {
-        Response {
-            v: PROTOCOL_VERSION,
-            id,
-            ok: false,
-            result: None,
-            error: Some(refusal),
-        }
-    }
-
-    pub fn to_line(&self) -> String {
-        let mut s = serde_json::to_string(self).expect("responses serialize");
-        s.push('\n');
-        s
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FlowView {
-    pub cookie: u64,
-    pub local: String,
-    pub remote: String,
-    pub established: String,
-    /// How it will be killed: `destroy` (SOCK_DESTROY) or `rst` (RST + drop).
-    pub path: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SessionView {
-    pub session: String,
-    pub user: String,
-    pub target: String,
-    pub class: String,
-    /// Wall-clock deadline (RFC 3339, UTC).
-    pub deadline: String,
-    /// The deadline on the kernel's boot clock, as enforced.
-    pub deadline_boot_ns: u64,
-    /// Milliseconds until the deadline (negative once it has passed).
-    pub time_left_ms: i64,
-    pub granted_at: String,
-    pub granted_by_uid: u32,
-    /// Idle timeout in milliseconds, if any, and what counts as activity.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_timeout_ms: Option<u64>,
-    pub idle_direction: IdleDirection,
-    pub flows: Vec<FlowView>,
-    /// Pre-registered connections not yet seen.
-    pub expecting: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GrantResult {
-    pub session: SessionView,
-    /// Whether this grant created the session (false: it joined one).
-    pub created: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct KillView {
-    pub session: String,
-    pub cookie: u64,
-    pub local: String,
-    pub remote: String,
-    /// `destroy` or `rst`.
-    pub path: String,
-    /// `destroyed`, `already_closed` or `drop_only`.
-    pub result: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RevokeResult {
-    /// Sessions that ended.
-    pub sessions: Vec<String>,
-    pub kills: Vec<KillView>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ListResult {
-    pub now: String,
-    pub sessions: Vec<SessionView>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusResult {
-    pub version: String,
-    pub protocol: u64,
-    pub pid: u32,
-    pub uptime_ms: u64,
-    pub cgroup: String,
-    pub pin_path: String,
-    pub sessions: usize,
-    pub tracked_flows: usize,
-    pub granted_flows: usize,
-    pub max_flows: u32,
-    pub max_sessions: u32,
-    pub counters: BTreeMap<String, u64>,
-    /// Network namespaces other than the daemon's that it reaches now.
-    pub namespaces: usize,
-    /// How local flows are killed: `destroy` or `rst`.
-    pub kill_path: String,
-    pub watch: Vec<Watch>,
-    pub fence: Vec<Watch>,
-    pub classes: Vec<String>,
-    /// Successful config loads: 1 at start, one more per SIGHUP reload.
-    pub config_loads: u64,
-    /// Why the last reload was refused, if it was.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_reload_error: Option<String>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::*;
 
     fn refusal(line: &str) -> Refusal {
         parse_request(line.as_bytes()).unwrap_err().1
@@ -874,7 +477,7 @@ mod tests {
         let Command::Grant(g) = r.command else {
             panic!()
         };
-        assert_eq!(g.asked.expiry, Some(Expiry::Ttl(300 * policy::NS_PER_MS)));
+        assert_eq!(g.asked.expiry, Some(Expiry::Ttl(300 * timefmt::NS_PER_MS)));
         assert_eq!(g.flows[1], FlowRef::Fd(0));
         assert!(matches!(g.flows[0], FlowRef::Addrs { .. }));
     }
@@ -887,7 +490,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(e.expiry, Expiry::Ttl(1_500 * policy::NS_PER_MS));
+        assert_eq!(e.expiry, Expiry::Ttl(1_500 * timefmt::NS_PER_MS));
         let Command::Extend(e) =
             parse_request(br#"{"op":"extend","session":"s","expires_at":"2026-11-22T10:00:00Z"}"#)
                 .unwrap()

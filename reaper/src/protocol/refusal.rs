@@ -1,0 +1,77 @@
+//! Why a request was refused: a stable machine-readable code plus a message
+//! for humans that names what was wrong.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a request was refused: a stable machine-readable code plus a message
+/// for humans that names what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    /// The line is not JSON, or not a JSON object.
+    BadJson,
+    /// A field is missing, unknown, of the wrong type, or conflicts with another.
+    BadRequest,
+    UnknownOp,
+    UnsupportedVersion,
+    LineTooLong,
+    /// A ttl, expires_at or name is malformed.
+    BadValue,
+    /// The deadline is in the past, zero, or beyond max_ttl.
+    DeadlineRefused,
+    NoSuchFlow,
+    NoSuchSession,
+    /// The flow is not one the kernel tracks (unwatched port or outside the cgroup).
+    FlowNotTracked,
+    /// The session exists with another user or target.
+    SessionConflict,
+    /// The flow already belongs to another session.
+    FlowConflict,
+    /// A session limit of the class (or the host) refused the new session;
+    /// its flows were killed.
+    LimitReached,
+    PermissionDenied,
+    /// A passed file descriptor is missing or not a TCP socket.
+    BadFd,
+    /// A kernel table is full.
+    TableFull,
+    /// The daemon already serves `max_clients` control connections.
+    Busy,
+    /// A request line was left unfinished for `client_timeout`.
+    TimedOut,
+    Internal,
+}
+
+impl fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = serde_json::to_value(self).expect("codes serialize");
+        f.write_str(v.as_str().expect("codes are strings"))
+    }
+}
+
+impl Refusal {
+    pub fn new(code: RefusalCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+pub(super) fn bad(message: impl Into<String>) -> Refusal {
+    Refusal::new(RefusalCode::BadRequest, message)
+}
