@@ -310,6 +310,8 @@ fn build(release: bool) -> Result<(), String> {
         "reaper",
         "--package",
         "reaper-tests",
+        "--package",
+        "reaper-bench",
         "--bins",
     ]);
     if release {

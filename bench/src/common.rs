@@ -1,0 +1,104 @@
+//! Helpers several benchmarks share: pipelined requests, waiting for
+//! clients to see their connection end, and lateness.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use reaper_tests::boot_ns;
+
+/// Sends every request on one connection while a second thread reads the
+/// answers (requests pipelined, as the protocol's ids allow). Returns the
+/// answer lines unparsed: parsing them here would make the client, not the
+/// daemon, the bottleneck being measured.
+pub fn pipelined(socket: &std::path::Path, requests: Vec<String>) -> Vec<String> {
+    let stream = UnixStream::connect(socket).unwrap();
+    let mut writer = std::io::BufWriter::new(stream.try_clone().unwrap());
+    let n = requests.len();
+    let sender = std::thread::spawn(move || {
+        for r in requests {
+            writer.write_all(r.as_bytes()).unwrap();
+        }
+        writer.flush().unwrap();
+    });
+    let mut reader = BufReader::with_capacity(256 * 1024, stream);
+    let mut answers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        answers.push(line);
+    }
+    sender.join().unwrap();
+    answers
+}
+
+/// An RFC 3339 UTC time `in_ns` from now (via date(1): no time crate).
+pub fn rfc3339_in(in_ns: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let at = now + Duration::from_nanos(in_ns);
+    let out = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}.{:09}", at.as_secs(), at.subsec_nanos()),
+        ])
+        .arg("+%Y-%m-%dT%H:%M:%S.%NZ")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Waits until every stream has ended (EOF or reset) and returns, for each,
+/// the boot time at which it was seen to end (None: still open at timeout).
+pub fn wait_all_ended(streams: &[TcpStream], timeout: Duration) -> Vec<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(ep >= 0);
+    for (i, s) in streams.iter().enumerate() {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLERR) as u32,
+            u64: i as u64,
+        };
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) };
+    }
+    let mut ended: Vec<Option<u64>> = vec![None; streams.len()];
+    let mut left = streams.len();
+    let end = Instant::now() + timeout;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut buf = [0u8; 4096];
+    while left > 0 && Instant::now() < end {
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 100) };
+        let now = boot_ns();
+        for ev in events.iter().take(n.max(0) as usize) {
+            let i = ev.u64 as usize;
+            if ended[i].is_some() {
+                continue;
+            }
+            let fd = streams[i].as_raw_fd();
+            let r =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if r <= 0 {
+                ended[i] = Some(now);
+                left -= 1;
+                unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+            }
+        }
+    }
+    unsafe { libc::close(ep) };
+    ended
+}
+
+/// Each kill's lateness in ms, sorted (infinite: it never ended).
+pub fn lateness_ms(deadlines: &[u64], ended: &[Option<u64>]) -> Vec<f64> {
+    let mut late: Vec<f64> = deadlines
+        .iter()
+        .zip(ended)
+        .map(|(d, e)| e.map_or(f64::INFINITY, |e| (e as f64 - *d as f64) / 1e6))
+        .collect();
+    late.sort_by(|a, b| a.total_cmp(b));
+    late
+}

@@ -1,0 +1,140 @@
+//! Benchmark: kill latency, deadline to client reset, against Nova's
+//! timer-per-connection proxy.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use reaper_tests::{boot_ns, Flow, Sandbox};
+use serde_json::json;
+
+use crate::common::*;
+use crate::report::*;
+
+/// The time to live of flow `i` of `n`: deadlines spread over 3 s from 1 s.
+pub fn spread_ttl_ms(i: usize, n: usize) -> u64 {
+    1_000 + (i as u64 * 3_000) / n as u64
+}
+
+/// Benchmark 1, reaper: `n` live granted flows, deadlines spread out.
+pub fn kill_latency_reaper(n: usize) -> Vec<f64> {
+    let mut sb = Sandbox::new(&format!("bench-kill-{n}"));
+    sb.write_config(
+        "max_ttl = \"1d\"\nmax_flows = 65536\n[[watch]]\nports = \"5900\"\nside = \"local\"\n",
+    );
+    sb.start_daemon();
+    sb.peer(&["127.0.0.1:5900"]);
+    let flows: Vec<Flow> = (0..n).map(|_| Flow::connect("127.0.0.1:5900")).collect();
+    let stream = UnixStream::connect(&sb.socket).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut deadlines = Vec::with_capacity(n);
+    let mut line = String::new();
+    for (i, f) in flows.iter().enumerate() {
+        let req = json!({"op": "grant", "session": format!("k{i}"), "user": "u", "target": format!("t{i}"),
+                         "ttl": format!("{}ms", spread_ttl_ms(i, n)), "flows": [f.spec()]});
+        writer.write_all(format!("{req}\n").as_bytes()).unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        deadlines.push(
+            v["result"]["session"]["deadline_boot_ns"]
+                .as_u64()
+                .expect("granted"),
+        );
+    }
+    let streams: Vec<TcpStream> = flows.into_iter().map(|f| f.stream).collect();
+    let ended = wait_all_ended(&streams, Duration::from_secs(30));
+    lateness_ms(&deadlines, &ended)
+}
+
+/// Benchmark 1, baselines: the same flows through `bench/timer_proxy.py`.
+pub fn kill_latency_proxy(n: usize, mode: &str) -> Vec<f64> {
+    let mut sb = Sandbox::new(&format!("bench-{mode}-{n}"));
+    sb.peer(&["127.0.0.1:5900"]);
+    // One proxy process per 8000 flows: each holds two descriptors a flow.
+    let procs = n.div_ceil(8_000);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/timer_proxy.py");
+    for k in 0..procs {
+        let port = (6000 + k).to_string();
+        let mut out = BufReader::new(sb.spawn(Command::new("python3").arg(&script).args([
+            "--mode",
+            mode,
+            &port,
+            "127.0.0.1:5900",
+        ])));
+        let mut ready = String::new();
+        out.read_line(&mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready");
+    }
+    let mut streams = Vec::with_capacity(n);
+    let mut deadlines = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = TcpStream::connect(("127.0.0.1", 6000 + (i % procs) as u16)).unwrap();
+        let ttl = spread_ttl_ms(i, n);
+        s.write_all(format!("{ttl}\n").as_bytes()).unwrap();
+        let mut ok = [0u8; 3];
+        s.read_exact(&mut ok).unwrap();
+        // The proxy set its deadline before answering: counting from the
+        // answer flatters the baseline, never reaper.
+        deadlines.push(boot_ns() + ttl * 1_000_000);
+        streams.push(s);
+    }
+    let ended = wait_all_ended(&streams, Duration::from_secs(30));
+    lateness_ms(&deadlines, &ended)
+}
+
+pub fn kill_latency(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<f64>)>) {
+    let (sizes, runs): (&[usize], usize) = if quick {
+        (&[200], 1)
+    } else {
+        (&[1_000, 10_000], 3)
+    };
+    for &n in sizes {
+        // Per run: each mechanism's sorted latencies. A p99 over one run
+        // swings with what else the 2 cores did, so several runs are shown
+        // as the median p99 with its spread.
+        let mut all: [Vec<Vec<f64>>; 3] = Default::default();
+        for _ in 0..runs {
+            all[0].push(kill_latency_reaper(n));
+            all[1].push(kill_latency_proxy(n, "timer"));
+            all[2].push(kill_latency_proxy(n, "sweep"));
+        }
+        let at =
+            |runs_: &[Vec<f64>], p: f64| Runs(runs_.iter().map(|v| percentile(v, p)).collect());
+        let show = |runs_: &[Vec<f64>]| {
+            format!(
+                "{:.2} / {} / {:.2} ms",
+                at(runs_, 0.5).median(),
+                at(runs_, 0.99).show("", 2),
+                at(runs_, 1.0).median()
+            )
+        };
+        let [reaper, timer, sweep] = &all;
+        let p99 = at(reaper, 0.99).median();
+        rows.push(Row {
+            what: format!(
+                "kill latency p50 / p99 / max, {n} flows (n={runs} runs of {n} kills; medians, p99 spread)"
+            ),
+            reaper: show(reaper),
+            baseline: format!("timer proxy {}; 1 s sweeper {}", show(timer), show(sweep)),
+            ratio: format!(
+                "p99 {:.1}× / {:.0}× better",
+                at(timer, 0.99).median() / p99.max(1e-3),
+                at(sweep, 0.99).median() / p99.max(1e-3)
+            ),
+            goal: "p99 ≤ 2 ms".into(),
+            pass: Some(p99 <= 2.0),
+        });
+        let pooled = |runs_: &[Vec<f64>]| {
+            let mut v: Vec<f64> = runs_.concat();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v
+        };
+        plots.push((format!("reaper, {n} flows"), pooled(reaper)));
+        plots.push((format!("timer proxy, {n} flows"), pooled(timer)));
+        plots.push((format!("1 s sweeper, {n} flows"), pooled(sweep)));
+    }
+}

@@ -1,0 +1,149 @@
+//! Benchmark: mass expiry, many flows sharing a deadline, against
+//! `ss -K`.
+
+use std::process::Command;
+
+use reaper_tests::{boot_ns, Sandbox};
+use serde_json::json;
+
+use crate::common::*;
+use crate::held::hold_flows;
+use crate::memory::rss_kib;
+use crate::report::*;
+
+/// Benchmark 2, reaper: `n` flows, one session each, one shared deadline.
+/// Returns (each client's reset time minus the deadline in ms, daemon RSS
+/// in KiB with all of them granted).
+pub fn mass_expiry_reaper(n: usize) -> (Vec<f64>, u64) {
+    let mut sb = Sandbox::new(&format!("bench-mass-{n}"));
+    sb.write_config(&format!(
+        "max_ttl = \"1d\"\nmax_flows = {}\nmax_sessions = {}\n[[watch]]\nports = \"5900-5999\"\nside = \"local\"\n",
+        (n * 2).max(1024),
+        (n * 2).max(1024)
+    ));
+    sb.start_daemon();
+    let held = hold_flows(&mut sb, n);
+    // Long enough to grant them all first (checked below).
+    let expires_at = rfc3339_in(2_000_000_000 + n as u64 * 100_000);
+    let requests = held
+        .flows
+        .iter()
+        .enumerate()
+        .map(|(i, (server, client))| {
+            let req = json!({"op": "grant", "session": format!("m{i}"), "user": "u", "target": format!("t{i}"),
+                             "expires_at": expires_at,
+                             "flows": [{"local": format!("127.0.0.1:{server}"), "remote": format!("127.0.0.1:{client}")}]});
+            format!("{req}\n")
+        })
+        .collect();
+    let answers: Vec<serde_json::Value> = pipelined(&sb.socket, requests)
+        .iter()
+        .map(|a| serde_json::from_str(a).unwrap())
+        .collect();
+    // One expires_at for all; each conversion to the boot clock reads the
+    // clocks anew, so deadlines may differ by nanoseconds: each flow is
+    // measured against its own.
+    let deadlines: Vec<u64> = answers
+        .iter()
+        .map(|a| {
+            a["result"]["session"]["deadline_boot_ns"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("grant refused: {a}"))
+        })
+        .collect();
+    let first = *deadlines.iter().min().unwrap();
+    assert!(*deadlines.iter().max().unwrap() - first < 1_000_000);
+    assert!(boot_ns() < first, "granting took longer than the margin");
+    let pid = sb.ok(json!({"op": "status"}))["pid"].as_u64().unwrap();
+    let rss = rss_kib(pid);
+    (lateness_ms(&deadlines, &held.ended()), rss)
+}
+
+/// Benchmark 2, baseline: the same flows killed by `ss -K` with a filter
+/// selecting exactly them, timed from the moment ss is started.
+pub fn mass_expiry_ss(n: usize) -> Vec<f64> {
+    let mut sb = Sandbox::new(&format!("bench-ssk-{n}"));
+    let held = hold_flows(&mut sb, n);
+    let start = boot_ns();
+    let status = Command::new("ss")
+        .args([
+            "-K",
+            "-tn",
+            "state",
+            "established",
+            "( sport >= :5900 and sport <= :5999 )",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    lateness_ms(&vec![start; n], &held.ended())
+}
+
+pub fn mass_expiry(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<f64>)>) {
+    let sizes: &[usize] = if quick { &[2_000] } else { &[10_000, 100_000] };
+    let runs = if quick { 1 } else { 3 };
+    for &n in sizes {
+        let (mut reaper, mut ss, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut reaper_curve, mut ss_curve) = (Vec::new(), Vec::new());
+        let mut ss_missed = Vec::new();
+        for _ in 0..runs {
+            let (late, kib) = mass_expiry_reaper(n);
+            let open = late.iter().filter(|l| l.is_infinite()).count();
+            assert_eq!(
+                open, 0,
+                "reaper left {open} of {n} flows open past their deadline"
+            );
+            reaper.push(*late.last().unwrap());
+            rss.push(kib as f64 / 1024.0);
+            reaper_curve = late;
+            let mut base = mass_expiry_ss(n);
+            // ss -K walks a socket dump while it destroys: sockets can be
+            // skipped. Those are counted, and its time is that of the last
+            // socket it did reset (which flatters it).
+            let missed = base.iter().filter(|l| l.is_infinite()).count();
+            ss_missed.push(missed);
+            ss.push(
+                base[..base.len() - missed]
+                    .last()
+                    .copied()
+                    .unwrap_or(f64::NAN),
+            );
+            base.truncate(base.len() - missed);
+            ss_curve = base;
+        }
+        let (reaper, ss, rss) = (Runs(reaper), Runs(ss), Runs(rss));
+        let missed = if ss_missed.iter().all(|m| *m == 0) {
+            String::new()
+        } else {
+            format!("; left open: {ss_missed:?} of {n}")
+        };
+        let speedup = ss.median() / reaper.median().max(1e-3);
+        rows.push(Row {
+            what: format!("mass expiry: {n} flows, one deadline, until every client saw its reset"),
+            reaper: reaper.show("ms", 1),
+            baseline: format!("`ss -K` {}{missed}", ss.show("ms", 1)),
+            ratio: format!("{speedup:.1}× faster"),
+            goal: if n >= 100_000 {
+                "≤ 300 ms and ≥ 3× faster".into()
+            } else {
+                "≥ 3× faster".into()
+            },
+            pass: Some(speedup >= 3.0 && (n < 100_000 || reaper.median() <= 300.0)),
+        });
+        rows.push(Row {
+            what: format!("daemon RSS with {n} granted flows (one session each, real sockets)"),
+            reaper: rss.show("MiB", 1),
+            baseline: "—".into(),
+            ratio: "—".into(),
+            goal: if n >= 100_000 {
+                "≤ 64 MiB".into()
+            } else {
+                "—".into()
+            },
+            pass: (n >= 100_000).then(|| rss.median() <= 64.0),
+        });
+        plots.push((format!("reaper, {n} flows"), reaper_curve));
+        plots.push((format!("ss -K, {n} flows"), ss_curve));
+    }
+}
