@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use reaper_tests::{Flow, Sandbox, CGROUP_ROOT};
+use reaper_tests::{Conn, Sandbox, CGROUP_ROOT};
 use serde_json::json;
 
 use crate::floor;
@@ -16,7 +16,7 @@ use crate::report::*;
 /// Sends bytes from one socket to another on loopback for `secs`, in the
 /// current namespace; `before_data` runs once the connection exists (to
 /// grant it). Returns bytes per second received.
-pub fn bulk(port: u16, secs: f64, before_data: &dyn Fn(&Flow)) -> f64 {
+pub fn bulk(port: u16, secs: f64, before_data: &dyn Fn(&Conn)) -> f64 {
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
     let reader = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -31,7 +31,7 @@ pub fn bulk(port: u16, secs: f64, before_data: &dyn Fn(&Flow)) -> f64 {
         }
         total as f64 / start.elapsed().as_secs_f64()
     });
-    let mut flow = Flow::connect(&format!("127.0.0.1:{port}"));
+    let mut flow = Conn::connect(&format!("127.0.0.1:{port}"));
     before_data(&flow);
     let chunk = vec![7u8; 256 * 1024];
     let end = Instant::now() + Duration::from_secs_f64(secs);
@@ -90,13 +90,13 @@ pub fn data_path(rows: &mut Vec<Row>, quick: bool) {
     let floor_cgroup = root.join(format!("{}-floor", sb.name));
     std::fs::create_dir_all(&floor_cgroup).unwrap();
     let noop = floor::attach(&floor_cgroup).expect("attach the no-op program");
-    let grant = |f: &Flow| {
+    let grant = |f: &Conn| {
         sb.ok(
             json!({"op": "grant", "session": format!("bulk-{}", f.client.port()),
                      "user": "u", "target": "t", "ttl": "1h", "flows": [f.spec()]}),
         );
     };
-    let gbps = |port: u16, before: &dyn Fn(&Flow)| bulk(port, secs, before) * 8.0 / 1e9;
+    let gbps = |port: u16, before: &dyn Fn(&Conn)| bulk(port, secs, before) * 8.0 / 1e9;
     let (mut off, mut unwatched, mut granted) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         enter_cgroup(root);
@@ -106,7 +106,7 @@ pub fn data_path(rows: &mut Vec<Row>, quick: bool) {
         granted.push(gbps(5900, &grant));
     }
     let reaper = ["reaper_ingress", "reaper_egress"];
-    let cost = |names: &[&str], port: u16, before: &dyn Fn(&Flow)| {
+    let cost = |names: &[&str], port: u16, before: &dyn Fn(&Conn)| {
         let (t0, c0) = skb_program_stats(names);
         bulk(port, secs, before);
         let (t1, c1) = skb_program_stats(names);

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use reaper_tests::{boot_ns, Flow, Sandbox};
+use reaper_tests::{boot_ns, Conn, Sandbox};
 use serde_json::json;
 
 use crate::common::*;
@@ -26,7 +26,7 @@ pub fn kill_latency_reaper(n: usize) -> Vec<f64> {
     );
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
-    let flows: Vec<Flow> = (0..n).map(|_| Flow::connect("127.0.0.1:5900")).collect();
+    let flows: Vec<Conn> = (0..n).map(|_| Conn::connect("127.0.0.1:5900")).collect();
     let stream = UnixStream::connect(&sb.socket).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;

@@ -1,10 +1,10 @@
-//! Issue 2, test 3: a thousand other connections in the same namespace —
+//! Nothing else is ever touched: a thousand other connections in the same namespace —
 //! watched but ungranted, unwatched, a listener, TIME_WAIT entries — survive
 //! every kind of kill.
 
 use std::time::Duration;
 
-use reaper_tests::{assert_reset, count_tcp_state, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, count_tcp_state, Conn, Sandbox, SECOND};
 use serde_json::json;
 
 #[test]
@@ -24,7 +24,7 @@ fn bystanders_survive_every_kill() {
     let mut ends = Vec::new();
     for port in [5900, 5901] {
         for _ in 0..5 {
-            let f = Flow::connect(&format!("127.0.0.1:{port}"));
+            let f = Conn::connect(&format!("127.0.0.1:{port}"));
             let client = f.client;
             f.stream.shutdown(std::net::Shutdown::Both).unwrap();
             drop(f);
@@ -49,10 +49,10 @@ fn bystanders_survive_every_kill() {
 
     // 990 open bystanders: watched port without grant (same port as the
     // victims, and another), and an unwatched port.
-    let mut bystanders: Vec<Flow> = Vec::new();
+    let mut bystanders: Vec<Conn> = Vec::new();
     for (port, n) in [(5900, 300), (5901, 200), (7000, 490)] {
         for _ in 0..n {
-            bystanders.push(Flow::connect(&format!("127.0.0.1:{port}")));
+            bystanders.push(Conn::connect(&format!("127.0.0.1:{port}")));
         }
     }
     for b in &mut bystanders {
@@ -60,9 +60,9 @@ fn bystanders_survive_every_kill() {
     }
 
     // Three victims, three ways to die.
-    let mut expiring = Flow::connect("127.0.0.1:5900");
-    let mut by_session = Flow::connect("127.0.0.1:5900");
-    let mut by_flow = Flow::connect("127.0.0.1:5900");
+    let mut expiring = Conn::connect("127.0.0.1:5900");
+    let mut by_session = Conn::connect("127.0.0.1:5900");
+    let mut by_flow = Conn::connect("127.0.0.1:5900");
     sb.grant("v-expire", "mallory", "vm-1", "300ms", &expiring);
     sb.grant("v-session", "mallory", "vm-2", "60s", &by_session);
     sb.grant("v-flow", "mallory", "vm-3", "60s", &by_flow);
@@ -97,7 +97,7 @@ fn bystanders_survive_every_kill() {
         "TIME_WAIT entries were destroyed"
     );
     // The listener on the victims' port still accepts.
-    let mut fresh = Flow::connect("127.0.0.1:5900");
+    let mut fresh = Conn::connect("127.0.0.1:5900");
     fresh.echo().unwrap();
     assert_eq!(sb.audit().len(), 3, "only the three victims were killed");
     println!(

@@ -1,4 +1,4 @@
-//! Issue 6, hostile condition 4: someone sets the wall clock.
+//! Wall-clock steps: someone sets the clock.
 //!
 //! Deadlines given as a `ttl` live on the boot clock and do not move; a
 //! deadline given as `expires_at` is a wall time (a token's expiry), so it
@@ -9,7 +9,7 @@
 //! the VMs of `cargo xtask vm-test` (its runner includes ignored tests);
 //! on the host nextest lists it as skipped.
 
-use reaper_tests::{assert_reset, boot_ns, bound, bound_ms, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, boot_ns, bound, bound_ms, Conn, Sandbox, SECOND};
 use serde_json::{json, Value};
 
 const NS: i128 = 1_000_000_000;
@@ -92,13 +92,13 @@ fn ttl_deadlines_ignore_clock_steps_and_expires_at_follows_them() {
     sb.write_config("max_ttl = \"1d\"\n[[watch]]\nports = \"5900\"\nside = \"local\"\n");
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
-    let mut by_ttl = Flow::connect("127.0.0.1:5900");
-    let mut by_wall = Flow::connect("127.0.0.1:5900");
-    let mut by_wall_later = Flow::connect("127.0.0.1:5900");
+    let mut by_ttl = Conn::connect("127.0.0.1:5900");
+    let mut by_wall = Conn::connect("127.0.0.1:5900");
+    let mut by_wall_later = Conn::connect("127.0.0.1:5900");
 
     let ttl = sb.grant("by-ttl", "u", "t", "6s", &by_ttl);
     let ttl_deadline = ttl["session"]["deadline_boot_ns"].as_u64().unwrap();
-    let grant_at = |sb: &Sandbox, name: &str, flow: &Flow, secs: i128| {
+    let grant_at = |sb: &Sandbox, name: &str, flow: &Conn, secs: i128| {
         sb.ok(
             json!({"op": "grant", "session": name, "user": "u", "target": "t",
                      "expires_at": rfc3339(wall_ns() + secs * NS), "flows": [flow.spec()]}),

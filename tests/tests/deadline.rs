@@ -1,15 +1,15 @@
-//! Issue 2, tests 1, 2 and 6: a granted flow dies at its deadline, `extend`
+//! Deadlines: a granted flow dies at its deadline, `extend`
 //! postpones that, `revoke` kills at once and only what it names, and IPv6
 //! behaves like IPv4.
 
-use reaper_tests::{assert_reset, boot_ns, bound_ms, sleep_until_boot, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, boot_ns, bound_ms, sleep_until_boot, Conn, Sandbox, SECOND};
 use serde_json::json;
 
 fn killed_at_deadline(name: &str, listen: &str) {
     let mut sb = Sandbox::new(name);
     sb.start_daemon();
     let peer = sb.peer(&[listen]);
-    let mut flow = Flow::connect(listen);
+    let mut flow = Conn::connect(listen);
     flow.echo().unwrap();
 
     let granted = sb.grant("s1", "alice", "vm-1", "300ms", &flow);
@@ -66,7 +66,7 @@ fn extend_postpones_and_revoke_kills_at_once() {
     let mut sb = Sandbox::new("extend-revoke");
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
-    let mut flow = Flow::connect("127.0.0.1:5900");
+    let mut flow = Conn::connect("127.0.0.1:5900");
 
     let first = sb.grant("s1", "alice", "vm-1", "600ms", &flow)["session"]["deadline_boot_ns"]
         .as_u64()
@@ -100,11 +100,11 @@ fn revoking_a_user_kills_only_that_users_flows() {
     let mut sb = Sandbox::new("revoke-user");
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
-    let mut alice1 = Flow::connect("127.0.0.1:5900");
-    let mut alice2a = Flow::connect("127.0.0.1:5900");
-    let mut alice2b = Flow::connect("127.0.0.1:5900");
-    let mut bob = Flow::connect("127.0.0.1:5900");
-    let mut ungranted = Flow::connect("127.0.0.1:5900");
+    let mut alice1 = Conn::connect("127.0.0.1:5900");
+    let mut alice2a = Conn::connect("127.0.0.1:5900");
+    let mut alice2b = Conn::connect("127.0.0.1:5900");
+    let mut bob = Conn::connect("127.0.0.1:5900");
+    let mut ungranted = Conn::connect("127.0.0.1:5900");
     for f in [
         &mut alice1,
         &mut alice2a,
@@ -158,8 +158,8 @@ fn thousands_of_flows_sharing_a_deadline_all_die() {
     sb.write_config("max_ttl = \"1h\"\n[[watch]]\nports = \"5900\"\nside = \"local\"\n");
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
-    let mut flows: Vec<Flow> = (0..FLOWS)
-        .map(|_| Flow::connect("127.0.0.1:5900"))
+    let mut flows: Vec<Conn> = (0..FLOWS)
+        .map(|_| Conn::connect("127.0.0.1:5900"))
         .collect();
     // One session, joined by grants of 64 flows (the most one request holds).
     // The session is made with a long deadline and the last grant tightens
@@ -168,7 +168,7 @@ fn thousands_of_flows_sharing_a_deadline_all_die() {
     let mut deadline = 0;
     let chunks = flows.chunks(64).count();
     for (i, chunk) in flows.chunks(64).enumerate() {
-        let specs: Vec<serde_json::Value> = chunk.iter().map(Flow::spec).collect();
+        let specs: Vec<serde_json::Value> = chunk.iter().map(Conn::spec).collect();
         let ttl = if i + 1 == chunks { "2s" } else { "10m" };
         let granted = sb.ok(
             json!({"op": "grant", "session": "mass", "user": "u", "target": "t",

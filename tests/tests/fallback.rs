@@ -1,8 +1,8 @@
-//! Issue 5, test 4: with socket destroy switched off (as on a kernel without
+//! Without SOCK_DESTROY: with socket destroy switched off (as on a kernel without
 //! CONFIG_INET_DIAG_DESTROY), a local flow dies the same way through RST +
 //! drop: a RST with the exact sequence number to each end.
 
-use reaper_tests::{assert_reset, bound_ms, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, bound_ms, Conn, Sandbox, SECOND};
 use serde_json::json;
 
 #[test]
@@ -14,9 +14,9 @@ fn rst_and_drop_kill_local_flows_when_destroy_is_off() {
     // 5901 streams "screen updates": the server has data in flight when it dies.
     let peer = sb.peer(&["127.0.0.1:5900", "[::1]:5900", "stream:127.0.0.1:5901"]);
     let mut flows = [
-        Flow::connect("127.0.0.1:5900"),
-        Flow::connect("[::1]:5900"),
-        Flow::connect("127.0.0.1:5901"),
+        Conn::connect("127.0.0.1:5900"),
+        Conn::connect("[::1]:5900"),
+        Conn::connect("127.0.0.1:5901"),
     ];
     for (i, f) in flows.iter_mut().enumerate() {
         if i < 2 {

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Command;
 
-use reaper_tests::{assert_reset, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, Conn, Sandbox, SECOND};
 use serde_json::Value;
 
 #[test]
@@ -35,7 +35,7 @@ fn python_proxy_registers_its_sockets_by_descriptor() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "listening");
 
-    let mut browser = Flow::connect("127.0.0.1:6080");
+    let mut browser = Conn::connect("127.0.0.1:6080");
     line.clear();
     out.read_line(&mut line).unwrap();
     let grant: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));

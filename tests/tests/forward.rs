@@ -1,4 +1,4 @@
-//! Issue 5, tests 1 and 3: flows that only pass through this host. A client
+//! Forwarded flows: flows that only pass through this host. A client
 //! in netns A talks to a server in netns B through the router R (the test's
 //! namespace) where the daemon runs and watches R's interfaces. There is no
 //! local socket to destroy: at the deadline both ends get a RST with the
@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use reaper_tests::{assert_reset, bound_ms, kernel_at_least, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, bound_ms, kernel_at_least, Conn, Sandbox, SECOND};
 use serde_json::json;
 
 fn forwarded_flows_die_at_their_deadline(name: &str, server: &str, attach: &str) {
@@ -27,9 +27,9 @@ fn forwarded_flows_die_at_their_deadline(name: &str, server: &str, attach: &str)
     assert_eq!(log.matches(fallback).count(), expected, "{log}");
     let peer = sb.peer_on(&b, &[server]);
 
-    let mut active = Flow::connect_from(&a, server);
-    let mut idle = Flow::connect_from(&a, server);
-    let mut other = Flow::connect_from(&a, server);
+    let mut active = Conn::connect_from(&a, server);
+    let mut idle = Conn::connect_from(&a, server);
+    let mut other = Conn::connect_from(&a, server);
     for f in [&mut active, &mut idle, &mut other] {
         f.echo().unwrap();
     }

@@ -1,6 +1,6 @@
-//! Issue 6, hostile conditions: control clients that misbehave.
+//! Hostile control clients and a full flow table.
 //!
-//! Test 5: a thousand connections that open and never send, or trickle a
+//! A thousand connections that open and never send, or trickle a
 //! byte a second, and one that never reads its responses, must not stall
 //! the grants of a well-behaved client; the trickling and the non-reading
 //! ones are disconnected after `client_timeout`, the idle ones may stay.
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reaper_tests::{assert_reset, bound, connect_bound, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, bound, connect_bound, Conn, Sandbox, SECOND};
 use serde_json::{json, Value};
 
 /// Reads one line, waiting at most `timeout` (scaled, like the harness's
@@ -187,9 +187,9 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
     );
     sb.start_daemon();
     let peer = sb.peer(&["127.0.0.1:5900", "127.0.0.1:6000"]);
-    let mut filling: Vec<Flow> = (0..1024).map(|_| Flow::connect("127.0.0.1:5900")).collect();
+    let mut filling: Vec<Conn> = (0..1024).map(|_| Conn::connect("127.0.0.1:5900")).collect();
     let counters = |sb: &Sandbox| sb.ok(json!({"op": "status"}))["counters"].clone();
-    let mut spare = Flow::connect("127.0.0.1:5900");
+    let mut spare = Conn::connect("127.0.0.1:5900");
     let end = Instant::now() + bound(5 * SECOND);
     while counters(&sb)["table_full"].as_u64().unwrap_or(0) == 0 {
         assert!(

@@ -1,8 +1,8 @@
-//! Issue 5, test 2: a granted flow whose socket lives in another network
+//! Other network namespaces: a granted flow whose socket lives in another network
 //! namespace than the daemon's (a proxy in a container) is killed at its
 //! deadline, and both peers see a reset.
 
-use reaper_tests::{assert_reset, bound_ms, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, bound_ms, Conn, Sandbox, SECOND};
 use serde_json::json;
 
 #[test]
@@ -13,8 +13,8 @@ fn flow_in_another_namespace_is_killed_on_time() {
     let host = sb.other_host();
     let server = sb.peer_on(&host, &["198.18.0.2:5900"]);
     let server_pid = sb.peer_mut(server).pid();
-    let mut by_name = Flow::connect("198.18.0.2:5900");
-    let mut by_pid = Flow::connect("198.18.0.2:5900");
+    let mut by_name = Conn::connect("198.18.0.2:5900");
+    let mut by_pid = Conn::connect("198.18.0.2:5900");
     by_name.echo().unwrap();
     by_pid.echo().unwrap();
 

@@ -1,11 +1,11 @@
-//! Issue 3: directional idle timeouts, `touch`, session limits, fences and
+//! Policy in force: directional idle timeouts, `touch`, session limits, fences and
 //! pre-registration, a real third-party proxy (websockify), and SIGHUP reload.
 
 use std::io::{BufRead, BufReader, Write};
 use std::time::{Duration, Instant};
 
 use reaper_tests::{
-    assert_reset, boot_ns, bound_ms, python, script, sleep_until_boot, wait_listening, Flow,
+    assert_reset, boot_ns, bound_ms, python, script, sleep_until_boot, wait_listening, Conn,
     Sandbox, SECOND,
 };
 use serde_json::{json, Value};
@@ -21,7 +21,7 @@ fn streaming_sandbox(name: &str) -> Sandbox {
 }
 
 /// Grants `flow` with an idle timeout; returns the boot time of the grant.
-fn grant_idle(sb: &Sandbox, flow: &Flow, session: &str, idle: &str, direction: &str) -> u64 {
+fn grant_idle(sb: &Sandbox, flow: &Conn, session: &str, idle: &str, direction: &str) -> u64 {
     let r = sb.ok(
         json!({"op": "grant", "session": session, "user": "alice", "target": "vm-1",
                          "ttl": "60s", "idle_timeout": idle, "idle_direction": direction,
@@ -41,7 +41,7 @@ fn listed(sb: &Sandbox, session: &str) -> bool {
 #[test]
 fn idle_input_ignores_the_servers_stream() {
     let sb = streaming_sandbox("idle-input");
-    let mut flow = Flow::connect("127.0.0.1:5900");
+    let mut flow = Conn::connect("127.0.0.1:5900");
     flow.echo().unwrap();
     let granted = grant_idle(&sb, &flow, "idle", "800ms", "input");
     let idle_deadline = granted + 800 * MS;
@@ -67,10 +67,10 @@ fn idle_input_ignores_the_servers_stream() {
 /// one idle timeout after the last activity.
 fn alive_while_active_then_idle(
     sb: &Sandbox,
-    flow: &mut Flow,
+    flow: &mut Conn,
     session: &str,
     every: Duration,
-    mut activity: impl FnMut(&mut Flow),
+    mut activity: impl FnMut(&mut Conn),
 ) {
     let granted = grant_idle(sb, flow, session, "800ms", "input");
     let mut last = granted;
@@ -96,7 +96,7 @@ fn alive_while_active_then_idle(
 #[test]
 fn idle_input_counts_the_clients_keystrokes() {
     let sb = streaming_sandbox("idle-keys");
-    let mut flow = Flow::connect("127.0.0.1:5900");
+    let mut flow = Conn::connect("127.0.0.1:5900");
     flow.echo().unwrap();
     alive_while_active_then_idle(&sb, &mut flow, "typing", Duration::from_millis(200), |f| {
         f.stream.write_all(b"k").unwrap()
@@ -107,7 +107,7 @@ fn idle_input_counts_the_clients_keystrokes() {
 #[test]
 fn idle_any_counts_the_servers_stream() {
     let sb = streaming_sandbox("idle-any");
-    let mut flow = Flow::connect("127.0.0.1:5900");
+    let mut flow = Conn::connect("127.0.0.1:5900");
     flow.echo().unwrap();
     let granted = grant_idle(&sb, &flow, "watching", "800ms", "any");
     sleep_until_boot(granted + 2_500 * MS);
@@ -127,8 +127,8 @@ fn touch_keeps_an_idle_flow_alive() {
     let mut sb = Sandbox::new("touch");
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
-    let mut flow = Flow::connect("127.0.0.1:5900");
-    let touch = |_: &mut Flow| {
+    let mut flow = Conn::connect("127.0.0.1:5900");
+    let touch = |_: &mut Conn| {
         sb.ok(json!({"op": "touch", "session": "vnc"}));
     };
     alive_while_active_then_idle(&sb, &mut flow, "vnc", Duration::from_millis(300), touch);
@@ -157,15 +157,15 @@ on_limit = "evict-oldest"
     );
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
-    let grant = |class: &str, session: &str, user: &str, target: &str, flow: &Flow| {
+    let grant = |class: &str, session: &str, user: &str, target: &str, flow: &Conn| {
         sb.request(
             json!({"op": "grant", "class": class, "session": session, "user": user,
                           "target": target, "ttl": "60s", "flows": [flow.spec()]}),
         )
     };
 
-    let mut first = Flow::connect("127.0.0.1:5900");
-    let mut second = Flow::connect("127.0.0.1:5900");
+    let mut first = Conn::connect("127.0.0.1:5900");
+    let mut second = Conn::connect("127.0.0.1:5900");
     assert_eq!(
         grant("exclusive", "a1", "alice", "vm-1", &first)["ok"],
         true
@@ -181,8 +181,8 @@ on_limit = "evict-oldest"
     assert_reset(&err);
     first.echo().expect("the holder keeps the console");
 
-    let mut old = Flow::connect("127.0.0.1:5900");
-    let mut new = Flow::connect("127.0.0.1:5900");
+    let mut old = Conn::connect("127.0.0.1:5900");
+    let mut new = Conn::connect("127.0.0.1:5900");
     assert_eq!(grant("takeover", "c1", "carol", "vm-2", &old)["ok"], true);
     assert_eq!(grant("takeover", "d1", "dave", "vm-2", &new)["ok"], true);
     let (err, _) = old.wait_reset(2 * SECOND);
@@ -222,9 +222,9 @@ fn fenced_port_kills_what_was_not_granted() {
     assert_eq!(r["session"]["expecting"], 1);
 
     let opened = boot_ns();
-    let mut pre = Flow::connect("127.0.0.1:5910");
-    let mut rogue = Flow::connect("127.0.0.1:5910");
-    let mut late = Flow::connect("127.0.0.1:5910");
+    let mut pre = Conn::connect("127.0.0.1:5910");
+    let mut rogue = Conn::connect("127.0.0.1:5910");
+    let mut late = Conn::connect("127.0.0.1:5910");
     std::thread::sleep(Duration::from_millis(100));
     sb.ok(
         json!({"op": "grant", "session": "late", "user": "bob", "target": "vm-2",
@@ -357,9 +357,9 @@ fn sighup_reload_keeps_grants_and_refuses_bad_files() {
     sb.write_config(&with_class("1h"));
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
-    let mut live = Flow::connect("127.0.0.1:5900");
-    let other = Flow::connect("127.0.0.1:5900");
-    let grant = |session: &str, ttl: &str, flow: &Flow| -> Value {
+    let mut live = Conn::connect("127.0.0.1:5900");
+    let other = Conn::connect("127.0.0.1:5900");
+    let grant = |session: &str, ttl: &str, flow: &Conn| -> Value {
         let flow_arg = format!("{},{}", flow.server, flow.client);
         let out = sb.cli_as(
             PROXY_UID,

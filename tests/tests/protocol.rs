@@ -1,4 +1,4 @@
-//! Issue 2, test 5: malformed and unauthorised requests are refused with a
+//! Bad input changes nothing: malformed and unauthorised requests are refused with a
 //! specific error, and a live grant is unchanged afterwards.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use reaper_tests::{reaper_bin, Flow, Sandbox};
+use reaper_tests::{reaper_bin, Conn, Sandbox};
 use serde_json::{json, Value};
 
 #[test]
@@ -17,8 +17,8 @@ fn bad_requests_get_specific_errors_and_change_nothing() {
     );
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
-    let mut flow = Flow::connect("127.0.0.1:5900");
-    let mut other = Flow::connect("127.0.0.1:5900");
+    let mut flow = Conn::connect("127.0.0.1:5900");
+    let mut other = Conn::connect("127.0.0.1:5900");
     sb.grant("s1", "alice", "vm-1", "1h", &flow);
     let before = sb.ok(json!({"op": "list"}))["sessions"].clone();
 

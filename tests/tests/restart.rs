@@ -1,17 +1,17 @@
-//! Issue 2, test 4: stopping the daemon (cleanly or by SIGKILL) loses no
+//! Restarts: stopping the daemon (cleanly or by SIGKILL) loses no
 //! grant. While it is down the kernel drops the packets of an expired flow;
 //! the restarted daemon lists the grants it adopted, destroys the flow that
 //! expired meanwhile, and enforces the live one at its deadline.
 
-use reaper_tests::{assert_reset, bound_ms, sleep_until_boot, Flow, Sandbox, SECOND};
+use reaper_tests::{assert_reset, bound_ms, sleep_until_boot, Conn, Sandbox, SECOND};
 use serde_json::json;
 
 fn survives_restart(name: &str, signal: i32) {
     let mut sb = Sandbox::new(name);
     sb.start_daemon();
     let peer = sb.peer(&["127.0.0.1:5900"]);
-    let mut doomed = Flow::connect("127.0.0.1:5900");
-    let mut kept = Flow::connect("127.0.0.1:5900");
+    let mut doomed = Conn::connect("127.0.0.1:5900");
+    let mut kept = Conn::connect("127.0.0.1:5900");
     doomed.echo().unwrap();
     kept.echo().unwrap();
     let doomed_deadline = sb.grant("doomed", "alice", "vm-1", "1500ms", &doomed)["session"]
@@ -86,8 +86,8 @@ fn backstop_follows_extends_and_outlives_unwatched_ports() {
     let mut sb = Sandbox::new("restart-marks");
     sb.start_daemon();
     let peer = sb.peer(&["127.0.0.1:5900"]);
-    let mut doomed = Flow::connect("127.0.0.1:5900");
-    let mut extended = Flow::connect("127.0.0.1:5900");
+    let mut doomed = Conn::connect("127.0.0.1:5900");
+    let mut extended = Conn::connect("127.0.0.1:5900");
 
     // Port 5900 leaves the config; the flows already on it stay tracked.
     sb.write_config("[[watch]]\nports = \"6100\"\nside = \"local\"\n");

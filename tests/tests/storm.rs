@@ -1,4 +1,4 @@
-//! Issue 6, test 2: a grant storm with crashes. 16 clients grant, extend
+//! A grant storm with crashes. 16 clients grant, extend
 //! and revoke (10k requests: sessions of real flows and pre-registrations)
 //! while flows expire, and the daemon is SIGKILLed at random moments and
 //! restarted. Afterwards:
@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reaper_tests::{boot_ns, Flow, Sandbox, SECOND};
+use reaper_tests::{boot_ns, Conn, Sandbox, SECOND};
 use serde_json::{json, Value};
 
 const CLIENTS: usize = 16;
@@ -200,12 +200,12 @@ fn acknowledged_grants_survive_a_storm_with_crashes() {
     sb.write_config("max_ttl = \"1h\"\n[[watch]]\nports = \"5900\"\nside = \"local\"\n");
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900", "127.0.0.1:7000"]);
-    let mut flows: Vec<Flow> = (0..CLIENTS * FLOWS_PER_CLIENT)
-        .map(|_| Flow::connect("127.0.0.1:5900"))
+    let mut flows: Vec<Conn> = (0..CLIENTS * FLOWS_PER_CLIENT)
+        .map(|_| Conn::connect("127.0.0.1:5900"))
         .collect();
-    let mut bystanders: Vec<Flow> = (0..10)
+    let mut bystanders: Vec<Conn> = (0..10)
         .map(|i| {
-            Flow::connect(if i % 2 == 0 {
+            Conn::connect(if i % 2 == 0 {
                 "127.0.0.1:5900"
             } else {
                 "127.0.0.1:7000"
@@ -219,7 +219,7 @@ fn acknowledged_grants_survive_a_storm_with_crashes() {
         .map(|c| {
             let specs: Vec<Value> = flows[c * FLOWS_PER_CLIENT..(c + 1) * FLOWS_PER_CLIENT]
                 .iter()
-                .map(Flow::spec)
+                .map(Conn::spec)
                 .collect();
             let socket = sb.socket.clone();
             let violations = violations.clone();
@@ -350,7 +350,7 @@ fn acknowledged_grants_survive_a_storm_with_crashes() {
     println!("{prompt} flows expired while the daemon ran, the latest destroyed {latest} µs late");
     // Whether any fell outside the crash windows depends on the timing; the
     // daemon that survived the storm must in any case kill on time.
-    let mut last: Vec<Flow> = (0..4).map(|_| Flow::connect("127.0.0.1:5900")).collect();
+    let mut last: Vec<Conn> = (0..4).map(|_| Conn::connect("127.0.0.1:5900")).collect();
     for (i, flow) in last.iter().enumerate() {
         sb.grant(&format!("after-{i}"), "u", "t", "300ms", flow);
     }

@@ -1,0 +1,103 @@
+//! The daemon under test and a client of its control socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{bound, reaper_bin};
+
+/// A running `reaper daemon`. Dropped: killed (SIGKILL) and reaped; the
+/// pinned programs it leaves are the `Pins` guard's to remove.
+pub struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts `reaper daemon --config CONFIG`, its log appended to `log`,
+    /// and waits until `socket` answers.
+    pub fn start(config: &Path, socket: &Path, log: &Path) -> Daemon {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(reaper_bin())
+            .args(["daemon", "--config"])
+            .arg(config)
+            .env("REAPER_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn reaper daemon");
+        let mut daemon = Daemon { child };
+        let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+        let deadline = Instant::now() + bound(Duration::from_secs(20));
+        loop {
+            if UnixStream::connect(socket).is_ok() {
+                return daemon;
+            }
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                panic!("reaper daemon exited with {status}:\n{}", read_log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready:\n{}",
+                read_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Stops the daemon with `signal` and waits for it to exit.
+    pub fn stop(mut self, signal: i32) {
+        self.signal(signal);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client of a daemon's control socket: one connection per request, as
+/// a short-lived CLI call makes.
+#[derive(Clone)]
+pub struct Control {
+    pub socket: PathBuf,
+}
+
+impl Control {
+    /// One raw protocol exchange: sends `line` (newline added), returns the
+    /// parsed response.
+    pub fn raw(&self, line: &str) -> Value {
+        let mut s = UnixStream::connect(&self.socket).expect("connect control socket");
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad response {reply:?}: {e}"))
+    }
+
+    pub fn request(&self, req: Value) -> Value {
+        self.raw(&req.to_string())
+    }
+
+    /// A request that must succeed; returns its result.
+    pub fn ok(&self, req: Value) -> Value {
+        let r = self.request(req.clone());
+        assert_eq!(r["ok"], true, "{req} was refused: {r}");
+        r["result"].clone()
+    }
+}
