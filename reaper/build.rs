@@ -1,6 +1,6 @@
 //! Builds the kernel programs (`reaper-ebpf`) for the BPF target with the
 //! nightly toolchain and bpf-linker, and leaves the object in `OUT_DIR`, where
-//! `src/enforcer/loader.rs` embeds it. `cargo xtask setup` installs what this
+//! `src/enforcer/load.rs` embeds it. `cargo xtask setup` installs what this
 //! needs on a fresh machine.
 use aya_build::{Package, Toolchain};
 

@@ -1,6 +1,8 @@
 //! The `reaper` command line: the daemon, the client commands that talk to
 //! its control socket, and `unload`.
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;

@@ -2,6 +2,8 @@
 //! file section means the default. Unknown keys are errors, so a typo never
 //! silently leaves a console unprotected.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -2,6 +2,8 @@
 //! client caused are not here: they are [`crate::protocol::Refusal`]s, sent
 //! back to the client, never fatal to the daemon.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 
 #[derive(Debug, thiserror::Error)]

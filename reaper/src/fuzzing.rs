@@ -7,6 +7,8 @@
 //! the bounds the daemon never re-checks (non-zero durations, port ranges in
 //! order, classes within max_ttl, table and client limits in range).
 
+#![forbid(unsafe_code)]
+
 use crate::config::{Config, MAX_CLIENTS_LIMIT};
 use crate::protocol::parse_request;
 

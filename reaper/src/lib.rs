@@ -1,8 +1,19 @@
 //! `reaper`: kernel-enforced deadlines for console connections.
 //!
-//! Layers, from the bottom: `policy` (pure rules), `enforcer` (kernel
-//! programs, maps, kill paths), `daemon` (state and the control socket),
-//! `protocol` (what travels on that socket, shared with the CLI), `cli`.
+//! Layers, from the bottom; each module uses only those listed before it
+//! (docs/architecture.md draws the map):
+//! * pure: `timefmt` (times and durations as text), `tuple` (flow tuples
+//!   and addresses), `throttle` (repeated warnings), `policy` (the rules),
+//!   `config` (the file), `protocol` (the control protocol, spoken by the
+//!   daemon and by the CLI); `error`, the set-up error every layer returns;
+//! * `kernel`: the seam, everything the daemon core asks of the kernel;
+//! * `daemon::core`: what happens to sessions and flows, behind the seam;
+//! * `clock` and `enforcer`: the real kernel side of the seam (programs,
+//!   maps, kill mechanics, timers);
+//! * `daemon`: the control plane around the core (socket, the wire adapter,
+//!   audit trail, tasks) and the wiring;
+//! * `cli`: the `reaper` command, a client of the protocol.
+//!
 //! A library so that the fuzz targets (`fuzz/`) reach the parsers.
 
 pub mod cli;
@@ -15,5 +26,6 @@ pub mod fuzzing;
 pub mod kernel;
 pub mod policy;
 pub mod protocol;
+pub mod throttle;
 pub mod timefmt;
 pub mod tuple;

@@ -5,6 +5,8 @@
 //! every rule unit-testable without root, and keeps the daemon's notion of time
 //! in one place (`clock.rs`).
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 use crate::timefmt::{format_duration, format_rfc3339, NS_PER_MS};

@@ -1,6 +1,6 @@
 //! A proxy written in Python (standard library only) registers its client
 //! and upstream sockets by passing their descriptors (SCM_RIGHTS), using the
-//! snippet the README shows (examples/reaper_grant.py). At the deadline the
+//! snippet docs/protocol.md shows (examples/reaper_grant.py). At the deadline the
 //! browser-side client sees a reset, the console server sees a reset, and
 //! the proxy's own sockets are aborted.
 

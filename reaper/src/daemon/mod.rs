@@ -15,13 +15,13 @@ mod audit;
 mod connection;
 pub mod core;
 mod server;
+mod shared;
 mod tasks;
-mod throttle;
 mod wire;
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
@@ -33,15 +33,7 @@ use crate::config::Config;
 use crate::enforcer::{Enforcer, Started};
 use crate::error::{Error, Result};
 use audit::Audit;
-
-type Shared = Arc<Mutex<Core<Enforcer>>>;
-
-fn lock(state: &Shared) -> MutexGuard<'_, Core<Enforcer>> {
-    // A panic inside a handler must not take the whole control plane down.
-    state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use shared::Shared;
 
 /// Runs the daemon with `config`, read from `path` (reloaded from there on
 /// SIGHUP) or the defaults.

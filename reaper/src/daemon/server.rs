@@ -2,6 +2,8 @@
 //! and one task per connection that reads request lines, runs them on the
 //! core and writes the answers (through `wire`).
 
+#![forbid(unsafe_code)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,10 +15,12 @@ use tracing::{debug, warn};
 
 use super::connection::{Connection, Incoming};
 use super::core::Caller;
-use super::{lock, throttle, wire, Shared};
+use super::shared::{lock, Shared};
+use super::wire;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::{parse_request, Refusal, RefusalCode, Response, MAX_LINE_BYTES};
+use crate::throttle;
 use crate::timefmt;
 
 /// Accepts control connections until the future is dropped: each gets a

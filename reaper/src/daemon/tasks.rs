@@ -9,7 +9,7 @@ use std::path::Path;
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
-use super::{lock, Shared};
+use super::shared::{lock, Shared};
 use crate::clock::WallClockWatch;
 use crate::config::Config;
 use crate::enforcer::KernelLog;

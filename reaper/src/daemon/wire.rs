@@ -56,12 +56,13 @@ fn flow_view(f: &FlowSnapshot) -> FlowView {
     }
 }
 
-pub fn session_view(s: &SessionSnapshot) -> SessionView {
+pub fn session_view(s: SessionSnapshot) -> SessionView {
     SessionView {
-        session: s.name.clone(),
-        user: s.user.clone(),
-        target: s.target.clone(),
-        class: s.class.clone(),
+        flows: s.flows.iter().map(flow_view).collect(),
+        session: s.name,
+        user: s.user,
+        target: s.target,
+        class: s.class,
         deadline: timefmt::format_rfc3339(s.deadline_unix_ns),
         deadline_boot_ns: s.deadline_boot_ns,
         time_left_ms: (s.time_left_ns / timefmt::NS_PER_MS as i128) as i64,
@@ -69,7 +70,6 @@ pub fn session_view(s: &SessionSnapshot) -> SessionView {
         granted_by_uid: s.granted_by_uid,
         idle_timeout_ms: (s.idle_timeout_ns != 0).then_some(s.idle_timeout_ns / timefmt::NS_PER_MS),
         idle_direction: s.idle_direction,
-        flows: s.flows.iter().map(flow_view).collect(),
         expecting: s.expecting,
     }
 }
@@ -88,7 +88,7 @@ pub fn kill_view(k: &Kill) -> KillView {
 
 fn grant_result(g: Granted) -> GrantResult {
     GrantResult {
-        session: session_view(&g.session),
+        session: session_view(g.session),
         created: g.created,
     }
 }
@@ -103,7 +103,7 @@ fn revoke_result(r: Revoked) -> RevokeResult {
 fn list_result(l: Listing) -> ListResult {
     ListResult {
         now: timefmt::format_rfc3339(l.now_unix_ns),
-        sessions: l.sessions.iter().map(session_view).collect(),
+        sessions: l.sessions.into_iter().map(session_view).collect(),
     }
 }
 

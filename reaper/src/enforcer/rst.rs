@@ -8,6 +8,8 @@
 //!
 //! Pure functions: no I/O, unit-tested.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 
 use reaper_common::Flow;

@@ -24,6 +24,8 @@
 //! * kill: each flow's deadline (the backstop drops from then on), then
 //!   the socket destroy, then the session record.
 
+#![forbid(unsafe_code)]
+
 mod due;
 mod index;
 mod kill;
@@ -47,7 +49,7 @@ pub use model::{AuditSink, Outcome, Refused};
 pub use ops::Caller;
 use schedule::Schedule;
 
-use super::throttle::Throttle;
+use crate::throttle::Throttle;
 
 pub struct Core<K: Kernel> {
     kernel: K,

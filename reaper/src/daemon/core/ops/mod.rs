@@ -102,13 +102,16 @@ impl<K: Kernel> Core<K> {
         found
     }
 
-    /// A tracked flow by cookie, from the index caught up if it misses.
+    /// A tracked flow by cookie: from the index, or (its event not read
+    /// yet, or lost) by one keyed lookup in the kernel's table.
     fn tracked_flow(&mut self, cookie: u64) -> Option<reaper_common::Flow> {
         if let Some(flow) = self.index.flow(cookie) {
             return Some(flow);
         }
-        self.catch_up();
-        self.index.flow(cookie)
+        let flow = self.kernel.flow(cookie)?;
+        self.track_flow(cookie, flow);
+        self.queue_fence_check(cookie, &flow);
+        Some(flow)
     }
 
     /// A flow named by addresses that has no local socket, but that this

@@ -3,6 +3,8 @@
 //! period, with how many occurrences the line stands for, so the log stays
 //! readable and a count is there to alert on.
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 pub struct Throttle {
