@@ -314,11 +314,11 @@ impl Index {
     }
 
     /// Takes back the last `expect` item added to session `id` (undoing a
-    /// grant); its keys leave the count.
-    pub fn pop_pending(&mut self, id: u64) {
-        if let Some(keys) = self.sessions.get_mut(&id).and_then(|s| s.pending.pop()) {
-            self.pending_keys -= keys.len();
-        }
+    /// grant); its keys leave the count and are returned.
+    pub fn pop_pending(&mut self, id: u64) -> Option<Box<[FlowTuple]>> {
+        let keys = self.sessions.get_mut(&id)?.pending.pop()?;
+        self.pending_keys -= keys.len();
+        Some(keys)
     }
 
     pub fn pending_keys(&self) -> usize {

@@ -27,7 +27,9 @@ use crate::protocol::{FlowRef, GrantRequest, NetnsRef};
 use crate::timefmt;
 use crate::tuple::{self, describe};
 
-/// What a grant will do, once every check has passed.
+/// What a grant will do, once every check has passed. It lives on the
+/// stack for one call: boxing the record would cost an allocation a grant.
+#[allow(clippy::large_enum_variant)]
 enum Plan {
     /// Join session `id`, whose deadline becomes `deadline` (tightened or
     /// kept) with wall anchor `anchor`.
@@ -35,7 +37,7 @@ enum Plan {
     /// Create session `id` with `record`, after evicting `evict`.
     Create {
         id: u64,
-        record: Box<SessionRecord>,
+        record: SessionRecord,
         evict: Vec<u64>,
     },
 }
@@ -44,15 +46,15 @@ enum Plan {
 /// `PENDING` keys it may be recorded under.
 type Expected = Vec<(u64, Vec<FlowTuple>)>;
 
-/// What a grant wrote, so that a failing write can be undone.
+/// What a grant wrote, so that a failing write can be undone. (Vectors
+/// that stay empty cost no allocation.)
 #[derive(Default)]
 struct Written {
     /// Flows and what their entry was before.
     flows: Vec<(u64, Flow)>,
     /// Forwarded grants and what they were before.
     forwarded: Vec<(FlowTuple, Option<PendingGrant>)>,
-    pending: Vec<FlowTuple>,
-    /// `expect` items added to the session's index.
+    /// `expect` items added to the session's index (their keys are there).
     expect_items: usize,
 }
 
@@ -111,16 +113,17 @@ impl<K: Kernel> Core<K> {
                 (id, record.deadline_ns, true, None)
             }
         };
+        let expecting = expected.len();
         let mut written = Written::default();
         let added =
-            match self.write_grant(id, deadline, &cookies, &forwarded, &expected, &mut written) {
+            match self.write_grant(id, deadline, &cookies, &forwarded, expected, &mut written) {
                 Ok(added) => added,
                 Err(refusal) => {
                     self.undo_grant(id, before, written);
                     return Err(refusal);
                 }
             };
-        if added == 0 && expected.is_empty() && created {
+        if added == 0 && expecting == 0 && created {
             self.forget_session(id);
             return refuse(
                 Code::NoSuchFlow,
@@ -138,7 +141,7 @@ impl<K: Kernel> Core<K> {
         }
         let session = self.snapshot(id, now);
         info!(session = %session.name, user = %session.user, target = %session.target,
-              class = %session.class, flows = added, expected = expected.len(),
+              class = %session.class, flows = added, expected = expecting,
               deadline = %timefmt::format_rfc3339(session.deadline_unix_ns), created, "granted");
         Ok(Granted { session, created })
     }
@@ -452,7 +455,7 @@ impl<K: Kernel> Core<K> {
         };
         Ok(Plan::Create {
             id: self.index.next_id(),
-            record: Box::new(record),
+            record,
             evict,
         })
     }
@@ -490,7 +493,7 @@ impl<K: Kernel> Core<K> {
         deadline: u64,
         cookies: &[u64],
         forwarded: &[FlowTuple],
-        expected: &Expected,
+        expected: Expected,
         written: &mut Written,
     ) -> Result<usize, Refused> {
         let mut added = 0;
@@ -536,10 +539,17 @@ impl<K: Kernel> Core<K> {
             let grant = PendingGrant {
                 deadline_ns: deadline,
                 session: id,
-                netns_cookie: *netns_cookie,
+                netns_cookie,
             };
-            for key in keys {
-                if !self.kernel.put_pending(key, &grant).map_err(internal)? {
+            for (i, key) in keys.iter().enumerate() {
+                let put = self.kernel.put_pending(key, &grant);
+                if !matches!(put, Ok(true)) {
+                    // This item's keys written so far go now; earlier
+                    // items are the undo's, through the index.
+                    for written_key in &keys[..i] {
+                        self.kernel.remove_pending(written_key);
+                    }
+                    put.map_err(internal)?;
                     return refuse(
                         Code::TableFull,
                         format!(
@@ -548,9 +558,8 @@ impl<K: Kernel> Core<K> {
                         ),
                     );
                 }
-                written.pending.push(*key);
             }
-            self.index.add_pending(id, keys.clone().into_boxed_slice());
+            self.index.add_pending(id, keys.into_boxed_slice());
             written.expect_items += 1;
         }
         Ok(added)
@@ -560,11 +569,10 @@ impl<K: Kernel> Core<K> {
     /// session's (deadline, anchor) before the grant; `None`: it created
     /// the session, which goes.
     fn undo_grant(&mut self, id: u64, before: Option<(u64, u64)>, written: Written) {
-        for key in written.pending.iter().rev() {
-            self.kernel.remove_pending(key);
-        }
         for _ in 0..written.expect_items {
-            self.index.pop_pending(id);
+            for key in self.index.pop_pending(id).iter().flatten() {
+                self.kernel.remove_pending(key);
+            }
         }
         for (key, old) in written.forwarded.iter().rev() {
             match old {
