@@ -207,13 +207,18 @@ pub fn call(socket: &PathBuf, op: &WireOp) -> Result<Response> {
     })?;
     let mut line = op.to_line(None);
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .map_err(Error::io("sending the request"))?;
+    // A daemon that refuses the connection (`busy`) writes its refusal and
+    // closes: the write may then fail, but the refusal is there to read.
+    let sent = stream.write_all(line.as_bytes());
     let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(Error::io("reading the response"))?;
+    let read = BufReader::new(&stream).read_line(&mut reply);
+    if reply.trim().is_empty() {
+        sent.map_err(Error::io("sending the request"))?;
+        read.map_err(Error::io("reading the response"))?;
+        return Err(Error::Setup(
+            "the daemon closed the connection without answering".into(),
+        ));
+    }
     serde_json::from_str(&reply).map_err(|e| {
         Error::Setup(format!(
             "the daemon sent an unreadable response ({e}): {reply:?}"

@@ -76,6 +76,10 @@ impl Connection {
     pub async fn next(&mut self) -> io::Result<Incoming> {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                // Exactly MAX_LINE_BYTES, whatever the read sizes were.
+                if pos > MAX_LINE_BYTES {
+                    return Ok(Incoming::TooLong);
+                }
                 let end = self.offset + pos + 1;
                 let mut fds = Vec::new();
                 while let Some((at, _)) = self.fds.front() {
@@ -201,4 +205,40 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)>
         }
     }
     Ok((n as usize, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn first(bytes: Vec<u8>) -> Incoming {
+        let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut client = client;
+            let _ = client.write_all(&bytes);
+        });
+        server.set_nonblocking(true).unwrap();
+        let server = UnixStream::from_std(server).unwrap();
+        let mut conn = Connection::new(server, Duration::from_secs(5));
+        let incoming = conn.next().await.unwrap();
+        drop(conn);
+        writer.join().unwrap();
+        incoming
+    }
+
+    #[tokio::test]
+    async fn the_line_limit_is_exact() {
+        // Before, a line that ended in the read that crossed the limit was
+        // answered: up to about 80 KiB got through.
+        let mut at_limit = vec![b'x'; MAX_LINE_BYTES];
+        at_limit.push(b'\n');
+        assert!(matches!(first(at_limit).await, Incoming::Line { .. }));
+        let mut over = vec![b'x'; MAX_LINE_BYTES + 1];
+        over.push(b'\n');
+        assert!(matches!(first(over).await, Incoming::TooLong));
+        let mut far_over = vec![b'x'; MAX_LINE_BYTES + 10_000];
+        far_over.push(b'\n');
+        assert!(matches!(first(far_over).await, Incoming::TooLong));
+    }
 }

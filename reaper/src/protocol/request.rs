@@ -143,15 +143,21 @@ pub struct Request {
 /// Parses one request line. On error, also returns the request id if one
 /// could be read, so the refusal can carry it.
 pub fn parse_request(line: &[u8]) -> Result<Request, (Option<Value>, Refusal)> {
-    let value: Value = serde_json::from_slice(line).map_err(|e| {
-        (
-            None,
-            Refusal::new(
-                RefusalCode::BadJson,
-                format!("request is not valid JSON: {e}"),
-            ),
-        )
-    })?;
+    let value = match serde_json::from_slice::<Strict>(line) {
+        Ok(Strict(value)) => value,
+        Err(e) if e.to_string().starts_with(DUPLICATE) => {
+            return Err((None, bad(format!("request is ambiguous: {e}"))));
+        }
+        Err(e) => {
+            return Err((
+                None,
+                Refusal::new(
+                    RefusalCode::BadJson,
+                    format!("request is not valid JSON: {e}"),
+                ),
+            ))
+        }
+    };
     let Value::Object(mut obj) = value else {
         return Err((
             None,
@@ -165,6 +171,71 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (Option<Value>, Refusal)> {
             command,
         })
         .map_err(|r| (id, r))
+}
+
+/// What a request's duplicate key is refused with.
+const DUPLICATE: &str = "the key";
+
+/// A JSON value read as serde_json reads one, except that an object naming
+/// a key twice is refused (serde_json keeps the last, so
+/// `{"op":"list","op":"status"}` would silently be a status request).
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Strict(value) = map.next_value()?;
+            if obj.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "{DUPLICATE} {key:?} is given twice"
+                )));
+            }
+            obj.insert(key, value);
+        }
+        Ok(Value::Object(obj))
+    }
 }
 
 fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
@@ -241,7 +312,26 @@ fn check_name(field: &str, value: &str, max: usize) -> Result<(), Refusal> {
     if value.chars().any(char::is_control) {
         return Err(refuse("must not contain control characters".into()));
     }
+    if let Some(c) = value.chars().find(|c| is_invisible(*c)) {
+        return Err(refuse(format!(
+            "must not contain invisible or formatting characters (U+{:04X} found): a name must look like what it is",
+            c as u32
+        )));
+    }
     Ok(())
+}
+
+/// Characters that change how text looks without being seen: Unicode's
+/// format characters (category Cf: bidi overrides and isolates, zero-width
+/// spaces and joiners, the BOM, tag characters), variation selectors, and
+/// the blank fillers. `\u{202e}ecila` would otherwise print as "alice".
+fn is_invisible(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x034F | 0x061C | 0x115F | 0x1160 | 0x17B4 | 0x17B5 | 0x180E | 0x3164 | 0xFEFF
+        | 0xFFA0 | 0x0600..=0x0605 | 0x06DD | 0x070F | 0x0890..=0x0891 | 0x08E2
+        | 0x180B..=0x180F | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F
+        | 0xFE00..=0xFE0F | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD | 0x13430..=0x1343F
+        | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0000..=0xE0FFF)
 }
 
 fn expiry_of(
@@ -461,6 +551,46 @@ fn validate_revoke(a: RevokeArgs) -> Result<RevokeSelector, Refusal> {
 mod tests {
     use super::*;
     use crate::protocol::*;
+
+    #[test]
+    fn a_key_given_twice_is_refused_at_any_depth() {
+        // Before, serde_json kept the last value: this was a status request.
+        let r = refusal(r#"{"op":"list","op":"status"}"#);
+        assert_eq!(r.code, RefusalCode::BadRequest, "{r}");
+        assert!(r.message.contains("\"op\" is given twice"), "{r}");
+        let r = refusal(
+            r#"{"op":"revoke","flow":{"local":"127.0.0.1:1","local":"127.0.0.1:2","remote":"127.0.0.1:3"}}"#,
+        );
+        assert!(r.message.contains("\"local\" is given twice"), "{r}");
+        assert!(parse_request(br#"{"op":"list","user":"a","id":[1,{"x":null}]}"#).is_ok());
+    }
+
+    #[test]
+    fn names_with_invisible_characters_are_refused() {
+        for name in [
+            "\u{202e}ecila",
+            "al\u{200b}ice",
+            "alice\u{feff}",
+            "a\u{2066}b",
+            "x\u{e0041}",
+        ] {
+            let line = serde_json::json!({"op": "grant", "session": "s", "user": name,
+                "target": "t", "ttl": 5, "flows": [{"local": "127.0.0.1:1", "remote": "127.0.0.1:2"}]});
+            let r = refusal(&line.to_string());
+            assert_eq!(r.code, RefusalCode::BadValue, "{name:?}: {r}");
+            assert!(
+                r.message.contains("grant.user") && r.message.contains("U+"),
+                "{r}"
+            );
+        }
+        for name in ["Zoë", "李雷", "o'brien", "vm-7/console"] {
+            let line = serde_json::json!({"op": "list", "user": name});
+            assert!(
+                parse_request(line.to_string().as_bytes()).is_ok(),
+                "{name:?}"
+            );
+        }
+    }
 
     fn refusal(line: &str) -> Refusal {
         parse_request(line.as_bytes()).unwrap_err().1

@@ -844,3 +844,37 @@ fn a_grant_finds_a_flow_whose_event_is_still_queued_or_was_lost() {
     );
     assert_eq!(r.code, Code::NoSuchFlow);
 }
+
+#[test]
+fn extend_obeys_the_class_max_ttl_except_for_root() {
+    // Before, an extend was bounded by the global max_ttl only: a session
+    // of a class with max_ttl = 1h could be extended to 2h by any proxy.
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.ask(
+        PROXY,
+        &grant_line(
+            "s1",
+            "alice",
+            "vm-1",
+            r#","class":"console","ttl":"10m""#,
+            &[A],
+        ),
+    )
+    .expect("within the class");
+    let r = refused_changes_nothing(
+        &mut h,
+        PROXY,
+        r#"{"op":"extend","session":"s1","ttl":"2h"}"#,
+        Code::DeadlineRefused,
+    );
+    assert!(
+        r.message.contains("max_ttl") && r.message.contains("console"),
+        "{}",
+        r.message
+    );
+    h.ask(PROXY, r#"{"op":"extend","session":"s1","ttl":"1h"}"#)
+        .expect("up to the class bound");
+    h.ask(ROOT, r#"{"op":"extend","session":"s1","ttl":"2h"}"#)
+        .expect("root is bounded by the global max_ttl only");
+}

@@ -1,10 +1,12 @@
 //! `extend`: moves a session's deadline later (never earlier: revoke ends
-//! a session now). The deadline obeys the same limits as a grant's.
+//! a session now). The deadline obeys the same limits as a grant's: its
+//! class's `max_ttl`, and for root only the global one.
 
 #![forbid(unsafe_code)]
 
 use tracing::info;
 
+use super::Caller;
 use crate::daemon::core::model::{refuse, Code, Granted, Refused};
 use crate::daemon::core::Core;
 use crate::kernel::Kernel;
@@ -13,11 +15,28 @@ use crate::protocol::{ExtendRequest, Op};
 use crate::timefmt;
 
 impl<K: Kernel> Core<K> {
-    pub(super) fn extend(&mut self, e: ExtendRequest) -> Result<Granted, Refused> {
+    pub(super) fn extend(&mut self, e: ExtendRequest, caller: Caller) -> Result<Granted, Refused> {
         let now = self.kernel.now();
         let id = self.session_id(Op::Extend, &e.session)?;
-        let deadline = policy::deadline_for(&e.expiry, now, self.limits())
-            .map_err(|err| Refused::new(Code::DeadlineRefused, format!("extend: {err}")))?;
+        let class = self
+            .index
+            .session(id)
+            .expect("found by name")
+            .class()
+            .to_owned();
+        let mut limits = self.limits();
+        if caller.uid != 0 {
+            // A class removed by a reload since leaves the global bound.
+            if let Some(c) = self.config.class(Some(&class)) {
+                limits.max_ttl_ns = limits.max_ttl_ns.min(c.max_ttl_ns);
+            }
+        }
+        let deadline = policy::deadline_for(&e.expiry, now, limits).map_err(|err| {
+            Refused::new(
+                Code::DeadlineRefused,
+                format!("extend: {err} (session of class {class:?})"),
+            )
+        })?;
         let current = self
             .index
             .session(id)

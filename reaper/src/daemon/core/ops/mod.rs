@@ -56,7 +56,7 @@ impl<K: Kernel> Core<K> {
         }
         let outcome = match command {
             Command::Grant(g) => self.grant(g, caller, fds).map(Outcome::Granted),
-            Command::Extend(e) => self.extend(e).map(Outcome::Granted),
+            Command::Extend(e) => self.extend(e, caller).map(Outcome::Granted),
             Command::Touch(session) => self.touch(&session).map(Outcome::Granted),
             Command::Revoke(r) => self.revoke(r).map(Outcome::Revoked),
             Command::List(l) => Ok(Outcome::Listed(self.list(&l))),
