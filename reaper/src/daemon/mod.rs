@@ -30,7 +30,7 @@ use tracing::{error, info};
 use self::core::Core;
 use crate::clock::WallClockWatch;
 use crate::config::Config;
-use crate::enforcer::{Enforcer, Started};
+use crate::enforcer::{lock_pin_path, Enforcer, Started};
 use crate::error::{Error, Result};
 use audit::Audit;
 use shared::Shared;
@@ -64,6 +64,11 @@ fn raise_fd_limit() {
 
 async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     raise_fd_limit();
+    // Refusals first, before any program is loaded or attached: another
+    // daemon on this socket, or on these pins (whose lock is then held for
+    // the daemon's life).
+    server::refuse_if_listening(&config)?;
+    let _pin_lock = lock_pin_path(&config.pin_path)?;
     let Started {
         enforcer,
         kernel_log,

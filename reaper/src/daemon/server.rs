@@ -162,18 +162,27 @@ async fn serve_client(state: Shared, stream: UnixStream, timeout: Duration, _slo
     }
 }
 
+/// Refuses to start where another daemon already answers on the socket:
+/// checked before the kernel is touched, so that a refused daemon never
+/// attaches a program.
+pub(super) fn refuse_if_listening(config: &Config) -> Result<()> {
+    let path = &config.socket;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(Error::Setup(format!(
+            "another reaper daemon is listening on {}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 pub(super) fn bind_control_socket(config: &Config) -> Result<UnixListener> {
     let path = &config.socket;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(Error::Setup(format!(
-                "another reaper daemon is listening on {}",
-                path.display()
-            )));
-        }
+        refuse_if_listening(config)?;
         std::fs::remove_file(path)
             .map_err(Error::io(format!("removing stale {}", path.display())))?;
     }

@@ -39,7 +39,7 @@ use crate::error::Result;
 use crate::kernel::{DestroyOutcome, Kernel, KillPath, NetnsError, Reading, SocketInfo, SocketRef};
 use crate::policy::Now;
 pub use load::{cgroup2_root, detach_forwarding, port_bitmap};
-pub use pins::{ensure_bpffs, unload};
+pub use pins::{ensure_bpffs, lock_pin_path, unload, PinLock};
 
 pub struct Enforcer {
     /// Keeps the programs (and the log ring buffer) alive.

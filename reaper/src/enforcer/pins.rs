@@ -56,6 +56,36 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
     )))
 }
 
+/// The exclusive hold one daemon has on its `pin_path` for its whole life
+/// (`flock` on the directory): two daemons on one set of pins would give
+/// out the same session ids and delete each other's records.
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// Takes the pin path's lock (making the directory, on bpffs, if needed);
+/// refuses when another daemon holds it. Touches no map or program.
+pub fn lock_pin_path(pin_path: &Path) -> Result<PinLock> {
+    ensure_bpffs(pin_path)?;
+    std::fs::create_dir_all(pin_path)
+        .map_err(Error::io(format!("creating {}", pin_path.display())))?;
+    let dir = std::fs::File::open(pin_path)
+        .map_err(Error::io(format!("opening {}", pin_path.display())))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::Setup(format!(
+                "pin_path {} is in use by another reaper daemon; each daemon needs a pin_path of its own (stop the other, or set another pin_path)",
+                pin_path.display()
+            )));
+        }
+        return Err(Error::io(format!("locking {}", pin_path.display()))(e));
+    }
+    Ok(PinLock { _dir: dir })
+}
+
 /// Pins `link` at `path`, replacing whatever link was pinned there before in
 /// one rename: the old link is released (and detached) only once the new one
 /// is attached and pinned, so enforcement has no gap.
@@ -80,6 +110,9 @@ pub fn unload(pin_path: &Path) -> Result<bool> {
     if !pin_path.exists() {
         return Ok(false);
     }
+    // Not from under a running daemon: it would go on with maps nobody
+    // else can find, and a new daemon would start beside it.
+    let _lock = lock_pin_path(pin_path)?;
     std::fs::remove_dir_all(pin_path)
         .map_err(Error::io(format!("removing {}", pin_path.display())))?;
     Ok(true)
