@@ -160,6 +160,10 @@ struct RawAccess {
     uids: Vec<u32>,
     #[serde(default)]
     gids: Vec<u32>,
+    #[serde(default)]
+    operator_uids: Vec<u32>,
+    #[serde(default)]
+    operator_gids: Vec<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +208,38 @@ pub fn default_watch() -> Vec<Watch> {
     ]
 }
 
+/// A TOML error as reaper reports it: what is wrong and where (line and
+/// column), never the text of the line. A daemon pointed at a file that is
+/// not its config (`/etc/shadow`) must not quote it into a log or `status`.
+fn toml_error(e: toml::de::Error, text: &str) -> String {
+    let message = e.message().trim().to_owned();
+    match e.span() {
+        Some(span) if span.start <= text.len() && text.is_char_boundary(span.start) => {
+            let before = &text[..span.start];
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before.len() - line_start + 1;
+            // The key the error is about, when the line is `key = ...` with
+            // a bare key (a name, not content); never the value.
+            let text_line = text[line_start..].lines().next().unwrap_or("");
+            let key = text_line
+                .split_once('=')
+                .map(|(k, _)| k.trim())
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.len() <= 64
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+                });
+            match key {
+                Some(key) => format!("{key}: {message} (line {line}, column {column})"),
+                None => format!("{message} (line {line}, column {column})"),
+            }
+        }
+        _ => message,
+    }
+}
+
 /// Why a config was refused. The message names the offending key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -246,7 +282,7 @@ impl Config {
     }
 
     fn parse(text: &str) -> Result<Config, String> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string().trim().to_owned())?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(e, text))?;
         let socket_mode = match raw.socket_mode.as_deref() {
             None => 0o660,
             Some(text) => parse_mode(text).map_err(|e| format!("socket_mode: {e}"))?,
@@ -352,6 +388,8 @@ impl Config {
             access: Access {
                 uids: access.uids,
                 gids: access.gids,
+                operator_uids: access.operator_uids,
+                operator_gids: access.operator_gids,
             },
             watch,
             fence,
@@ -546,6 +584,18 @@ fn lookup_group(name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_where_and_never_quote_the_file() {
+        // Before, the parse error quoted the offending line: pointed at
+        // /etc/shadow, a reload error showed its first line in `status`.
+        let secret = "root:$y$j9T$SECRETHASH:19000:0:99999:7:::\n";
+        let e = Config::from_toml(secret).unwrap_err().to_string();
+        assert!(!e.contains("SECRETHASH") && !e.contains("root:"), "{e}");
+        assert!(e.contains("line 1"), "{e}");
+        let e = Config::from_toml("max_flows = 2048\nmax_ttl = \"7d\"\nsocket = [\n").unwrap_err();
+        assert!(e.to_string().contains("line 3"), "{e}");
+    }
 
     #[test]
     fn empty_config_is_the_default() {

@@ -423,15 +423,35 @@ pub fn last_activity(
 }
 
 /// Who may change grants: root always, then the configured uids and gids.
+/// A session belongs to the uid that created it: only that uid, root, and
+/// the operators may join, extend, touch or revoke it, see it in `list`, or
+/// revoke a flow that no session holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {
     pub uids: Vec<u32>,
     pub gids: Vec<u32>,
+    /// Callers whose scope is every session (an operator group that may
+    /// `revoke --user` everywhere).
+    pub operator_uids: Vec<u32>,
+    pub operator_gids: Vec<u32>,
 }
 
 impl Access {
     pub fn allows(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || self.uids.contains(&uid) || self.gids.contains(&gid)
+        uid == 0
+            || self.uids.contains(&uid)
+            || self.gids.contains(&gid)
+            || self.is_operator(uid, gid)
+    }
+
+    /// Whether the caller's scope is every session.
+    pub fn is_operator(&self, uid: u32, gid: u32) -> bool {
+        uid == 0 || self.operator_uids.contains(&uid) || self.operator_gids.contains(&gid)
+    }
+
+    /// Whether the caller may act on a session `owner` (a uid) created.
+    pub fn may_touch(&self, uid: u32, gid: u32, owner: u32) -> bool {
+        uid == owner || self.is_operator(uid, gid)
     }
 }
 
@@ -714,10 +734,25 @@ mod tests {
     }
 
     #[test]
+    fn sessions_belong_to_their_creator_and_operators_see_all() {
+        let a = Access {
+            uids: vec![1000, 1001],
+            operator_gids: vec![50],
+            ..Access::default()
+        };
+        assert!(a.may_touch(1000, 1000, 1000));
+        assert!(!a.may_touch(1001, 1001, 1000), "another proxy");
+        assert!(a.may_touch(0, 0, 1000), "root");
+        assert!(a.may_touch(2000, 50, 1000), "an operator by group");
+        assert!(a.allows(2000, 50), "operators may change grants");
+    }
+
+    #[test]
     fn access_root_uids_gids() {
         let a = Access {
             uids: vec![1000],
             gids: vec![50],
+            ..Access::default()
         };
         assert!(a.allows(0, 0));
         assert!(a.allows(1000, 1000));

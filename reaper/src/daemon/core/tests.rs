@@ -22,6 +22,11 @@ const PROXY: Caller = Caller {
     uid: 1000,
     gid: 1000,
 };
+const OTHER_PROXY: Caller = Caller {
+    uid: 1001,
+    gid: 1001,
+};
+const OPERATOR: Caller = Caller { uid: 2000, gid: 50 };
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<Kill>>>);
@@ -47,7 +52,8 @@ const CONFIG: &str = r#"
 max_pending = 16
 max_sessions = 16
 [access]
-uids = [1000]
+uids = [1000, 1001]
+operator_gids = [50]
 [classes.default]
 ttl = "10m"
 [classes.console]
@@ -589,7 +595,7 @@ fn a_refused_request_changes_nothing_for_every_code() {
     h.connect(2, B.0, B.1);
     h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]));
     let cases: Vec<(Caller, String, Code)> = vec![
-        (Caller { uid: 1001, gid: 1001 }, grant_line("s2", "bob", "vm-2", "", &[B]), Code::PermissionDenied),
+        (Caller { uid: 1002, gid: 1002 }, grant_line("s2", "bob", "vm-2", "", &[B]), Code::PermissionDenied),
         (ROOT, grant_line("s2", "bob", "vm-2", r#","class":"nope""#, &[B]), Code::BadValue),
         (PROXY, grant_line("s2", "bob", "vm-2", r#","class":"console","ttl":"2h""#, &[B]), Code::DeadlineRefused),
         (ROOT, grant_line("s2", "bob", "vm-2", "", &[("127.0.0.1:5900", "127.0.0.1:49999")]), Code::NoSuchFlow),
@@ -610,8 +616,8 @@ fn a_refused_request_changes_nothing_for_every_code() {
     assert!(h
         .ask(
             Caller {
-                uid: 1001,
-                gid: 1001
+                uid: 1002,
+                gid: 1002
             },
             r#"{"op":"status"}"#
         )
@@ -877,4 +883,68 @@ fn extend_obeys_the_class_max_ttl_except_for_root() {
         .expect("up to the class bound");
     h.ask(ROOT, r#"{"op":"extend","session":"s1","ttl":"2h"}"#)
         .expect("root is bounded by the global max_ttl only");
+}
+
+#[test]
+fn a_session_is_in_the_scope_of_its_creator_root_and_operators_only() {
+    // Before, any allowed uid could join, extend, shorten or revoke any
+    // session, and revoke a flow nobody had granted.
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.connect(3, "127.0.0.1:5900", "127.0.0.1:40003");
+    h.ask(
+        PROXY,
+        &grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]),
+    )
+    .expect("the first proxy grants");
+    let theirs = [
+        grant_line("s1", "alice", "vm-1", r#","ttl":"1s""#, &[B]),
+        r#"{"op":"extend","session":"s1","ttl":"20m"}"#.to_string(),
+        r#"{"op":"touch","session":"s1"}"#.to_string(),
+        r#"{"op":"revoke","session":"s1"}"#.to_string(),
+        format!(
+            r#"{{"op":"revoke","flow":{{"local":"{}","remote":"{}"}}}}"#,
+            A.0, A.1
+        ),
+        r#"{"op":"revoke","flow":{"local":"127.0.0.1:5900","remote":"127.0.0.1:40003"}}"#
+            .to_string(),
+    ];
+    for line in &theirs {
+        let r = refused_changes_nothing(&mut h, OTHER_PROXY, line, Code::PermissionDenied);
+        assert!(r.message.contains("1001"), "{}", r.message);
+    }
+    // A revoke by user from the other proxy ends only its own sessions.
+    h.ask(
+        OTHER_PROXY,
+        &grant_line("s2", "alice", "vm-2", r#","ttl":"10m""#, &[B]),
+    )
+    .unwrap();
+    let Outcome::Revoked(r) = h
+        .ask(OTHER_PROXY, r#"{"op":"revoke","user":"alice"}"#)
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(r.sessions, vec!["s2".to_string()]);
+    // Each sees its own sessions; root and operators see all.
+    let names = |h: &mut Harness, who: Caller| match h.ask(who, r#"{"op":"list"}"#).unwrap() {
+        Outcome::Listed(l) => l.sessions.into_iter().map(|s| s.name).collect::<Vec<_>>(),
+        _ => panic!(),
+    };
+    assert_eq!(names(&mut h, OTHER_PROXY), Vec::<String>::new());
+    assert_eq!(names(&mut h, PROXY), vec!["s1".to_string()]);
+    assert_eq!(names(&mut h, OPERATOR), vec!["s1".to_string()]);
+    // The owner, and an operator, may act on it; an operator may revoke a
+    // flow that no session holds.
+    h.ask(PROXY, r#"{"op":"extend","session":"s1","ttl":"20m"}"#)
+        .unwrap();
+    h.ask(
+        OPERATOR,
+        r#"{"op":"revoke","flow":{"local":"127.0.0.1:5900","remote":"127.0.0.1:40003"}}"#,
+    )
+    .expect("operators may revoke ungranted flows");
+    h.ask(OPERATOR, r#"{"op":"revoke","user":"alice"}"#)
+        .unwrap();
+    assert!(h.sessions().is_empty());
 }

@@ -18,6 +18,7 @@ impl<K: Kernel> Core<K> {
     pub(super) fn extend(&mut self, e: ExtendRequest, caller: Caller) -> Result<Granted, Refused> {
         let now = self.kernel.now();
         let id = self.session_id(Op::Extend, &e.session)?;
+        self.check_scope(Op::Extend, caller, id)?;
         let class = self
             .index
             .session(id)

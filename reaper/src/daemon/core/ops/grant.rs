@@ -23,7 +23,7 @@ use crate::daemon::core::model::{internal, refuse, Code, Granted, Owner, Reason,
 use crate::daemon::core::Core;
 use crate::kernel::Kernel;
 use crate::policy::{self, Admission, Holder, Now};
-use crate::protocol::{FlowRef, GrantRequest, NetnsRef};
+use crate::protocol::{FlowRef, GrantRequest, NetnsRef, Op};
 use crate::timefmt;
 use crate::tuple::{self, describe};
 
@@ -72,7 +72,10 @@ impl<K: Kernel> Core<K> {
         self.check_flows_free(&cookies, &forwarded, existing, now)?;
         let expected = self.expected(&g.expect)?;
         let plan = match existing {
-            Some(id) => self.plan_join(id, &g, now)?,
+            Some(id) => {
+                self.check_scope(Op::Grant, caller, id)?;
+                self.plan_join(id, &g, now)?
+            }
             None => self.plan_create(&g, caller, now, &cookies, &forwarded)?,
         };
         self.check_room(&forwarded, &expected)?;

@@ -57,9 +57,9 @@ impl<K: Kernel> Core<K> {
         let outcome = match command {
             Command::Grant(g) => self.grant(g, caller, fds).map(Outcome::Granted),
             Command::Extend(e) => self.extend(e, caller).map(Outcome::Granted),
-            Command::Touch(session) => self.touch(&session).map(Outcome::Granted),
-            Command::Revoke(r) => self.revoke(r).map(Outcome::Revoked),
-            Command::List(l) => Ok(Outcome::Listed(self.list(&l))),
+            Command::Touch(session) => self.touch(&session, caller).map(Outcome::Granted),
+            Command::Revoke(r) => self.revoke(r, caller).map(Outcome::Revoked),
+            Command::List(l) => Ok(Outcome::Listed(self.list(&l, caller))),
             Command::Status => Ok(Outcome::Status(self.status())),
         };
         if op.mutates() {
@@ -76,6 +76,34 @@ impl<K: Kernel> Core<K> {
                 format!("{}: no session {name:?}", op.name()),
             )
         })
+    }
+
+    /// Whether `caller` may act on the session `id`: its creator, root and
+    /// the operators may.
+    fn may_act_on(&self, caller: Caller, id: u64) -> bool {
+        self.index.session(id).is_some_and(|s| {
+            self.config
+                .access
+                .may_touch(caller.uid, caller.gid, s.terms.granted_by_uid)
+        })
+    }
+
+    /// Refuses `op` on session `id` for a caller whose scope it is not in.
+    fn check_scope(&self, op: Op, caller: Caller, id: u64) -> Result<(), Refused> {
+        if self.may_act_on(caller, id) {
+            return Ok(());
+        }
+        let s = self.index.session(id).expect("caller checked");
+        refuse(
+            Code::PermissionDenied,
+            format!(
+                "{}: session {:?} belongs to uid {}; uid {} may act only on its own sessions ([access] operator_uids and operator_gids may act on all)",
+                op.name(),
+                s.name(),
+                s.terms.granted_by_uid,
+                caller.uid
+            ),
+        )
     }
 
     /// The cookie of the namespace a request names (the daemon's own when
