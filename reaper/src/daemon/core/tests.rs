@@ -612,6 +612,19 @@ fn a_refused_request_changes_nothing_for_every_code() {
     for (caller, line, code) in cases {
         refused_changes_nothing(&mut h, caller, &line, code);
     }
+    // The refusal does not tell who else is allowed.
+    let r = h.refused(
+        Caller {
+            uid: 1002,
+            gid: 1002,
+        },
+        &grant_line("s9", "u", "t", "", &[B]),
+    );
+    assert!(
+        !r.message.contains("1000") && !r.message.contains("1001"),
+        "{}",
+        r.message
+    );
     // Reading needs no [access] entry.
     assert!(h
         .ask(

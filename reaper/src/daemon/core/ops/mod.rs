@@ -45,12 +45,14 @@ impl<K: Kernel> Core<K> {
     ) -> Result<Outcome, Refused> {
         let op = command.op();
         if op.mutates() && !self.config.access.allows(caller.uid, caller.gid) {
-            let a = &self.config.access;
+            // Who else is allowed is not the caller's business.
             return refuse(
                 Code::PermissionDenied,
                 format!(
-                    "uid {} (gid {}) may not change grants; allowed are root, uids {:?} and gids {:?} (config [access])",
-                    caller.uid, caller.gid, a.uids, a.gids
+                    "uid {} (gid {}) may not {}: only root and the uids and gids in the daemon's [access] may change grants",
+                    caller.uid,
+                    caller.gid,
+                    op.name()
                 ),
             );
         }
