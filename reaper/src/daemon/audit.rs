@@ -41,6 +41,11 @@ struct KillEvent<'a> {
     /// Forwarded flows: whether the peers took the RSTs.
     #[serde(skip_serializing_if = "Option::is_none")]
     acknowledged: Option<bool>,
+    /// Who asked for the kill (revoke, a refused or evicting grant).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by_uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by_pid: Option<u32>,
 }
 
 /// The audit line of a kill (without the newline).
@@ -60,6 +65,8 @@ pub fn line(kill: &Kill) -> String {
         path: kill.path.name(),
         result: kill.result.name(),
         acknowledged: kill.acknowledged,
+        by_uid: kill.by.map(|c| c.uid),
+        by_pid: kill.by.map(|c| c.pid),
     };
     serde_json::to_string(&event).expect("audit events serialize")
 }

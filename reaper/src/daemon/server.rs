@@ -93,6 +93,7 @@ async fn serve_client(state: Shared, stream: UnixStream, timeout: Duration, _slo
         Ok(c) => Caller {
             uid: c.uid(),
             gid: c.gid(),
+            pid: c.pid().map_or(0, |p| p.max(0) as u32),
         },
         Err(e) => {
             warn!("reading peer credentials: {e}");

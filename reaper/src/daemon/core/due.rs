@@ -12,7 +12,7 @@ use reaper_common::{flow_flags, FlowTuple};
 use tracing::info;
 
 use super::kill::Victims;
-use super::model::Reason;
+use super::model::{Cause, Reason};
 use super::schedule::Due;
 use super::Core;
 use crate::kernel::{Kernel, Reading, SocketRef};
@@ -51,7 +51,10 @@ impl<K: Kernel> Core<K> {
             }
         }
         if !expired.is_empty() {
-            self.kill(Victims::Sessions(&expired), Reason::Expired, None);
+            self.kill(
+                Victims::Sessions(&expired),
+                Cause::own(Reason::Expired, None),
+            );
         }
         if !idle_checks.is_empty() {
             self.check_idle(&idle_checks);
@@ -64,7 +67,7 @@ impl<K: Kernel> Core<K> {
                     forwarded: &[],
                     owner: None,
                 };
-                self.kill(victims, Reason::Unauthorized, Some(grace_end));
+                self.kill(victims, Cause::own(Reason::Unauthorized, Some(grace_end)));
             }
         }
         self.settle();
@@ -141,7 +144,10 @@ impl<K: Kernel> Core<K> {
             let idle_deadline = last + s.terms.idle_timeout_ns;
             if now >= idle_deadline {
                 info!(session = %s.name(), idle_for_ms = (now - last) / timefmt::NS_PER_MS, "idle");
-                self.kill(Victims::Sessions(&[id]), Reason::Idle, Some(idle_deadline));
+                self.kill(
+                    Victims::Sessions(&[id]),
+                    Cause::own(Reason::Idle, Some(idle_deadline)),
+                );
             } else {
                 self.queue_idle_check(id, idle_deadline);
             }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use reaper_common::{Flow, FlowTuple, PendingGrant};
 use tracing::{debug, warn};
 
-use super::model::{Kill, KillResult, Owner, Reason};
+use super::model::{Cause, Kill, KillResult, Owner};
 use super::schedule::Due;
 use super::Core;
 use crate::kernel::{DestroyOutcome, Kernel, KillPath, SocketRef};
@@ -55,14 +55,8 @@ pub(super) struct RstChecks {
 }
 
 impl<K: Kernel> Core<K> {
-    /// Kills `victims` for `reason`. `due` is when the kill became due
-    /// (None: each flow's own deadline), from which lateness is measured.
-    pub(super) fn kill(
-        &mut self,
-        victims: Victims<'_>,
-        reason: Reason,
-        due: Option<u64>,
-    ) -> Vec<Kill> {
+    /// Kills `victims` for `cause`.
+    pub(super) fn kill(&mut self, victims: Victims<'_>, cause: Cause) -> Vec<Kill> {
         let (cookies, forwarded, ended, owner) = match victims {
             Victims::Sessions(ids) => {
                 let sessions = || ids.iter().filter_map(|id| self.index.session(*id));
@@ -83,11 +77,11 @@ impl<K: Kernel> Core<K> {
                 owner.cloned(),
             ),
         };
-        let mut kills = self.kill_local(&cookies, reason, due, owner.as_ref());
-        kills.extend(self.kill_forwarded(&forwarded, reason, due, owner.as_ref()));
+        let mut kills = self.kill_local(&cookies, cause, owner.as_ref());
+        kills.extend(self.kill_forwarded(&forwarded, cause, owner.as_ref()));
         for &id in ended {
             if let Some(s) = self.index.session(id) {
-                debug!(session = %s.name(), reason = reason.name(), "session ended");
+                debug!(session = %s.name(), reason = cause.reason.name(), "session ended");
             }
             self.forget_session(id);
         }
@@ -106,13 +100,8 @@ impl<K: Kernel> Core<K> {
         }
     }
 
-    fn kill_local(
-        &mut self,
-        cookies: &[u64],
-        reason: Reason,
-        due: Option<u64>,
-        owner: Option<&Owner>,
-    ) -> Vec<Kill> {
+    fn kill_local(&mut self, cookies: &[u64], cause: Cause, owner: Option<&Owner>) -> Vec<Kill> {
+        let due = cause.due;
         let now = self.kernel.now().boot_ns;
         let mut targets: Vec<(u64, Flow)> = Vec::with_capacity(cookies.len());
         let mut gone = Vec::new();
@@ -179,7 +168,7 @@ impl<K: Kernel> Core<K> {
                 }
             };
             let since = due.unwrap_or(flow.deadline_ns);
-            kills.push(self.record_kill(reason, cookie, &flow, path, result, done, since, owner));
+            kills.push(self.record_kill(cause, cookie, &flow, path, result, done, since, owner));
             // Even a drop-only flow leaves the index: its session is ending,
             // and the kernel entry (with its deadline) stays until it closes.
             self.untrack_flow(cookie);
@@ -188,9 +177,8 @@ impl<K: Kernel> Core<K> {
             if let Some(flow) = self.index.flow(cookie) {
                 let since = due.unwrap_or(flow.deadline_ns);
                 let result = KillResult::AlreadyClosed;
-                kills.push(
-                    self.record_kill(reason, cookie, &flow, path, result, done, since, owner),
-                );
+                kills
+                    .push(self.record_kill(cause, cookie, &flow, path, result, done, since, owner));
                 self.untrack_flow(cookie);
             }
         }
@@ -201,7 +189,7 @@ impl<K: Kernel> Core<K> {
     #[allow(clippy::too_many_arguments)]
     fn record_kill(
         &mut self,
-        reason: Reason,
+        cause: Cause,
         cookie: u64,
         flow: &Flow,
         path: KillPath,
@@ -211,7 +199,8 @@ impl<K: Kernel> Core<K> {
         owner: Option<&Owner>,
     ) -> Kill {
         let kill = Kill {
-            reason,
+            reason: cause.reason,
+            by: cause.by,
             owner: self.owner_of(flow.session, owner),
             cookie,
             tuple: flow.tuple,
@@ -232,10 +221,10 @@ impl<K: Kernel> Core<K> {
     fn kill_forwarded(
         &mut self,
         keys: &[FlowTuple],
-        reason: Reason,
-        due: Option<u64>,
+        cause: Cause,
         owner: Option<&Owner>,
     ) -> Vec<Kill> {
+        let Cause { reason, due, by } = cause;
         let mut kills = Vec::with_capacity(keys.len());
         for key in keys {
             let now = self.kernel.now().boot_ns;
@@ -259,6 +248,7 @@ impl<K: Kernel> Core<K> {
                 let done = self.kernel.now();
                 let kill = Kill {
                     reason,
+                    by,
                     owner: kill_owner,
                     cookie: 0,
                     tuple: *key,
@@ -276,6 +266,7 @@ impl<K: Kernel> Core<K> {
             let done = self.kernel.now();
             let kill = Kill {
                 reason,
+                by,
                 owner: kill_owner,
                 cookie: 0,
                 tuple: *key,

@@ -82,11 +82,53 @@ pub struct Owner {
     pub target: String,
 }
 
+/// Who is asking, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// 0 where unknown.
+    pub pid: u32,
+}
+
+/// Why a kill happens, when it became due, and who asked for it (`None`:
+/// the daemon itself, at a deadline, an idle check, a fence end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cause {
+    pub reason: Reason,
+    /// When the kill became due (None: each flow's own deadline), from
+    /// which lateness is measured.
+    pub due: Option<u64>,
+    pub by: Option<Caller>,
+}
+
+impl Cause {
+    /// A kill the daemon does on its own.
+    pub fn own(reason: Reason, due: Option<u64>) -> Cause {
+        Cause {
+            reason,
+            due,
+            by: None,
+        }
+    }
+
+    /// A kill a request asked for at `now`.
+    pub fn asked(reason: Reason, now: u64, by: Caller) -> Cause {
+        Cause {
+            reason,
+            due: Some(now),
+            by: Some(by),
+        }
+    }
+}
+
 /// One killed flow: what the audit event and the revoke response are both
 /// made from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Kill {
     pub reason: Reason,
+    /// Who asked for it (revoke, a refused or evicting grant).
+    pub by: Option<Caller>,
     pub owner: Owner,
     /// 0 for a forwarded flow (no local socket).
     pub cookie: u64,

@@ -10,7 +10,7 @@ use tracing::{debug, error, info, warn};
 
 use super::due::FORWARD_GC_EVERY_NS;
 use super::kill::Victims;
-use super::model::Reason;
+use super::model::{Cause, Reason};
 use super::schedule::Due;
 use super::Core;
 use crate::kernel::Kernel;
@@ -206,7 +206,10 @@ impl<K: Kernel> Core<K> {
             forwarded: &[],
             owner: None,
         };
-        self.kill(victims, Reason::TableFull, Some(flow.established_ns));
+        self.kill(
+            victims,
+            Cause::own(Reason::TableFull, Some(flow.established_ns)),
+        );
     }
 
     /// Someone set the wall clock (or it may have been set while no daemon

@@ -17,16 +17,26 @@ use crate::protocol::parse_request;
 use crate::timefmt::{NS_PER_MS, NS_PER_SEC};
 use crate::tuple;
 
-const ROOT: Caller = Caller { uid: 0, gid: 0 };
+const ROOT: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
 const PROXY: Caller = Caller {
     uid: 1000,
     gid: 1000,
+    pid: 0,
 };
 const OTHER_PROXY: Caller = Caller {
     uid: 1001,
     gid: 1001,
+    pid: 0,
 };
-const OPERATOR: Caller = Caller { uid: 2000, gid: 50 };
+const OPERATOR: Caller = Caller {
+    uid: 2000,
+    gid: 50,
+    pid: 0,
+};
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<Kill>>>);
@@ -396,6 +406,7 @@ fn reject_new_kills_the_refused_flows_and_names_who_was_refused() {
     assert_eq!(kills.len(), 1);
     assert_eq!(kills[0].cookie, 2);
     assert_eq!(kills[0].reason, Reason::Rejected);
+    assert_eq!(kills[0].by, Some(ROOT));
     assert_eq!(
         (
             kills[0].owner.session.as_str(),
@@ -595,7 +606,7 @@ fn a_refused_request_changes_nothing_for_every_code() {
     h.connect(2, B.0, B.1);
     h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]));
     let cases: Vec<(Caller, String, Code)> = vec![
-        (Caller { uid: 1002, gid: 1002 }, grant_line("s2", "bob", "vm-2", "", &[B]), Code::PermissionDenied),
+        (Caller { uid: 1002, gid: 1002, pid: 0 }, grant_line("s2", "bob", "vm-2", "", &[B]), Code::PermissionDenied),
         (ROOT, grant_line("s2", "bob", "vm-2", r#","class":"nope""#, &[B]), Code::BadValue),
         (PROXY, grant_line("s2", "bob", "vm-2", r#","class":"console","ttl":"2h""#, &[B]), Code::DeadlineRefused),
         (ROOT, grant_line("s2", "bob", "vm-2", "", &[("127.0.0.1:5900", "127.0.0.1:49999")]), Code::NoSuchFlow),
@@ -617,6 +628,7 @@ fn a_refused_request_changes_nothing_for_every_code() {
         Caller {
             uid: 1002,
             gid: 1002,
+            pid: 0,
         },
         &grant_line("s9", "u", "t", "", &[B]),
     );
@@ -630,7 +642,8 @@ fn a_refused_request_changes_nothing_for_every_code() {
         .ask(
             Caller {
                 uid: 1002,
-                gid: 1002
+                gid: 1002,
+                pid: 0
             },
             r#"{"op":"status"}"#
         )

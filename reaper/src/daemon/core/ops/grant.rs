@@ -19,7 +19,7 @@ use tracing::info;
 
 use super::Caller;
 use crate::daemon::core::kill::Victims;
-use crate::daemon::core::model::{internal, refuse, Code, Granted, Owner, Reason, Refused};
+use crate::daemon::core::model::{internal, refuse, Cause, Code, Granted, Owner, Reason, Refused};
 use crate::daemon::core::Core;
 use crate::kernel::Kernel;
 use crate::policy::{self, Admission, Holder, Now};
@@ -103,11 +103,8 @@ impl<K: Kernel> Core<K> {
                         .filter_map(|id| self.index.session(*id).map(|s| s.name()))
                         .collect();
                     info!(evicted = ?names, for_user = %g.user, target = %g.target, "evicting the oldest sessions");
-                    self.kill(
-                        Victims::Sessions(&evict),
-                        Reason::Evicted,
-                        Some(now.boot_ns),
-                    );
+                    let cause = Cause::asked(Reason::Evicted, now.boot_ns, caller);
+                    self.kill(Victims::Sessions(&evict), cause);
                 }
                 if !self.kernel.put_session(id, &record).map_err(internal)? {
                     return refuse(Code::TableFull, "the kernel session table is full");
@@ -430,7 +427,8 @@ impl<K: Kernel> Core<K> {
                     forwarded,
                     owner: Some(&owner),
                 };
-                let killed = self.kill(victims, Reason::Rejected, Some(now.boot_ns));
+                let killed =
+                    self.kill(victims, Cause::asked(Reason::Rejected, now.boot_ns, caller));
                 return refuse(
                     Code::LimitReached,
                     format!(

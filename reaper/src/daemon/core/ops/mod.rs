@@ -21,18 +21,12 @@ use std::os::fd::OwnedFd;
 
 use reaper_common::{forwarded_key, FlowTuple};
 
+pub use super::model::Caller;
 use super::model::{refuse, Code, FlowSnapshot, Granted, Outcome, Refused, SessionSnapshot};
 use super::Core;
 use crate::kernel::{Kernel, KillPath};
 use crate::protocol::{Command, NetnsRef, Op};
 use crate::tuple;
-
-/// Who is asking, from SO_PEERCRED.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
-}
 
 impl<K: Kernel> Core<K> {
     /// Runs one request for `caller`; `fds` are the descriptors that came

@@ -12,7 +12,7 @@
 use super::Caller;
 use crate::daemon::core::index::Session;
 use crate::daemon::core::kill::Victims;
-use crate::daemon::core::model::{refuse, Code, Reason, Refused, Revoked};
+use crate::daemon::core::model::{refuse, Cause, Code, Reason, Refused, Revoked};
 use crate::daemon::core::Core;
 use crate::kernel::Kernel;
 use crate::protocol::{Op, RevokeSelector};
@@ -82,7 +82,7 @@ impl<K: Kernel> Core<K> {
                     forwarded: &forwarded,
                     owner: None,
                 };
-                let kills = self.kill(victims, Reason::Revoked, Some(now));
+                let kills = self.kill(victims, Cause::asked(Reason::Revoked, now, caller));
                 return Ok(Revoked {
                     sessions: vec![],
                     kills,
@@ -93,7 +93,10 @@ impl<K: Kernel> Core<K> {
             .iter()
             .filter_map(|id| self.index.session(*id).map(|s| s.name().to_owned()))
             .collect();
-        let kills = self.kill(Victims::Sessions(&ids), Reason::Revoked, Some(now));
+        let kills = self.kill(
+            Victims::Sessions(&ids),
+            Cause::asked(Reason::Revoked, now, caller),
+        );
         Ok(Revoked { sessions, kills })
     }
 }
