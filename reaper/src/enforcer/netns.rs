@@ -116,6 +116,56 @@ fn identity(path: &Path) -> io::Result<(u64, u64)> {
     Ok((meta.dev(), meta.ino()))
 }
 
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+/// `NS_GET_NSTYPE`, `_IO(0xb7, 0x3)`: which kind of namespace a file is.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// Whether `path` is `/proc/PID/ns/net` (PID a number, `self` or
+/// `thread-self`): a magic link into nsfs, the one kind of link followed.
+fn is_proc_ns_link(path: &Path) -> bool {
+    let parts: Vec<&std::ffi::OsStr> = path.iter().collect();
+    match parts.as_slice() {
+        [root, proc, pid, ns, net] => {
+            *root == "/"
+                && *proc == "proc"
+                && *ns == "ns"
+                && *net == "net"
+                && pid.to_str().is_some_and(|p| {
+                    p == "self" || p == "thread-self" || p.bytes().all(|b| b.is_ascii_digit())
+                })
+        }
+        _ => false,
+    }
+}
+
+/// Opens a file a request names as a network namespace, safely as root:
+/// never blocking (a FIFO there must not stall the daemon), not following a
+/// link at the end of the path (but for /proc/PID/ns/net), and only if it
+/// really is a network namespace file (nsfs, `CLONE_NEWNET`).
+fn open_namespace(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
+    if !is_proc_ns_link(path) {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)?;
+    let not_netns = || io::Error::new(io::ErrorKind::InvalidInput, "not a network namespace file");
+    // SAFETY: fstatfs and ioctl on a descriptor we own; st is a valid
+    // out-pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 || st.f_type as i64 != NSFS_MAGIC {
+        return Err(not_netns());
+    }
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(not_netns());
+    }
+    Ok(file)
+}
+
 /// Opens the sockets inside the namespace behind `file`.
 fn open_in(file: File) -> io::Result<Netns> {
     std::thread::spawn(move || {
@@ -161,13 +211,14 @@ impl Namespaces {
                 why: e.to_string(),
             }
         };
-        let id = identity(path).map_err(failed("open"))?;
+        let file = open_namespace(path).map_err(failed("open"))?;
+        let meta = file.metadata().map_err(failed("open"))?;
+        let id = (meta.dev(), meta.ino());
         if let Some(&cookie) = self.known.get(&id) {
             if cookie == self.own_cookie || self.others.contains_key(&cookie) {
                 return Ok(cookie);
             }
         }
-        let file = File::open(path).map_err(failed("open"))?;
         let netns = open_in(file).map_err(failed("enter"))?;
         let cookie = netns.diag.netns_cookie().map_err(failed("identify"))?;
         if cookie != self.own_cookie {
@@ -239,5 +290,44 @@ impl Namespaces {
     /// How many other namespaces are reached now.
     pub fn open_count(&self) -> usize {
         self.others.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn only_network_namespace_files_are_opened_and_nothing_blocks() {
+        // Before, a FIFO named as `netns` blocked the daemon (and every
+        // kill) until someone wrote to it.
+        let dir = std::env::temp_dir().join(format!("reaper-netns-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let plain = dir.join("plain");
+        std::fs::write(&plain, "x").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink("/proc/self/ns/net", &link).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = [fifo, plain, link, PathBuf::from("/proc/self/ns/uts")];
+        std::thread::spawn(move || {
+            let results: Vec<bool> = paths.iter().map(|p| open_namespace(p).is_err()).collect();
+            let _ = tx.send(results);
+        });
+        let refused = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("opening a FIFO blocked");
+        assert_eq!(
+            refused,
+            vec![true; 4],
+            "fifo, plain file, link, uts namespace"
+        );
+        assert!(is_proc_ns_link(Path::new("/proc/123/ns/net")));
+        assert!(!is_proc_ns_link(Path::new("/tmp/proc/123/ns/net")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -974,3 +974,25 @@ fn a_session_is_in_the_scope_of_its_creator_root_and_operators_only() {
         .unwrap();
     assert!(h.sessions().is_empty());
 }
+
+#[test]
+fn a_bad_netns_is_explained_to_root_only() {
+    // The daemon opens the path as root: telling anyone else why it failed
+    // would tell them whether something exists where they cannot look.
+    let mut h = harness();
+    let line = r#"{"op":"grant","session":"s2","user":"bob","target":"vm-2","flows":[{"local":"127.0.0.1:5900","remote":"127.0.0.1:40002","netns":"/root/secret/x"}]}"#;
+    let r = refused_changes_nothing(&mut h, PROXY, line, Code::BadValue);
+    assert!(
+        r.message
+            .contains("is not a network namespace this daemon can use"),
+        "{}",
+        r.message
+    );
+    assert!(!r.message.contains("os error"), "{}", r.message);
+    let r = refused_changes_nothing(&mut h, ROOT, line, Code::BadValue);
+    assert!(
+        r.message.contains("os error 2"),
+        "root is told why: {}",
+        r.message
+    );
+}

@@ -67,10 +67,10 @@ impl<K: Kernel> Core<K> {
     ) -> Result<Granted, Refused> {
         let now = self.kernel.now();
         // Checks: nothing is written until every one has passed.
-        let (cookies, forwarded) = self.resolve(&g.flows, fds)?;
+        let (cookies, forwarded) = self.resolve(&g.flows, fds, caller)?;
         let existing = self.index.id_of(&g.session);
         self.check_flows_free(&cookies, &forwarded, existing, now)?;
-        let expected = self.expected(&g.expect)?;
+        let expected = self.expected(&g.expect, caller)?;
         let plan = match existing {
             Some(id) => {
                 self.check_scope(Op::Grant, caller, id)?;
@@ -152,6 +152,7 @@ impl<K: Kernel> Core<K> {
         &mut self,
         refs: &[FlowRef],
         fds: &[OwnedFd],
+        caller: Caller,
     ) -> Result<(Vec<u64>, Vec<FlowTuple>), Refused> {
         let mut cookies = Vec::new();
         let mut forwarded = Vec::new();
@@ -188,7 +189,7 @@ impl<K: Kernel> Core<K> {
                     remote,
                     ref netns,
                 } => {
-                    let netns_cookie = self.netns_of(netns.as_ref())?;
+                    let netns_cookie = self.netns_of(netns.as_ref(), caller)?;
                     let found = self.lookup_addrs(local, remote, netns_cookie);
                     if found.is_empty() && netns.is_none() {
                         if let Some(key) = self.forwarded_key(local, remote) {
@@ -287,12 +288,13 @@ impl<K: Kernel> Core<K> {
     fn expected(
         &mut self,
         expect: &[(std::net::SocketAddr, std::net::SocketAddr, Option<NetnsRef>)],
+        caller: Caller,
     ) -> Result<Expected, Refused> {
         let mut out = Vec::with_capacity(expect.len());
         for (local, remote, netns) in expect {
             // Port 0 (any) stays 0 in every form.
             out.push((
-                self.netns_of(netns.as_ref())?,
+                self.netns_of(netns.as_ref(), caller)?,
                 tuple::recorded_forms(*local, *remote),
             ));
         }

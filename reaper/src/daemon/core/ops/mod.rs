@@ -103,15 +103,26 @@ impl<K: Kernel> Core<K> {
     }
 
     /// The cookie of the namespace a request names (the daemon's own when
-    /// it names none).
-    fn netns_of(&mut self, netns: Option<&NetnsRef>) -> Result<u64, Refused> {
-        match netns {
-            None => Ok(self.kernel.own_netns()),
-            Some(n) => self
-                .kernel
-                .resolve_netns(&n.path())
-                .map_err(|why| Refused::new(Code::BadValue, format!("netns: {why}"))),
-        }
+    /// it names none). Why a path is refused is told to root only: to
+    /// anyone else every refusal reads alike, so that the daemon (which
+    /// looks as root) never tells whether a path exists where the caller
+    /// could not look.
+    fn netns_of(&mut self, netns: Option<&NetnsRef>, caller: Caller) -> Result<u64, Refused> {
+        let Some(n) = netns else {
+            return Ok(self.kernel.own_netns());
+        };
+        let path = n.path();
+        self.kernel.resolve_netns(&path).map_err(|why| {
+            let message = if caller.uid == 0 {
+                format!("netns: {why}")
+            } else {
+                format!(
+                    "netns: {} is not a network namespace this daemon can use",
+                    path.display()
+                )
+            };
+            Refused::new(Code::BadValue, message)
+        })
     }
 
     /// Finds the tracked sockets of a flow named by addresses, in the

@@ -40,7 +40,7 @@ impl<K: Kernel> Core<K> {
                 remote,
                 netns,
             } => {
-                let netns_cookie = self.netns_of(netns.as_ref())?;
+                let netns_cookie = self.netns_of(netns.as_ref(), caller)?;
                 let cookies = self.lookup_addrs(*local, *remote, netns_cookie);
                 let forwarded: Vec<_> = if cookies.is_empty() && netns.is_none() {
                     self.forwarded_key(*local, *remote).into_iter().collect()
