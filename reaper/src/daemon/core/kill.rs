@@ -244,25 +244,9 @@ impl<K: Kernel> Core<K> {
                 s.forwarded.remove(key);
             }
             let since = due.unwrap_or(grant.deadline_ns);
-            let Some(flow) = self.kernel.forwarded(key) else {
-                let done = self.kernel.now();
-                let kill = Kill {
-                    reason,
-                    by,
-                    owner: kill_owner,
-                    cookie: 0,
-                    tuple: *key,
-                    path: KillPath::Forward,
-                    result: KillResult::AlreadyClosed,
-                    done,
-                    late_ns: done.boot_ns.saturating_sub(since),
-                    acknowledged: None,
-                };
-                self.audit.record(&kill);
-                kills.push(kill);
-                continue;
-            };
-            let sent = self.kernel.reset_forwarded(key, &flow);
+            let flow = self.kernel.forwarded(key);
+            // Nothing to reset once the flow is gone; else a RST to each end.
+            let sent = flow.map(|f| self.kernel.reset_forwarded(key, &f));
             let done = self.kernel.now();
             let kill = Kill {
                 reason,
@@ -271,10 +255,18 @@ impl<K: Kernel> Core<K> {
                 cookie: 0,
                 tuple: *key,
                 path: KillPath::Forward,
-                result: KillResult::RstSent,
+                result: match flow {
+                    None => KillResult::AlreadyClosed,
+                    Some(_) => KillResult::RstSent,
+                },
                 done,
                 late_ns: done.boot_ns.saturating_sub(since),
                 acknowledged: None,
+            };
+            let (Some(flow), Some(sent)) = (flow, sent) else {
+                self.audit.record(&kill);
+                kills.push(kill);
+                continue;
             };
             let checks = &mut self.rst_checks;
             checks.next_id += 1;
