@@ -86,6 +86,20 @@ pub fn addrs_of(t: &FlowTuple) -> (SocketAddr, SocketAddr) {
     )
 }
 
+/// The key the tc program records a forwarded flow under (the same from
+/// either end's point of view).
+pub fn forwarded_key_of(local: SocketAddr, remote: SocketAddr) -> FlowTuple {
+    let t = tuple_of(local, remote);
+    reaper_common::forwarded_key(
+        t.family,
+        t.local_addr,
+        t.local_port,
+        t.remote_addr,
+        t.remote_port,
+    )
+    .0
+}
+
 /// `"local <-> remote"`, as logs and refusals show a flow.
 pub fn describe(t: &FlowTuple) -> String {
     let (l, r) = addrs_of(t);

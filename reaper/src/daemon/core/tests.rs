@@ -6,7 +6,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use reaper_common::{forwarded_key, FlowTuple, Forwarded, Label, PendingGrant, SessionRecord};
+use reaper_common::{FlowTuple, Forwarded, Label, PendingGrant, SessionRecord};
 
 use super::fake::{FakeKernel, Write, OWN_NETNS};
 use super::model::{AuditSink, Code, Kill, KillResult, Outcome, Reason, Refused};
@@ -698,14 +698,7 @@ fn a_full_session_table_refuses_before_anything_is_written() {
 
 /// A forwarded flow the tc program has seen, as the fake kernel holds it.
 fn forwarded(h: &mut Harness, local: &str, remote: &str) -> FlowTuple {
-    let t = tuple::tuple_of(local.parse().unwrap(), remote.parse().unwrap());
-    let (key, _) = forwarded_key(
-        t.family,
-        t.local_addr,
-        t.local_port,
-        t.remote_addr,
-        t.remote_port,
-    );
+    let key = tuple::forwarded_key_of(local.parse().unwrap(), remote.parse().unwrap());
     h.fake().forwarded.insert(key, Forwarded::default());
     key
 }

@@ -19,7 +19,7 @@ mod touch;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
-use reaper_common::{forwarded_key, FlowTuple};
+use reaper_common::FlowTuple;
 
 pub use super::model::Caller;
 use super::model::{refuse, Code, FlowSnapshot, Granted, Outcome, Refused, SessionSnapshot};
@@ -152,14 +152,7 @@ impl<K: Kernel> Core<K> {
     /// A flow named by addresses that has no local socket, but that this
     /// host forwards.
     fn forwarded_key(&self, local: SocketAddr, remote: SocketAddr) -> Option<FlowTuple> {
-        let t = tuple::tuple_of(local, remote);
-        let (key, _) = forwarded_key(
-            t.family,
-            t.local_addr,
-            t.local_port,
-            t.remote_addr,
-            t.remote_port,
-        );
+        let key = tuple::forwarded_key_of(local, remote);
         self.kernel.forwarded(&key).map(|_| key)
     }
 
