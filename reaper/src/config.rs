@@ -48,6 +48,9 @@ pub struct Config {
     pub socket: PathBuf,
     pub socket_mode: u32,
     pub socket_group: Option<u32>,
+    /// A group that may have write access to the socket's directory (which
+    /// must otherwise be writable by root only).
+    pub socket_dir_group: Option<u32>,
     pub pin_path: PathBuf,
     /// `None`: the cgroup2 mount root, found at start.
     pub cgroup: Option<PathBuf>,
@@ -99,6 +102,7 @@ struct RawConfig {
     socket: Option<PathBuf>,
     socket_mode: Option<String>,
     socket_group: Option<GroupRef>,
+    socket_dir_group: Option<GroupRef>,
     pin_path: Option<PathBuf>,
     cgroup: Option<PathBuf>,
     audit_file: Option<PathBuf>,
@@ -287,15 +291,8 @@ impl Config {
             None => 0o660,
             Some(text) => parse_mode(text).map_err(|e| format!("socket_mode: {e}"))?,
         };
-        let socket_group = match raw.socket_group {
-            None => None,
-            Some(GroupRef::Gid(gid)) => Some(gid),
-            Some(GroupRef::Name(name)) if name.is_empty() => None,
-            Some(GroupRef::Name(name)) => Some(
-                lookup_group(&name)
-                    .ok_or_else(|| format!("socket_group: no group named {name:?}"))?,
-            ),
-        };
+        let socket_group = group_of(raw.socket_group, "socket_group")?;
+        let socket_dir_group = group_of(raw.socket_dir_group, "socket_dir_group")?;
         let max_flows = raw.max_flows.unwrap_or(reaper_common::DEFAULT_MAX_FLOWS);
         if !(1024..=4_194_304).contains(&max_flows) {
             return Err(format!("max_flows: {max_flows} is outside 1024..=4194304"));
@@ -378,6 +375,7 @@ impl Config {
             socket: non_empty(raw.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
             socket_mode,
             socket_group,
+            socket_dir_group,
             pin_path: non_empty(raw.pin_path).unwrap_or_else(|| DEFAULT_PIN_PATH.into()),
             cgroup: non_empty(raw.cgroup),
             audit_file: non_empty(raw.audit_file),
@@ -424,6 +422,7 @@ impl Config {
         self.socket = running.socket.clone();
         self.socket_mode = running.socket_mode;
         self.socket_group = running.socket_group;
+        self.socket_dir_group = running.socket_dir_group;
         self.pin_path = running.pin_path.clone();
         self.cgroup = running.cgroup.clone();
         self.audit_file = running.audit_file.clone();
@@ -449,6 +448,10 @@ impl Config {
         check(self.socket != new.socket, "socket");
         check(self.socket_mode != new.socket_mode, "socket_mode");
         check(self.socket_group != new.socket_group, "socket_group");
+        check(
+            self.socket_dir_group != new.socket_dir_group,
+            "socket_dir_group",
+        );
         check(self.pin_path != new.pin_path, "pin_path");
         check(self.cgroup != new.cgroup, "cgroup");
         check(self.audit_file != new.audit_file, "audit_file");
@@ -569,6 +572,18 @@ fn parse_mode(text: &str) -> Result<u32, String> {
         _ => Err(format!(
             "{text:?} is not an octal permission mode like \"0660\""
         )),
+    }
+}
+
+/// A group given by name or gid (empty: none).
+fn group_of(group: Option<GroupRef>, key: &str) -> Result<Option<u32>, String> {
+    match group {
+        None => Ok(None),
+        Some(GroupRef::Gid(gid)) => Ok(Some(gid)),
+        Some(GroupRef::Name(name)) if name.is_empty() => Ok(None),
+        Some(GroupRef::Name(name)) => lookup_group(&name)
+            .map(Some)
+            .ok_or_else(|| format!("{key}: no group named {name:?}")),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The daemon under test and a client of its control socket.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,6 +70,40 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `reaper daemon` on `config`, which must be refused: it has to
+/// exit on its own, unsuccessfully, within a few seconds. Returns what it
+/// said. (A daemon that starts instead is killed, and the test fails.)
+pub fn refused_start(config: &Path) -> String {
+    let mut child = Command::new(reaper_bin())
+        .args(["daemon", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run reaper daemon");
+    let end = Instant::now() + bound(Duration::from_secs(10));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a daemon that should have been refused started and kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut said = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    assert!(!status.success(), "the refused daemon exited 0: {said}");
+    said
 }
 
 /// A client of a daemon's control socket: one connection per request, as

@@ -72,6 +72,12 @@ impl Sandbox {
         sandbox
     }
 
+    /// Puts the control socket at `path` (for the next `write_config`).
+    pub fn move_socket(&mut self, path: PathBuf) {
+        self.control.socket = path.clone();
+        self.socket = path;
+    }
+
     /// Writes the config: the sandbox's own paths plus `extra` TOML.
     pub fn write_config(&self, extra: &str) {
         let text = format!(

@@ -2,45 +2,10 @@
 //! refused before it loads or attaches anything, and the first one's
 //! sessions are untouched.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use reaper_tests::{bound, reaper_bin, Conn, Pins, Sandbox, ScratchDir};
-
-/// Starts `reaper daemon` on `config`, which must be refused: it has to
-/// exit on its own, unsuccessfully, within a few seconds. Returns what it
-/// said. (A daemon that starts instead is killed, and the test fails.)
-fn refused_start(config: &std::path::Path) -> String {
-    let mut child = Command::new(reaper_bin())
-        .args(["daemon", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run reaper daemon");
-    let end = Instant::now() + bound(Duration::from_secs(10));
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the second daemon started and kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut said = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut said)
-        .unwrap();
-    assert!(!status.success(), "the second daemon exited 0: {said}");
-    said
-}
+use reaper_tests::{reaper_bin, refused_start, Conn, Pins, Sandbox, ScratchDir};
 
 #[test]
 fn a_second_daemon_on_the_same_pins_or_socket_is_refused() {

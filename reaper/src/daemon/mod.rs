@@ -16,6 +16,7 @@ mod connection;
 pub mod core;
 mod server;
 mod shared;
+mod socket_file;
 mod tasks;
 mod wire;
 
@@ -67,7 +68,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     // Refusals first, before any program is loaded or attached: another
     // daemon on this socket, or on these pins (whose lock is then held for
     // the daemon's life).
-    server::refuse_if_listening(&config)?;
+    socket_file::refuse_if_listening(&config)?;
     let _pin_lock = lock_pin_path(&config.pin_path)?;
     let Started {
         enforcer,
@@ -76,7 +77,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     let timer_fd = tasks::watch(enforcer.timer().as_fd(), "deadline timer")?;
     let events_fd = tasks::watch(enforcer.events_fd(), "flow-event ring buffer")?;
     let audit = Audit::open(config.audit_file.as_deref())?;
-    let listener = server::bind_control_socket(&config)?;
+    let listener = socket_file::bind_control_socket(&config)?;
 
     let wall_clock = WallClockWatch::new().map_err(Error::io("watching the wall clock"))?;
     let mut core = Core::new(enforcer, Box::new(audit), config.clone());

@@ -4,8 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +16,6 @@ use super::core::Caller;
 use super::shared::{lock, Shared};
 use super::wire;
 use crate::config::Config;
-use crate::error::{Error, Result};
 use crate::protocol::{parse_request, Refusal, RefusalCode, Response, MAX_LINE_BYTES};
 use crate::throttle;
 use crate::timefmt;
@@ -161,46 +158,4 @@ async fn serve_client(state: Shared, stream: UnixStream, timeout: Duration, _slo
             return;
         }
     }
-}
-
-/// Refuses to start where another daemon already answers on the socket:
-/// checked before the kernel is touched, so that a refused daemon never
-/// attaches a program.
-pub(super) fn refuse_if_listening(config: &Config) -> Result<()> {
-    let path = &config.socket;
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(Error::Setup(format!(
-            "another reaper daemon is listening on {}",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
-pub(super) fn bind_control_socket(config: &Config) -> Result<UnixListener> {
-    let path = &config.socket;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-    }
-    if path.exists() {
-        refuse_if_listening(config)?;
-        std::fs::remove_file(path)
-            .map_err(Error::io(format!("removing stale {}", path.display())))?;
-    }
-    let listener =
-        UnixListener::bind(path).map_err(Error::io(format!("binding {}", path.display())))?;
-    set_socket_access(path, config)?;
-    Ok(listener)
-}
-
-fn set_socket_access(path: &Path, config: &Config) -> Result<()> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
-        .map_err(Error::io(format!("setting the mode of {}", path.display())))?;
-    if let Some(gid) = config.socket_group {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(Error::io(format!(
-            "setting the group of {}",
-            path.display()
-        )))?;
-    }
-    Ok(())
 }

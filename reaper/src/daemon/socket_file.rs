@@ -1,0 +1,193 @@
+//! Setting up the control socket's file safely. The daemon is root and
+//! works by path in a directory other users might reach, so:
+//!
+//! * the directory must be root's and writable by root only (or by the
+//!   group named in `socket_dir_group`), and so must every directory above
+//!   it unless it is sticky, like `/tmp`: nobody else can then swap a path
+//!   component between our checks and our calls;
+//! * the socket is bound under a umask that leaves it `0600`, then given
+//!   its group and mode through a descriptor opened without following
+//!   links, after checking that it is the socket just bound;
+//! * whatever else is found at the socket path is left alone and named in
+//!   the error (only a dead socket is removed).
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use tokio::net::UnixListener;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Refuses to start where another daemon already answers on the socket:
+/// checked before the kernel is touched, so that a refused daemon never
+/// attaches a program.
+pub(super) fn refuse_if_listening(config: &Config) -> Result<()> {
+    let path = &config.socket;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(Error::Setup(format!(
+            "another reaper daemon is listening on {}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn bind_control_socket(config: &Config) -> Result<UnixListener> {
+    let path = &config.socket;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        // Made by root, 0755 (the default umask): nobody else can write it.
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    }
+    check_directory(dir, config.socket_dir_group)?;
+    remove_dead_socket(path, config)?;
+    let listener = bind_private(path)?;
+    set_access(path, config)?;
+    Ok(listener)
+}
+
+/// Why `dir` (and its ancestors) may not hold the socket, if it may not.
+fn check_directory(dir: &Path, trusted_group: Option<u32>) -> Result<()> {
+    let dir =
+        std::fs::canonicalize(dir).map_err(Error::io(format!("resolving {}", dir.display())))?;
+    let refuse = |what: &Path, why: String| {
+        Err(Error::Setup(format!(
+            "socket directory {}: {why}; the daemon refuses to put its socket where another user could replace it",
+            what.display()
+        )))
+    };
+    for (depth, d) in dir.ancestors().enumerate() {
+        let meta = std::fs::metadata(d).map_err(Error::io(format!("reading {}", d.display())))?;
+        let mode = meta.mode();
+        if meta.uid() != 0 {
+            return refuse(d, format!("owned by uid {}, not root", meta.uid()));
+        }
+        let sticky = mode & 0o1000 != 0;
+        if depth > 0 {
+            // Above the socket's directory only a rename matters, which a
+            // sticky directory keeps to each entry's owner.
+            if mode & 0o022 != 0 && !sticky {
+                return refuse(
+                    d,
+                    format!(
+                        "mode {:04o} lets others rename what is in it",
+                        mode & 0o7777
+                    ),
+                );
+            }
+            continue;
+        }
+        if mode & 0o002 != 0 {
+            return refuse(d, format!("world-writable (mode {:04o})", mode & 0o7777));
+        }
+        if mode & 0o020 != 0 && trusted_group != Some(meta.gid()) {
+            return refuse(
+                d,
+                format!(
+                    "writable by group {} (mode {:04o}), which socket_dir_group does not name",
+                    meta.gid(),
+                    mode & 0o7777
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes a socket left by a daemon that is gone; anything else at the
+/// path is an error, and is not touched.
+fn remove_dead_socket(path: &Path, config: &Config) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
+    };
+    let kind = meta.file_type();
+    if !kind.is_socket() {
+        let what = if kind.is_symlink() {
+            "a symbolic link"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_file() {
+            "a regular file"
+        } else {
+            "not a socket"
+        };
+        return Err(Error::Setup(format!(
+            "{} is {what}, not a socket; the daemon leaves it alone: remove it or choose another `socket`",
+            path.display()
+        )));
+    }
+    refuse_if_listening(config)?;
+    std::fs::remove_file(path).map_err(Error::io(format!("removing stale {}", path.display())))
+}
+
+/// Binds `path` so that it is born `0600` (the runtime has one thread, so
+/// the process-wide umask is ours for the call).
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    // SAFETY: umask only swaps the process's mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    bound.map_err(Error::io(format!("binding {}", path.display())))
+}
+
+/// Gives the socket its group and mode through a descriptor opened without
+/// following links, after checking that it is the socket we bound.
+fn set_access(path: &Path, config: &Config) -> Result<()> {
+    let failed = |what: &str| Error::io(format!("{what} {}", path.display()));
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Setup(format!("{}: a NUL byte in the path", path.display())))?;
+    // SAFETY: c_path is a valid C string; the result is checked.
+    let raw = unsafe {
+        libc::open(
+            c_path.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(failed("opening")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor we just opened and own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let meta = std::fs::metadata(&proc_path).map_err(failed("checking"))?;
+    if !meta.file_type().is_socket() || meta.uid() != 0 {
+        return Err(Error::Setup(format!(
+            "{} was replaced between binding and setting its mode; refusing to go on",
+            path.display()
+        )));
+    }
+    if let Some(gid) = config.socket_group {
+        // SAFETY: fd is open; an empty path with AT_EMPTY_PATH means fd itself.
+        let rc = unsafe {
+            libc::fchownat(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                u32::MAX,
+                gid,
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if rc != 0 {
+            return Err(failed("setting the group of")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    // An O_PATH descriptor cannot be fchmod'ed, but its /proc link names
+    // exactly the inode it holds.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        &proc_path,
+        std::fs::Permissions::from_mode(config.socket_mode),
+    )
+    .map_err(failed("setting the mode of"))
+}
