@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::policy::{Access, Class, GlobalLimit, IdleDirection, OnLimit};
+use crate::policy::{Access, Class, GlobalLimit, IdleDirection, OnLimit, Scope};
 use crate::timefmt;
 
 pub const DEFAULT_SOCKET: &str = "/run/reaper/reaper.sock";
@@ -168,6 +168,29 @@ struct RawAccess {
     operator_uids: Vec<u32>,
     #[serde(default)]
     operator_gids: Vec<u32>,
+    max_sessions_per_uid: Option<u32>,
+    max_expecting_per_uid: Option<u32>,
+    #[serde(default, rename = "scope")]
+    scopes: Vec<RawScope>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScope {
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    gids: Vec<u32>,
+    #[serde(default)]
+    classes: Vec<String>,
+    #[serde(default)]
+    targets: Vec<String>,
+    #[serde(default)]
+    ports: Vec<PortsSpec>,
+    #[serde(default)]
+    all_sessions: bool,
+    max_sessions: Option<u32>,
+    max_expecting: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -369,7 +392,12 @@ impl Config {
         {
             return Err("client_timeout: must be between 100ms and 1h".into());
         }
-        let access = raw.access.unwrap_or_default();
+        let access = access_of(
+            raw.access.unwrap_or_default(),
+            &classes,
+            max_sessions,
+            max_pending,
+        )?;
         let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         Ok(Config {
             socket: non_empty(raw.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
@@ -383,12 +411,7 @@ impl Config {
             max_sessions,
             max_pending,
             max_ttl_ns,
-            access: Access {
-                uids: access.uids,
-                gids: access.gids,
-                operator_uids: access.operator_uids,
-                operator_gids: access.operator_gids,
-            },
+            access,
             watch,
             fence,
             fence_grace_ns,
@@ -468,6 +491,93 @@ impl Config {
         check(self.client_timeout != new.client_timeout, "client_timeout");
         keys
     }
+}
+
+/// `[access]`, checked: every scope names someone, its classes exist, its
+/// target patterns have `*` at the end only, its ports parse.
+fn access_of(
+    raw: RawAccess,
+    classes: &BTreeMap<String, Class>,
+    max_sessions: u32,
+    max_pending: u32,
+) -> Result<Access, String> {
+    let quota = |key: &str, v: Option<u32>, default: u32| match v {
+        None => Ok(default),
+        Some(0) => Err(format!("{key}: must be at least 1")),
+        Some(n) => Ok(n),
+    };
+    let scopes = raw
+        .scopes
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| scope_of(&format!("access.scope[{i}]"), s, classes))
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Access {
+        uids: raw.uids,
+        gids: raw.gids,
+        operator_uids: raw.operator_uids,
+        operator_gids: raw.operator_gids,
+        scopes,
+        // A quarter of each table by default: one proxy, or one rogue
+        // caller, cannot fill it for the rest.
+        max_sessions_per_uid: quota(
+            "access.max_sessions_per_uid",
+            raw.max_sessions_per_uid,
+            (max_sessions / 4).max(1),
+        )?,
+        max_expecting_per_uid: quota(
+            "access.max_expecting_per_uid",
+            raw.max_expecting_per_uid,
+            (max_pending / 8).max(1),
+        )?,
+    })
+}
+
+fn scope_of(key: &str, raw: RawScope, classes: &BTreeMap<String, Class>) -> Result<Scope, String> {
+    if raw.uids.is_empty() && raw.gids.is_empty() {
+        return Err(format!("{key}: names no uids and no gids"));
+    }
+    for class in &raw.classes {
+        if class != "default" && !classes.contains_key(class) {
+            return Err(format!("{key}.classes: no class {class:?} is configured"));
+        }
+    }
+    for target in &raw.targets {
+        let stem = target.strip_suffix('*').unwrap_or(target);
+        if stem.contains('*') {
+            return Err(format!(
+                "{key}.targets: {target:?}: `*` may only end a pattern (a prefix)"
+            ));
+        }
+        if target.is_empty() {
+            return Err(format!("{key}.targets: an empty target matches nothing"));
+        }
+    }
+    let ports = raw
+        .ports
+        .into_iter()
+        .map(|p| {
+            let text = match p {
+                PortsSpec::One(p) => p.to_string(),
+                PortsSpec::Text(t) => t,
+            };
+            parse_port_range(&text).map_err(|e| format!("{key}.ports: {e}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let quota = |field: &str, v: Option<u32>| match v {
+        Some(0) => Err(format!("{key}.{field}: must be at least 1")),
+        v => Ok(v),
+    };
+    Ok(Scope {
+        max_sessions: quota("max_sessions", raw.max_sessions)?,
+        max_expecting: quota("max_expecting", raw.max_expecting)?,
+        uids: raw.uids,
+        gids: raw.gids,
+        classes: raw.classes,
+        targets: raw.targets,
+        ports,
+        all_sessions: raw.all_sessions,
+    })
 }
 
 fn port_ranges(key: &str, list: Vec<RawWatch>) -> Result<Vec<Watch>, String> {
@@ -688,6 +798,42 @@ mod tests {
             ("max_clients = 100000", "max_clients"),
             ("client_timeout = \"1ms\"", "client_timeout"),
             ("client_timeout = \"soon\"", "client_timeout"),
+            (
+                "socket_dir_group = \"no-such-group-here\"",
+                "socket_dir_group",
+            ),
+            (
+                "[access]\nmax_sessions_per_uid = 0",
+                "access.max_sessions_per_uid",
+            ),
+            (
+                "[[access.scope]]\nclasses = []",
+                "access.scope[0]: names no uids",
+            ),
+            (
+                "[[access.scope]]\nuids = [1]\nclasses = [\"vnc\"]",
+                "access.scope[0].classes",
+            ),
+            (
+                "[[access.scope]]\nuids = [1]\ntargets = [\"a*b\"]",
+                "access.scope[0].targets",
+            ),
+            (
+                "[[access.scope]]\nuids = [1]\ntargets = [\"\"]",
+                "access.scope[0].targets",
+            ),
+            (
+                "[[access.scope]]\nuids = [1]\nports = [\"6000-5000\"]",
+                "access.scope[0].ports",
+            ),
+            (
+                "[[access.scope]]\nuids = [1]\nmax_sessions = 0",
+                "access.scope[0].max_sessions",
+            ),
+            (
+                "[[access.scope]]\nuids = [1]\nrevoke_all = true",
+                "revoke_all",
+            ),
         ] {
             let e = Config::from_toml(text).unwrap_err();
             assert!(e.to_string().contains(needle), "{text:?} -> {e}");

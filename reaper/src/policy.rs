@@ -422,9 +422,10 @@ pub fn last_activity(
         .fold(floor_ns, u64::max)
 }
 
-/// Who may change grants: root always, then the configured uids and gids.
-/// A session belongs to the uid that created it: only that uid, root, and
-/// the operators may join, extend, touch or revoke it, see it in `list`, or
+/// Who may change grants: root always, then the configured uids and gids
+/// and the callers a scope names. A session belongs to the uid that created
+/// it: only that uid, root, and callers whose scope is every session
+/// (operators) may join, extend, touch or revoke it, see it in `list`, or
 /// revoke a flow that no session holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {
@@ -434,24 +435,137 @@ pub struct Access {
     /// `revoke --user` everywhere).
     pub operator_uids: Vec<u32>,
     pub operator_gids: Vec<u32>,
+    /// Narrower or wider rights for the callers each names.
+    pub scopes: Vec<Scope>,
+    /// Live sessions one uid may have created (root: no quota), unless a
+    /// scope of its says otherwise.
+    pub max_sessions_per_uid: u32,
+    /// Pre-registered connections (`expect` items) waiting in one uid's
+    /// sessions, likewise.
+    pub max_expecting_per_uid: u32,
+}
+
+/// What the callers a `[[access.scope]]` names may do. An empty list means
+/// "any". A caller named by several scopes may do what any one of them
+/// allows (the largest quota applies).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    /// Classes its grants may name (the default class is `""`).
+    pub classes: Vec<String>,
+    /// Targets its grants may name: exact, or a prefix ending in `*`.
+    pub targets: Vec<String>,
+    /// Inclusive port ranges: every flow it grants has a port in one.
+    pub ports: Vec<(u16, u16)>,
+    /// May act on every session, as an operator.
+    pub all_sessions: bool,
+    pub max_sessions: Option<u32>,
+    pub max_expecting: Option<u32>,
+}
+
+impl Scope {
+    fn names(&self, uid: u32, gid: u32) -> bool {
+        self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
+
+    /// Whether a grant of `class` on `target` for flows with `ports` (each
+    /// flow's two ports) is in this scope.
+    pub fn permits(&self, class: &str, target: &str, ports: &[[u16; 2]]) -> bool {
+        let class_ok = self.classes.is_empty() || self.classes.iter().any(|c| c == class);
+        let target_ok = self.targets.is_empty()
+            || self.targets.iter().any(|t| match t.strip_suffix('*') {
+                Some(prefix) => target.starts_with(prefix),
+                None => t == target,
+            });
+        let in_range = |p: u16| self.ports.iter().any(|(a, b)| (*a..=*b).contains(&p));
+        let ports_ok =
+            self.ports.is_empty() || ports.iter().all(|f| f.iter().any(|p| in_range(*p)));
+        class_ok && target_ok && ports_ok
+    }
+}
+
+/// Which quota a caller is held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub sessions: u32,
+    pub expecting: u32,
 }
 
 impl Access {
+    fn scopes_of(&self, uid: u32, gid: u32) -> impl Iterator<Item = &Scope> {
+        self.scopes.iter().filter(move |s| s.names(uid, gid))
+    }
+
     pub fn allows(&self, uid: u32, gid: u32) -> bool {
         uid == 0
             || self.uids.contains(&uid)
             || self.gids.contains(&gid)
             || self.is_operator(uid, gid)
+            || self.scopes_of(uid, gid).next().is_some()
     }
 
     /// Whether the caller's scope is every session.
     pub fn is_operator(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || self.operator_uids.contains(&uid) || self.operator_gids.contains(&gid)
+        uid == 0
+            || self.operator_uids.contains(&uid)
+            || self.operator_gids.contains(&gid)
+            || self.scopes_of(uid, gid).any(|s| s.all_sessions)
     }
 
     /// Whether the caller may act on a session `owner` (a uid) created.
     pub fn may_touch(&self, uid: u32, gid: u32, owner: u32) -> bool {
         uid == owner || self.is_operator(uid, gid)
+    }
+
+    /// Whether the caller may grant `class` on `target` for flows with
+    /// `ports`. A caller no scope names is not restricted (root never is).
+    pub fn may_grant(
+        &self,
+        uid: u32,
+        gid: u32,
+        class: &str,
+        target: &str,
+        ports: &[[u16; 2]],
+    ) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        let mut named = self.scopes_of(uid, gid).peekable();
+        named.peek().is_none() || named.any(|s| s.permits(class, target, ports))
+    }
+
+    /// The caller's quota; `None` for root.
+    pub fn quota(&self, uid: u32, gid: u32) -> Option<Quota> {
+        if uid == 0 {
+            return None;
+        }
+        let mut quota = Quota {
+            sessions: self.max_sessions_per_uid,
+            expecting: self.max_expecting_per_uid,
+        };
+        let mut scoped = Quota {
+            sessions: 0,
+            expecting: 0,
+        };
+        let mut any = (false, false);
+        for s in self.scopes_of(uid, gid) {
+            if let Some(n) = s.max_sessions {
+                scoped.sessions = scoped.sessions.max(n);
+                any.0 = true;
+            }
+            if let Some(n) = s.max_expecting {
+                scoped.expecting = scoped.expecting.max(n);
+                any.1 = true;
+            }
+        }
+        if any.0 {
+            quota.sessions = scoped.sessions;
+        }
+        if any.1 {
+            quota.expecting = scoped.expecting;
+        }
+        Some(quota)
     }
 }
 
@@ -745,6 +859,71 @@ mod tests {
         assert!(a.may_touch(0, 0, 1000), "root");
         assert!(a.may_touch(2000, 50, 1000), "an operator by group");
         assert!(a.allows(2000, 50), "operators may change grants");
+    }
+
+    #[test]
+    fn scopes_narrow_grants_widen_reach_and_set_quotas() {
+        let a = Access {
+            uids: vec![1000],
+            max_sessions_per_uid: 100,
+            max_expecting_per_uid: 10,
+            scopes: vec![
+                Scope {
+                    uids: vec![2000],
+                    classes: vec!["vnc".into()],
+                    targets: vec!["vm-*".into(), "host-1".into()],
+                    ports: vec![(5900, 5999)],
+                    max_sessions: Some(5),
+                    ..Scope::default()
+                },
+                Scope {
+                    gids: vec![60],
+                    all_sessions: true,
+                    ..Scope::default()
+                },
+            ],
+            ..Access::default()
+        };
+        let vnc = [[5901, 40000]];
+        assert!(a.allows(2000, 2000), "a scope admits its callers");
+        assert!(a.may_grant(2000, 2000, "vnc", "vm-7", &vnc));
+        assert!(a.may_grant(2000, 2000, "vnc", "host-1", &vnc));
+        assert!(
+            !a.may_grant(2000, 2000, "vnc", "host-12", &vnc),
+            "exact target"
+        );
+        assert!(!a.may_grant(2000, 2000, "ssh", "vm-7", &vnc), "class");
+        assert!(
+            !a.may_grant(2000, 2000, "vnc", "vm-7", &[[22, 40000]]),
+            "port"
+        );
+        assert!(
+            !a.may_grant(2000, 2000, "vnc", "vm-7", &[[5901, 1], [22, 2]]),
+            "every flow"
+        );
+        assert!(
+            a.may_grant(1000, 1000, "ssh", "anything", &[[22, 1]]),
+            "unscoped caller"
+        );
+        assert!(a.may_grant(0, 0, "ssh", "x", &[[22, 1]]), "root");
+        assert!(!a.may_touch(2000, 2000, 1000));
+        assert!(a.may_touch(3000, 60, 1000), "a scope with all_sessions");
+        assert!(a.is_operator(3000, 60));
+        assert_eq!(
+            a.quota(2000, 2000),
+            Some(Quota {
+                sessions: 5,
+                expecting: 10
+            })
+        );
+        assert_eq!(
+            a.quota(1000, 1000),
+            Some(Quota {
+                sessions: 100,
+                expecting: 10
+            })
+        );
+        assert_eq!(a.quota(0, 0), None);
     }
 
     #[test]

@@ -157,9 +157,17 @@ impl Sandbox {
             .expect("run reaper CLI")
     }
 
-    /// Audit events written so far. A line the daemon is still writing
+    /// The kill events written so far. A line the daemon is still writing
     /// (no newline yet) is not an event yet.
     pub fn audit(&self) -> Vec<Value> {
+        self.audit_trail()
+            .into_iter()
+            .filter(|e| e["event"] == "kill")
+            .collect()
+    }
+
+    /// Every audit event written so far: kills, grants, extends, revokes.
+    pub fn audit_trail(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
         let complete = text.rfind('\n').map_or("", |end| &text[..end]);
         complete
@@ -168,7 +176,7 @@ impl Sandbox {
             .collect()
     }
 
-    /// Waits until the audit file holds at least `n` events (for
+    /// Waits until the audit file holds at least `n` kill events (for
     /// `timeout` scaled by [`time_scale`], like every wait here).
     pub fn wait_audit(&self, n: usize, timeout: Duration) -> Vec<Value> {
         let end = Instant::now() + bound(timeout);

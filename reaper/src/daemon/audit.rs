@@ -1,9 +1,9 @@
-//! The audit trail: one JSON line per killed flow, on stdout and optionally
-//! appended to a file. Operational logs go to stderr through `tracing`, so
+//! The audit trail: one JSON line per killed flow and per grant, extend and
+//! revoke (naming who asked), on stdout and optionally appended to a file. Operational logs go to stderr through `tracing`, so
 //! stdout carries nothing but audit records and can be shipped as is.
 //!
-//! The core hands over `Kill` records (`core::AuditSink`); the line's shape
-//! is decided here and nowhere else.
+//! The core hands over `Kill` and `Change` records (`core::AuditSink`); the
+//! lines' shape is decided here and nowhere else.
 
 #![forbid(unsafe_code)]
 
@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::core::model::{AuditSink, Kill};
+use super::core::model::{AuditSink, Change, ChangeKind, Kill};
 use crate::error::{Error, Result};
 use crate::timefmt;
 use crate::tuple;
@@ -71,6 +71,53 @@ pub fn line(kill: &Kill) -> String {
     serde_json::to_string(&event).expect("audit events serialize")
 }
 
+/// The audit line of a grant, extend or revoke.
+#[derive(Debug, Clone, Serialize)]
+struct ChangeEvent<'a> {
+    ts: String,
+    event: &'static str,
+    /// Grants: whether this one created the session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
+    session: &'a str,
+    user: &'a str,
+    target: &'a str,
+    class: &'a str,
+    deadline: String,
+    flows: usize,
+    expecting: usize,
+    /// The session's creator.
+    granted_by_uid: u32,
+    by_uid: u32,
+    by_pid: u32,
+}
+
+/// The audit line of a change (without the newline).
+pub fn change_line(change: &Change<'_>) -> String {
+    let s = change.session;
+    let created = match change.kind {
+        ChangeKind::Created => Some(true),
+        ChangeKind::Joined => Some(false),
+        _ => None,
+    };
+    let event = ChangeEvent {
+        ts: timefmt::format_rfc3339(change.at_unix_ns),
+        event: change.kind.name(),
+        created,
+        session: &s.name,
+        user: &s.user,
+        target: &s.target,
+        class: &s.class,
+        deadline: timefmt::format_rfc3339(s.deadline_unix_ns),
+        flows: s.flows.len(),
+        expecting: s.expecting,
+        granted_by_uid: s.granted_by_uid,
+        by_uid: change.by.uid,
+        by_pid: change.by.pid,
+    };
+    serde_json::to_string(&event).expect("audit events serialize")
+}
+
 pub struct Audit {
     file: Option<File>,
 }
@@ -93,7 +140,16 @@ impl Audit {
 
 impl AuditSink for Audit {
     fn record(&mut self, kill: &Kill) {
-        let mut line = line(kill);
+        self.write(line(kill));
+    }
+
+    fn change(&mut self, change: &Change<'_>) {
+        self.write(change_line(change));
+    }
+}
+
+impl Audit {
+    fn write(&mut self, mut line: String) {
         line.push('\n');
         let mut out = std::io::stdout().lock();
         if let Err(e) = out.write_all(line.as_bytes()).and_then(|_| out.flush()) {

@@ -40,6 +40,7 @@ pub fn refusal(refused: Refused) -> Refusal {
         Code::PermissionDenied => RefusalCode::PermissionDenied,
         Code::BadFd => RefusalCode::BadFd,
         Code::TableFull => RefusalCode::TableFull,
+        Code::QuotaExceeded => RefusalCode::QuotaExceeded,
         Code::Internal => RefusalCode::Internal,
     };
     Refusal::new(code, refused.message)

@@ -43,6 +43,9 @@ pub enum RefusalCode {
     BadFd,
     /// A kernel table is full.
     TableFull,
+    /// The caller's uid holds as many sessions, or pre-registered
+    /// connections, as its quota (`[access]`) allows.
+    QuotaExceeded,
     /// The daemon already serves `max_clients` control connections.
     Busy,
     /// A request line was left unfinished for `client_timeout`.

@@ -208,6 +208,15 @@ pub(super) struct Index {
     /// `FORWARDED_GRANTS` keys the daemon wrote and has not removed (a
     /// killed flow's grant stays, at its deadline, until collected).
     forwarded_grants: HashSet<FlowTuple>,
+    /// What each uid's sessions hold, against its quota.
+    owners: HashMap<u32, OwnerLoad>,
+}
+
+/// Live sessions a uid created, and the `expect` items waiting in them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct OwnerLoad {
+    pub sessions: u32,
+    pub expecting: u32,
 }
 
 impl Index {
@@ -280,6 +289,25 @@ impl Index {
             }),
         );
         self.next_id = self.next_id.max(id + 1);
+        self.owners
+            .entry(record.granted_by_uid)
+            .or_default()
+            .sessions += 1;
+    }
+
+    /// What the sessions `uid` created hold.
+    pub fn load_of(&self, uid: u32) -> OwnerLoad {
+        self.owners.get(&uid).copied().unwrap_or_default()
+    }
+
+    fn unload(&mut self, uid: u32, sessions: u32, expecting: u32) {
+        if let Some(load) = self.owners.get_mut(&uid) {
+            load.sessions -= sessions;
+            load.expecting -= expecting;
+            if load.sessions == 0 && load.expecting == 0 {
+                self.owners.remove(&uid);
+            }
+        }
     }
 
     /// Forgets a session; its flows stay indexed (the caller unindexes
@@ -288,6 +316,7 @@ impl Index {
         let s = self.sessions.remove(&id)?;
         self.by_name.remove(s.name());
         self.pending_keys -= s.pending_keys().count();
+        self.unload(s.terms.granted_by_uid, 1, s.pending.len() as u32);
         Some(s)
     }
 
@@ -297,6 +326,8 @@ impl Index {
         if let Some(s) = self.sessions.get_mut(&id) {
             self.pending_keys += keys.len();
             s.pending.push(keys);
+            let owner = s.terms.granted_by_uid;
+            self.owners.entry(owner).or_default().expecting += 1;
         }
     }
 
@@ -309,15 +340,20 @@ impl Index {
             .iter()
             .position(|keys| keys.iter().any(|k| claims(k, flow)))?;
         let keys = s.pending.remove(i);
+        let owner = s.terms.granted_by_uid;
         self.pending_keys -= keys.len();
+        self.unload(owner, 0, 1);
         Some(keys)
     }
 
     /// Takes back the last `expect` item added to session `id` (undoing a
     /// grant); its keys leave the count and are returned.
     pub fn pop_pending(&mut self, id: u64) -> Option<Box<[FlowTuple]>> {
-        let keys = self.sessions.get_mut(&id)?.pending.pop()?;
+        let s = self.sessions.get_mut(&id)?;
+        let keys = s.pending.pop()?;
+        let owner = s.terms.granted_by_uid;
         self.pending_keys -= keys.len();
+        self.unload(owner, 0, 1);
         Some(keys)
     }
 

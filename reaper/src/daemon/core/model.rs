@@ -144,9 +144,42 @@ pub struct Kill {
     pub acknowledged: Option<bool>,
 }
 
-/// The audit trail: every kill is recorded once, when it is complete.
+/// What a request did to a session, for the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A grant created the session.
+    Created,
+    /// A grant joined it (adding flows or pre-registrations).
+    Joined,
+    Extended,
+    Revoked,
+}
+
+impl ChangeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Created | ChangeKind::Joined => "grant",
+            ChangeKind::Extended => "extend",
+            ChangeKind::Revoked => "revoke",
+        }
+    }
+}
+
+/// A grant, extend or revoke, with who asked and the session as the
+/// request left it (a revoked one as it stood before its kills).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change<'a> {
+    pub kind: ChangeKind,
+    pub by: Caller,
+    pub at_unix_ns: i128,
+    pub session: &'a SessionSnapshot,
+}
+
+/// The audit trail: every kill is recorded once, when it is complete, and
+/// every grant, extend and revoke when it is done.
 pub trait AuditSink: Send {
     fn record(&mut self, kill: &Kill);
+    fn change(&mut self, change: &Change<'_>);
 }
 
 /// One flow of a session, as `list` shows it.
@@ -254,6 +287,9 @@ pub enum Code {
     BadFd,
     /// A table is full.
     TableFull,
+    /// The caller's uid holds as many sessions or pre-registrations as its
+    /// quota allows.
+    QuotaExceeded,
     Internal,
 }
 

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use reaper_common::{FlowTuple, Forwarded, Label, PendingGrant, SessionRecord};
 
 use super::fake::{FakeKernel, Write, OWN_NETNS};
-use super::model::{AuditSink, Code, Kill, KillResult, Outcome, Reason, Refused};
+use super::model::{
+    AuditSink, Change, ChangeKind, Code, Kill, KillResult, Outcome, Reason, Refused,
+};
 use super::{Caller, Core};
 use crate::config::Config;
 use crate::kernel::SocketInfo;
@@ -38,18 +40,32 @@ const OPERATOR: Caller = Caller {
     pid: 0,
 };
 
+/// The audit trail: kills, and (kind, requester, session) per change.
+type Changes = Arc<Mutex<Vec<(ChangeKind, Caller, String)>>>;
+
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<Kill>>>);
+struct Captured(Arc<Mutex<Vec<Kill>>>, Changes);
 
 impl AuditSink for Captured {
     fn record(&mut self, kill: &Kill) {
         self.0.lock().unwrap().push(kill.clone());
+    }
+
+    fn change(&mut self, change: &Change<'_>) {
+        self.1
+            .lock()
+            .unwrap()
+            .push((change.kind, change.by, change.session.name.clone()));
     }
 }
 
 impl Captured {
     fn take(&self) -> Vec<Kill> {
         std::mem::take(&mut *self.0.lock().unwrap())
+    }
+
+    fn take_changes(&self) -> Vec<(ChangeKind, Caller, String)> {
+        std::mem::take(&mut *self.1.lock().unwrap())
     }
 }
 
@@ -587,6 +603,7 @@ fn expires_at_deadlines_follow_the_wall_clock_and_ttl_ones_do_not() {
 fn refused_changes_nothing(h: &mut Harness, caller: Caller, line: &str, code: Code) -> Refused {
     let before = (h.kernel_state(), h.sessions());
     let mark = h.mark();
+    h.audit.take_changes();
     let r = h.refused(caller, line);
     assert_eq!(r.code, code, "{line} -> {r:?}");
     assert_eq!(h.writes_since(mark), vec![], "{line} wrote to the kernel");
@@ -596,6 +613,10 @@ fn refused_changes_nothing(h: &mut Harness, caller: Caller, line: &str, code: Co
         "{line} changed the state"
     );
     assert!(h.audit.take().is_empty(), "{line} killed something");
+    assert!(
+        h.audit.take_changes().is_empty(),
+        "{line} was audited as done"
+    );
     r
 }
 
@@ -987,5 +1008,158 @@ fn a_bad_netns_is_explained_to_root_only() {
         r.message.contains("os error 2"),
         "root is told why: {}",
         r.message
+    );
+}
+
+const SCOPED: Caller = Caller {
+    uid: 3000,
+    gid: 3000,
+    pid: 77,
+};
+
+const SCOPES: &str = r#"
+max_pending = 64
+max_sessions = 64
+[access]
+uids = [1000]
+max_sessions_per_uid = 3
+max_expecting_per_uid = 2
+[[access.scope]]
+uids = [3000]
+classes = ["console"]
+targets = ["vm-*"]
+ports = ["5900-5999"]
+max_sessions = 1
+[[access.scope]]
+gids = [60]
+all_sessions = true
+[classes.console]
+max_ttl = "1h"
+"#;
+
+#[test]
+fn a_scope_limits_the_classes_targets_and_ports_a_caller_may_grant() {
+    let mut h = harness_with(SCOPES);
+    h.connect(1, A.0, A.1);
+    h.connect(2, "127.0.0.1:22", "127.0.0.1:40009");
+    let outside = [
+        grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]),
+        grant_line("s1", "alice", "db-1", r#","class":"console","ttl":"10m""#, &[A]),
+        grant_line(
+            "s1",
+            "alice",
+            "vm-1",
+            r#","class":"console","ttl":"10m""#,
+            &[A, ("127.0.0.1:22", "127.0.0.1:40009")],
+        ),
+        r#"{"op":"grant","session":"s1","user":"alice","target":"vm-1","class":"console","ttl":"10m","expect":[{"local":"127.0.0.1:0","remote":"127.0.0.1:22"}]}"#.to_string(),
+    ];
+    for line in &outside {
+        let r = refused_changes_nothing(&mut h, SCOPED, line, Code::PermissionDenied);
+        assert!(r.message.contains("[[access.scope]]"), "{}", r.message);
+    }
+    h.ask(
+        SCOPED,
+        &grant_line(
+            "s1",
+            "alice",
+            "vm-1",
+            r#","class":"console","ttl":"10m""#,
+            &[A],
+        ),
+    )
+    .expect("inside the scope");
+    // A scope with all_sessions acts on others' sessions, as an operator.
+    let operator = Caller {
+        uid: 4000,
+        gid: 60,
+        pid: 1,
+    };
+    h.ask(operator, r#"{"op":"extend","session":"s1","ttl":"20m"}"#)
+        .expect("all_sessions");
+}
+
+#[test]
+fn quotas_bound_the_sessions_and_pre_registrations_of_each_uid() {
+    // Before, one allowed caller could fill the session table with
+    // pre-registrations that need no socket.
+    let mut h = harness_with(SCOPES);
+    let expect = |name: &str, n: usize| {
+        let items: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"local":"127.0.0.1:0","remote":"127.0.0.1:{}"}}"#,
+                    5900 + i
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"op":"grant","session":"{name}","user":"u","target":"vm-{name}","ttl":"10m","expect":[{}]}}"#,
+            items.join(",")
+        )
+    };
+    let r = refused_changes_nothing(&mut h, PROXY, &expect("e0", 3), Code::QuotaExceeded);
+    assert!(r.message.contains("max_expecting_per_uid"), "{}", r.message);
+    h.ask(PROXY, &expect("e1", 2)).expect("within the quota");
+    let r = refused_changes_nothing(&mut h, PROXY, &expect("e2", 1), Code::QuotaExceeded);
+    assert!(r.message.contains("2 pre-registered"), "{}", r.message);
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.connect(3, "127.0.0.1:5901", "127.0.0.1:40003");
+    h.ask(PROXY, &grant_line("s1", "u", "t1", r#","ttl":"10m""#, &[A]))
+        .unwrap();
+    h.ask(PROXY, &grant_line("s2", "u", "t2", r#","ttl":"10m""#, &[B]))
+        .unwrap();
+    let line = grant_line(
+        "s3",
+        "u",
+        "t3",
+        r#","ttl":"10m""#,
+        &[("127.0.0.1:5901", "127.0.0.1:40003")],
+    );
+    let r = refused_changes_nothing(&mut h, PROXY, &line, Code::QuotaExceeded);
+    assert!(r.message.contains("holds 3 sessions"), "{}", r.message);
+    // Root has no quota; a freed session makes room; a scope's own quota
+    // replaces the default.
+    h.ask(PROXY, r#"{"op":"revoke","session":"e1"}"#).unwrap();
+    h.ask(PROXY, &line).expect("room again");
+    h.ask(ROOT, &expect("r1", 5)).expect("root has no quota");
+    let console = |name: &str| {
+        format!(
+            r#"{{"op":"grant","session":"{name}","user":"u","target":"vm-1","class":"console","ttl":"10m","expect":[{{"local":"127.0.0.1:0","remote":"127.0.0.1:5900"}}]}}"#
+        )
+    };
+    h.ask(SCOPED, &console("c1"))
+        .expect("the scope's one session");
+    let r = refused_changes_nothing(&mut h, SCOPED, &console("c2"), Code::QuotaExceeded);
+    assert!(r.message.contains("holds 1 sessions"), "{}", r.message);
+}
+
+#[test]
+fn grants_extends_and_revokes_are_audited_with_their_requester() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    let proxy = Caller { pid: 4242, ..PROXY };
+    h.ask(
+        proxy,
+        &grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]),
+    )
+    .unwrap();
+    h.ask(proxy, &grant_line("s1", "alice", "vm-1", "", &[B]))
+        .unwrap();
+    h.ask(proxy, r#"{"op":"extend","session":"s1","ttl":"20m"}"#)
+        .unwrap();
+    h.ask(OPERATOR, r#"{"op":"revoke","session":"s1"}"#)
+        .unwrap();
+    let s1 = || "s1".to_string();
+    assert_eq!(
+        h.audit.take_changes(),
+        vec![
+            (ChangeKind::Created, proxy, s1()),
+            (ChangeKind::Joined, proxy, s1()),
+            (ChangeKind::Extended, proxy, s1()),
+            (ChangeKind::Revoked, OPERATOR, s1()),
+        ]
     );
 }

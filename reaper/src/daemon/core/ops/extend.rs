@@ -7,7 +7,7 @@
 use tracing::info;
 
 use super::Caller;
-use crate::daemon::core::model::{refuse, Code, Granted, Refused};
+use crate::daemon::core::model::{refuse, Change, ChangeKind, Code, Granted, Refused};
 use crate::daemon::core::Core;
 use crate::kernel::Kernel;
 use crate::policy;
@@ -56,6 +56,12 @@ impl<K: Kernel> Core<K> {
         }
         self.set_deadline(id, deadline, e.expiry.wall_anchor())?;
         let granted = self.granted(id, now);
+        self.audit.change(&Change {
+            kind: ChangeKind::Extended,
+            by: caller,
+            at_unix_ns: now.unix_ns,
+            session: &granted.session,
+        });
         info!(session = %granted.session.name,
               deadline = %timefmt::format_rfc3339(granted.session.deadline_unix_ns), "extended");
         Ok(granted)

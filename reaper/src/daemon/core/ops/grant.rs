@@ -19,7 +19,9 @@ use tracing::info;
 
 use super::Caller;
 use crate::daemon::core::kill::Victims;
-use crate::daemon::core::model::{internal, refuse, Cause, Code, Granted, Owner, Reason, Refused};
+use crate::daemon::core::model::{
+    internal, refuse, Cause, Change, ChangeKind, Code, Granted, Owner, Reason, Refused,
+};
 use crate::daemon::core::Core;
 use crate::kernel::Kernel;
 use crate::policy::{self, Admission, Holder, Now};
@@ -71,6 +73,7 @@ impl<K: Kernel> Core<K> {
         let existing = self.index.id_of(&g.session);
         self.check_flows_free(&cookies, &forwarded, existing, now)?;
         let expected = self.expected(&g.expect, caller)?;
+        self.check_rights(&g, caller, existing, &cookies, &forwarded, &expected)?;
         let plan = match existing {
             Some(id) => {
                 self.check_scope(Op::Grant, caller, id)?;
@@ -140,6 +143,17 @@ impl<K: Kernel> Core<K> {
             self.queue_idle_check(id, now.boot_ns + idle_timeout);
         }
         let session = self.snapshot(id, now);
+        let kind = if created {
+            ChangeKind::Created
+        } else {
+            ChangeKind::Joined
+        };
+        self.audit.change(&Change {
+            kind,
+            by: caller,
+            at_unix_ns: now.unix_ns,
+            session: &session,
+        });
         info!(session = %session.name, user = %session.user, target = %session.target,
               class = %session.class, flows = added, expected = expecting,
               deadline = %timefmt::format_rfc3339(session.deadline_unix_ns), created, "granted");
@@ -280,6 +294,72 @@ impl<K: Kernel> Core<K> {
                     ),
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// The caller's scope admits this grant (class, target, every flow's
+    /// ports), and its quota the sessions and pre-registrations it adds.
+    /// (Joining someone else's session is `check_scope`'s to refuse.)
+    fn check_rights(
+        &self,
+        g: &GrantRequest,
+        caller: Caller,
+        existing: Option<u64>,
+        cookies: &[u64],
+        forwarded: &[FlowTuple],
+        expected: &Expected,
+    ) -> Result<(), Refused> {
+        let access = &self.config.access;
+        let joined = existing.and_then(|id| self.index.session(id));
+        let class = match joined {
+            Some(s) => s.class(),
+            None => g.class.as_deref().unwrap_or("default"),
+        };
+        let ports_of = |t: &FlowTuple| [t.local_port, t.remote_port];
+        let ports: Vec<[u16; 2]> = cookies
+            .iter()
+            .filter_map(|c| self.index.flow(*c))
+            .map(|f| ports_of(&f.tuple))
+            .chain(forwarded.iter().map(ports_of))
+            .chain(expected.iter().map(|(_, keys)| ports_of(&keys[0])))
+            .collect();
+        if !access.may_grant(caller.uid, caller.gid, class, &g.target, &ports) {
+            return refuse(
+                Code::PermissionDenied,
+                format!(
+                    "grant: uid {} may not grant class {class:?} on target {:?} for these flows: outside its [[access.scope]] (classes, targets, ports)",
+                    caller.uid, g.target
+                ),
+            );
+        }
+        let owner = joined.map_or(caller.uid, |s| s.terms.granted_by_uid);
+        // Root and operators adding to another uid's session are not
+        // held to a quota; everyone else to their own.
+        let Some(quota) = access
+            .quota(caller.uid, caller.gid)
+            .filter(|_| owner == caller.uid)
+        else {
+            return Ok(());
+        };
+        let load = self.index.load_of(owner);
+        if joined.is_none() && load.sessions >= quota.sessions {
+            return refuse(
+                Code::QuotaExceeded,
+                format!(
+                    "grant: uid {} already holds {} sessions, its quota ([access] max_sessions_per_uid or its scope's max_sessions)",
+                    caller.uid, load.sessions
+                ),
+            );
+        }
+        if load.expecting as usize + expected.len() > quota.expecting as usize {
+            return refuse(
+                Code::QuotaExceeded,
+                format!(
+                    "grant: uid {} has {} pre-registered connections waiting; {} more would pass its quota of {} ([access] max_expecting_per_uid or its scope's max_expecting)",
+                    caller.uid, load.expecting, expected.len(), quota.expecting
+                ),
+            );
         }
         Ok(())
     }

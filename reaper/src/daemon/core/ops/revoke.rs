@@ -12,7 +12,9 @@
 use super::Caller;
 use crate::daemon::core::index::Session;
 use crate::daemon::core::kill::Victims;
-use crate::daemon::core::model::{refuse, Cause, Code, Reason, Refused, Revoked};
+use crate::daemon::core::model::{
+    refuse, Cause, Change, ChangeKind, Code, Reason, Refused, Revoked,
+};
 use crate::daemon::core::Core;
 use crate::kernel::Kernel;
 use crate::protocol::{Op, RevokeSelector};
@@ -89,10 +91,18 @@ impl<K: Kernel> Core<K> {
                 });
             }
         };
-        let sessions = ids
-            .iter()
-            .filter_map(|id| self.index.session(*id).map(|s| s.name().to_owned()))
-            .collect();
+        let wall = self.kernel.now();
+        let mut sessions = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let snapshot = self.snapshot(*id, wall);
+            self.audit.change(&Change {
+                kind: ChangeKind::Revoked,
+                by: caller,
+                at_unix_ns: wall.unix_ns,
+                session: &snapshot,
+            });
+            sessions.push(snapshot.name);
+        }
         let kills = self.kill(
             Victims::Sessions(&ids),
             Cause::asked(Reason::Revoked, now, caller),
