@@ -78,6 +78,8 @@ pub struct Config {
     pub forward_attach: ForwardAttach,
     /// Most control connections served at once.
     pub max_clients: usize,
+    /// Most control connections one uid other than root may hold.
+    pub max_clients_per_uid: usize,
     /// How long a client may take to finish a request line it started, or
     /// to take a response.
     pub client_timeout: std::time::Duration,
@@ -119,6 +121,7 @@ struct RawConfig {
     socket_destroy: Option<bool>,
     forward: Option<RawForward>,
     max_clients: Option<u32>,
+    max_clients_per_uid: Option<u32>,
     client_timeout: Option<String>,
 }
 
@@ -392,6 +395,12 @@ impl Config {
         {
             return Err("client_timeout: must be between 100ms and 1h".into());
         }
+        let max_clients_per_uid = raw.max_clients_per_uid.unwrap_or((max_clients / 16).max(1));
+        if !(1..=max_clients).contains(&max_clients_per_uid) {
+            return Err(format!(
+                "max_clients_per_uid: {max_clients_per_uid} is outside 1..={max_clients} (max_clients)"
+            ));
+        }
         let access = access_of(
             raw.access.unwrap_or_default(),
             &classes,
@@ -421,6 +430,7 @@ impl Config {
             forward_interfaces,
             forward_attach,
             max_clients: max_clients as usize,
+            max_clients_per_uid: max_clients_per_uid as usize,
             client_timeout: std::time::Duration::from_nanos(client_timeout_ns),
         })
     }
@@ -456,6 +466,7 @@ impl Config {
         self.forward_interfaces = running.forward_interfaces.clone();
         self.forward_attach = running.forward_attach;
         self.max_clients = running.max_clients;
+        self.max_clients_per_uid = running.max_clients_per_uid;
         self.client_timeout = running.client_timeout;
     }
 
@@ -488,6 +499,10 @@ impl Config {
         );
         check(self.forward_attach != new.forward_attach, "forward.attach");
         check(self.max_clients != new.max_clients, "max_clients");
+        check(
+            self.max_clients_per_uid != new.max_clients_per_uid,
+            "max_clients_per_uid",
+        );
         check(self.client_timeout != new.client_timeout, "client_timeout");
         keys
     }
@@ -796,6 +811,10 @@ mod tests {
             ("socket_group = \"no-such-group-here\"", "socket_group"),
             ("max_clients = 0", "max_clients"),
             ("max_clients = 100000", "max_clients"),
+            (
+                "max_clients = 10\nmax_clients_per_uid = 11",
+                "max_clients_per_uid",
+            ),
             ("client_timeout = \"1ms\"", "client_timeout"),
             ("client_timeout = \"soon\"", "client_timeout"),
             (

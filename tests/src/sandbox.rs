@@ -111,6 +111,11 @@ impl Sandbox {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
+    /// A request with descriptors (see [`Control::request_with_fds`]).
+    pub fn request_with_fds(&self, req: Value, fds: &[std::os::fd::RawFd]) -> Value {
+        self.control.request_with_fds(req, fds)
+    }
+
     /// One raw protocol exchange (see [`Control::raw`]).
     pub fn raw(&self, line: &str) -> Value {
         self.control.raw(line)

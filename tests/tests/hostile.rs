@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reaper_tests::{assert_reset, bound, connect_bound, Conn, Sandbox, SECOND};
+use reaper_tests::{
+    assert_reset, bound, bound_ms, connect_bound, python, script, Conn, Sandbox, SECOND,
+};
 use serde_json::{json, Value};
 
 /// Reads one line, waiting at most `timeout` (scaled, like the harness's
@@ -267,5 +269,132 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
     assert!(
         !sb.delivers(peer, &mut refused, client),
         "a refused connection delivered data"
+    );
+}
+
+const NOBODY: u32 = 65534;
+const PROXY_UID: u32 = 1000;
+
+/// Starts `control_flood.py MODE SOCKET ARGS` as `uid` and waits for its
+/// "ready" line; returns the line (it holds what it opened until the
+/// sandbox ends).
+fn flood(sb: &mut Sandbox, uid: u32, mode: &str, args: &[&str]) -> String {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = python();
+    cmd.arg(script("control_flood.py"))
+        .arg(mode)
+        .arg(&sb.socket)
+        .args(args)
+        .uid(uid)
+        .gid(uid)
+        .stdin(std::process::Stdio::piped());
+    let out = sb.spawn(&mut cmd);
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("ready"),
+        "the flood did not start: {line:?}"
+    );
+    line
+}
+
+/// What every hostile test asks during its attack: a proxy's grant (its
+/// socket passed by descriptor) is answered within 100 ms, and its flow is
+/// killed within 2 ms of the 1 s deadline.
+fn proxy_is_still_served(sb: &Sandbox, session: &str) {
+    use std::os::fd::AsRawFd;
+    let mut conn = Conn::connect("127.0.0.1:5900");
+    let asked = Instant::now();
+    let reply = sb.request_with_fds(
+        json!({"op": "grant", "session": session, "user": "alice", "target": "vm-1",
+               "ttl": "1s", "flows": [{"fd": 0}]}),
+        &[conn.stream.as_raw_fd()],
+    );
+    let took_ms = asked.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(reply["ok"], true, "the proxy's grant was refused: {reply}");
+    assert!(
+        took_ms < bound_ms(100.0),
+        "the grant took {took_ms:.1} ms to answer"
+    );
+    // The passed socket is this process's own: destroyed, it reads
+    // ECONNABORTED (its peer gets the reset).
+    let (e, _) = conn.wait_reset(5 * SECOND);
+    assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED), "{e}");
+    let end = Instant::now() + bound(5 * SECOND);
+    let kill = loop {
+        if let Some(k) = sb.audit().into_iter().find(|k| k["session"] == session) {
+            break k;
+        }
+        assert!(Instant::now() < end, "no kill audited for {session}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let late_ms = kill["late_us"].as_f64().unwrap() / 1000.0;
+    assert!(
+        late_ms <= bound_ms(2.0),
+        "the kill landed {late_ms:.3} ms after its deadline: {kill}"
+    );
+}
+
+fn flood_sandbox(name: &str, extra: &str) -> Sandbox {
+    let mut sb = Sandbox::new(name);
+    sb.write_config(&format!(
+        "socket_mode = \"0666\"\n{extra}\n[access]\nuids = [{PROXY_UID}]\n\
+         [[watch]]\nports = \"5900\"\n"
+    ));
+    sb.start_daemon();
+    sb.peer(&["127.0.0.1:5900"]);
+    sb
+}
+
+/// Before, idle connections of any local user filled `max_clients` and
+/// locked the proxies and root out. Now callers who may only read share a
+/// quarter of it, and any uid but root holds `max_clients_per_uid`.
+#[test]
+fn idle_connections_of_other_users_cannot_lock_the_proxies_out() {
+    let mut sb = flood_sandbox(
+        "hostile-idle-lockout",
+        "max_clients = 160\nmax_clients_per_uid = 50",
+    );
+    flood(&mut sb, NOBODY, "idle", &["400"]);
+    // An allowed proxy flooding too is held to its own cap.
+    flood(&mut sb, PROXY_UID, "idle", &["100"]);
+    proxy_is_still_served(&sb, "during-idle-flood");
+    // A reader beyond the share is refused busy, and told why.
+    let out = sb.cli_as(NOBODY, &["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("callers who may only read"), "{stderr}");
+    let out = sb.cli_as(PROXY_UID, &["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_clients_per_uid = 50"), "{stderr}");
+}
+
+/// Before, descriptors sent with request lines were buffered before any
+/// check: a few clients exhausted the daemon's descriptors in a second, a
+/// real grant then failed with `bad_fd` and a kill landed 619 ms late. Now
+/// a caller who may not grant keeps none, and a line gathers at most 16.
+#[test]
+fn descriptor_floods_cannot_starve_the_daemon() {
+    let mut sb = flood_sandbox("hostile-fd-flood", "");
+    let said = flood(&mut sb, NOBODY, "fds", &["20", "100"]);
+    let sent: usize = said.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(
+        sent >= 20_000,
+        "the flood passed only {sent} descriptors: {said}"
+    );
+    proxy_is_still_served(&sb, "during-fd-flood");
+    // An allowed caller's connection that gathers more than 16 for one
+    // line is refused and closed.
+    let said = flood(&mut sb, PROXY_UID, "fds", &["1", "3"]);
+    assert!(
+        said.ends_with(" 1 48\n") || said.ends_with(" 1 32\n"),
+        "{said}"
+    );
+    proxy_is_still_served(&sb, "after-fd-flood");
+    let log = sb.daemon_log();
+    assert!(
+        log.contains(
+            "closed for their descriptors: more than 16 descriptors came with one request line"
+        ),
+        "{log}"
     );
 }

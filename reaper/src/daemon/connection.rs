@@ -5,10 +5,19 @@
 //! `sendmsg` that carried them. We remember the stream offset at which each
 //! batch arrived, so a request line gets exactly the descriptors that came
 //! with its own bytes, even when a client pipelines several requests.
+//!
+//! Descriptors cost the daemon what it has least of, so they are bounded
+//! before any request is read: a caller who may not change grants (and so
+//! can use none) has its descriptors closed as they arrive; a line may
+//! gather at most `MAX_FDS_PER_REQUEST`; all connections together hold at
+//! most the `FdBudget`; truncated control data (MSG_CTRUNC: descriptors the
+//! kernel dropped) is an error. Each of these closes the connection.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
@@ -36,6 +45,65 @@ pub struct Connection {
     /// Responses not yet written: a client that pipelines gets them in as
     /// few writes as it sent requests in.
     out: Vec<u8>,
+    /// Whether the caller may use descriptors at all (may change grants).
+    takes_fds: bool,
+    budget: Arc<FdBudget>,
+    /// Why the descriptors that came last were refused.
+    refused: Option<FdRefusal>,
+}
+
+/// Passed descriptors held by all connections together, against a bound.
+pub struct FdBudget {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl FdBudget {
+    pub fn new(max: usize) -> FdBudget {
+        FdBudget {
+            held: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn take(&self, n: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held + n <= self.max).then_some(held + n)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Why descriptors that came with a request were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdRefusal {
+    /// More than `MAX_FDS_PER_REQUEST` came with one line.
+    TooMany,
+    /// The kernel truncated the control data (some were dropped).
+    Truncated,
+    /// The daemon holds as many passed descriptors as it may.
+    DaemonFull,
+}
+
+impl FdRefusal {
+    pub fn message(self) -> String {
+        match self {
+            FdRefusal::TooMany => format!(
+                "more than {MAX_FDS_PER_REQUEST} descriptors came with one request line"
+            ),
+            FdRefusal::Truncated => format!(
+                "the control data of a message was truncated (more than {MAX_FDS_PER_REQUEST} descriptors in one sendmsg); some were lost"
+            ),
+            FdRefusal::DaemonFull => {
+                "the daemon holds as many passed descriptors as it may; try again later".into()
+            }
+        }
+    }
 }
 
 /// What reading the next request produced.
@@ -52,10 +120,19 @@ pub enum Incoming {
     TooLong,
     /// The client stopped in the middle of a line.
     Stalled,
+    /// Descriptors that came were refused (and closed).
+    Fds(FdRefusal),
 }
 
 impl Connection {
-    pub fn new(stream: UnixStream, timeout: Duration) -> Connection {
+    /// A connection whose caller may (`takes_fds`) or may not pass
+    /// descriptors, those it holds counted against `budget`.
+    pub fn new(
+        stream: UnixStream,
+        timeout: Duration,
+        takes_fds: bool,
+        budget: Arc<FdBudget>,
+    ) -> Connection {
         Connection {
             stream,
             timeout,
@@ -64,7 +141,14 @@ impl Connection {
             offset: 0,
             fds: VecDeque::new(),
             out: Vec::new(),
+            takes_fds,
+            budget,
+            refused: None,
         }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Whether a whole request line is already buffered (the client
@@ -87,6 +171,7 @@ impl Connection {
                         break;
                     }
                     let (at, fd) = self.fds.pop_front().expect("front exists");
+                    self.budget.give_back(1);
                     if at >= self.offset {
                         fds.push(fd);
                     }
@@ -114,6 +199,9 @@ impl Connection {
                     Err(_) => return Ok(Incoming::Stalled),
                 }
             };
+            if let Some(why) = self.refused.take() {
+                return Ok(Incoming::Fds(why));
+            }
             if read == 0 {
                 return Ok(Incoming::Closed {
                     partial: !self.buf.is_empty(),
@@ -131,16 +219,39 @@ impl Connection {
                 .stream
                 .try_io(Interest::READABLE, || recv_with_fds(raw, &mut chunk))
             {
-                Ok((n, fds)) => {
+                Ok((n, fds, truncated)) => {
                     let at = self.offset + self.buf.len();
                     self.buf.extend_from_slice(&chunk[..n]);
-                    self.fds.extend(fds.into_iter().map(|fd| (at, fd)));
+                    self.keep_fds(at, fds, truncated);
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Keeps descriptors that came at stream offset `at`, or closes them
+    /// at once (dropping them) and notes why.
+    fn keep_fds(&mut self, at: usize, fds: Vec<OwnedFd>, truncated: bool) {
+        if truncated {
+            self.refused = Some(FdRefusal::Truncated);
+            return;
+        }
+        if fds.is_empty() || !self.takes_fds {
+            return;
+        }
+        // Everything held is for the line still unfinished: a finished one
+        // is handed out before more is read.
+        if self.fds.len() + fds.len() > MAX_FDS_PER_REQUEST {
+            self.refused = Some(FdRefusal::TooMany);
+            return;
+        }
+        if !self.budget.take(fds.len()) {
+            self.refused = Some(FdRefusal::DaemonFull);
+            return;
+        }
+        self.fds.extend(fds.into_iter().map(|fd| (at, fd)));
     }
 
     /// Queues a response line; `flush` writes what is queued.
@@ -169,8 +280,15 @@ impl Connection {
     }
 }
 
-/// `recvmsg` that also collects SCM_RIGHTS descriptors (close-on-exec).
-fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.budget.give_back(self.fds.len());
+    }
+}
+
+/// `recvmsg` that also collects SCM_RIGHTS descriptors (close-on-exec),
+/// and says whether the control data was truncated.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     const SPACE: usize = MAX_FDS_PER_REQUEST * std::mem::size_of::<RawFd>();
     // Room for one SCM_RIGHTS header plus MAX_FDS_PER_REQUEST descriptors.
     let mut control = [0u64; (SPACE + 64) / 8];
@@ -183,7 +301,11 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)>
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
+    // Exactly one request's worth: more is truncated (MSG_CTRUNC), which
+    // the caller treats as an error.
+    // SAFETY: CMSG_SPACE is arithmetic.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(SPACE as u32) } as usize;
+    debug_assert!(msg.msg_controllen <= std::mem::size_of_val(&control));
     let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -204,7 +326,7 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)>
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    Ok((n as usize, fds))
+    Ok((n as usize, fds, msg.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
 #[cfg(test)]
@@ -220,7 +342,8 @@ mod tests {
         });
         server.set_nonblocking(true).unwrap();
         let server = UnixStream::from_std(server).unwrap();
-        let mut conn = Connection::new(server, Duration::from_secs(5));
+        let budget = Arc::new(FdBudget::new(64));
+        let mut conn = Connection::new(server, Duration::from_secs(5), true, budget);
         let incoming = conn.next().await.unwrap();
         drop(conn);
         writer.join().unwrap();
@@ -240,5 +363,127 @@ mod tests {
         let mut far_over = vec![b'x'; MAX_LINE_BYTES + 10_000];
         far_over.push(b'\n');
         assert!(matches!(first(far_over).await, Incoming::TooLong));
+    }
+
+    /// Sends `bytes` with `n` descriptors (copies of stdin's) in one
+    /// sendmsg.
+    fn send_with_fds(sock: &std::os::unix::net::UnixStream, bytes: &[u8], n: usize) {
+        let fds: Vec<RawFd> = vec![0; n];
+        let space = unsafe { libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32) } as usize;
+        let mut control = vec![0u64; space.div_ceil(8)];
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut _,
+            iov_len: bytes.len(),
+        };
+        // SAFETY: msghdr points at live buffers for the call; the cmsg
+        // macros walk the control buffer sized for it.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN((n * std::mem::size_of::<RawFd>()) as u32) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), n);
+            assert_eq!(
+                libc::sendmsg(sock.as_raw_fd(), &msg, 0),
+                bytes.len() as isize
+            );
+        }
+    }
+
+    /// A connection over a socket pair, and the client's end.
+    fn pair(
+        takes_fds: bool,
+        budget: usize,
+    ) -> (Connection, std::os::unix::net::UnixStream, Arc<FdBudget>) {
+        let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let budget = Arc::new(FdBudget::new(budget));
+        let conn = Connection::new(
+            UnixStream::from_std(server).unwrap(),
+            Duration::from_secs(5),
+            takes_fds,
+            budget.clone(),
+        );
+        (conn, client, budget)
+    }
+
+    fn held(budget: &FdBudget) -> usize {
+        budget.held.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_line_gets_the_descriptors_that_came_with_it_up_to_the_limit() {
+        let (mut conn, client, budget) = pair(true, 64);
+        send_with_fds(&client, b"{\"a\":", 8);
+        send_with_fds(&client, b"1}\n", 8);
+        let Incoming::Line { fds, .. } = conn.next().await.unwrap() else {
+            panic!("a line")
+        };
+        assert_eq!(fds.len(), 16, "two batches of 8 make one request's 16");
+        assert_eq!(held(&budget), 0, "handed out, no longer the connection's");
+        drop(fds);
+        // Before, batches kept coming until the daemon ran out of files.
+        send_with_fds(&client, b"{", 16);
+        send_with_fds(&client, b"\"", 1);
+        assert!(matches!(
+            conn.next().await.unwrap(),
+            Incoming::Fds(FdRefusal::TooMany)
+        ));
+        drop(conn);
+        assert_eq!(held(&budget), 0);
+    }
+
+    #[tokio::test]
+    async fn truncated_control_data_is_an_error() {
+        let (mut conn, client, budget) = pair(true, 64);
+        send_with_fds(&client, b"{}\n", MAX_FDS_PER_REQUEST + 4);
+        assert!(matches!(
+            conn.next().await.unwrap(),
+            Incoming::Fds(FdRefusal::Truncated)
+        ));
+        assert_eq!(held(&budget), 0);
+    }
+
+    #[tokio::test]
+    async fn a_caller_who_cannot_grant_keeps_no_descriptor() {
+        let (mut conn, client, budget) = pair(false, 64);
+        send_with_fds(&client, b"{\"op\":", 16);
+        // Held until the line ended, before: now closed as they come.
+        assert_eq!(held(&budget), 0);
+        send_with_fds(&client, b"1}\n", 16);
+        let Incoming::Line { fds, .. } = conn.next().await.unwrap() else {
+            panic!("a line")
+        };
+        assert!(fds.is_empty());
+    }
+
+    #[tokio::test]
+    async fn descriptors_past_the_daemons_budget_are_refused() {
+        let (mut a, client_a, budget) = pair(true, 20);
+        let (client_b, server_b) = std::os::unix::net::UnixStream::pair().unwrap();
+        server_b.set_nonblocking(true).unwrap();
+        let mut b = Connection::new(
+            UnixStream::from_std(server_b).unwrap(),
+            Duration::from_secs(5),
+            true,
+            budget.clone(),
+        );
+        send_with_fds(&client_a, b"{", 16);
+        send_with_fds(&client_b, b"{", 8);
+        // a holds 16 of 20 while its line is unfinished...
+        let _ = tokio::time::timeout(Duration::from_millis(50), a.next()).await;
+        assert_eq!(held(&budget), 16);
+        // ...so b's 8 do not fit.
+        assert!(matches!(
+            b.next().await.unwrap(),
+            Incoming::Fds(FdRefusal::DaemonFull)
+        ));
+        drop(a);
+        assert_eq!(held(&budget), 0);
     }
 }

@@ -46,25 +46,35 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<()> {
     runtime.block_on(serve(config, path))
 }
 
-/// Raises the soft limit on open files to the hard one: every control
-/// client holds a descriptor, and a thousand idle ones must not starve the
-/// rest (the common default soft limit is 1024).
-fn raise_fd_limit() {
+/// Raises the soft limit on open files to the hard one, and returns the
+/// limit now in force: every control client holds a descriptor, and a
+/// thousand idle ones must not starve the rest (the common default soft
+/// limit is 1024).
+fn raise_fd_limit() -> usize {
     let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+        rlim_cur: 1024,
+        rlim_max: 1024,
     };
     // SAFETY: lim is a valid out-pointer, then a valid in-pointer.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0
+            && lim.rlim_cur < lim.rlim_max
+            && libc::setrlimit(
+                libc::RLIMIT_NOFILE,
+                &libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                },
+            ) == 0
+        {
             lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+    lim.rlim_cur as usize
 }
 
 async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
-    raise_fd_limit();
+    let open_files = raise_fd_limit();
     // Refusals first, before any program is loaded or attached: another
     // daemon on this socket, or on these pins (whose lock is then held for
     // the daemon's life).
@@ -108,7 +118,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     let mut hangup =
         signal(SignalKind::hangup()).map_err(Error::io("installing SIGHUP handler"))?;
     info!(socket = %config.socket.display(), "reaper daemon ready");
-    let accept = server::accept_loop(listener, state.clone(), &config);
+    let accept = server::accept_loop(listener, state.clone(), &config, open_files);
     tokio::pin!(accept);
     loop {
         tokio::select! {

@@ -97,6 +97,11 @@ impl<K: Kernel> Core<K> {
         &self.kernel
     }
 
+    /// Whether `caller` may change grants (under the config in force).
+    pub fn may_change_grants(&self, caller: Caller) -> bool {
+        self.config.access.allows(caller.uid, caller.gid)
+    }
+
     /// The wall-clock time of a boot-clock instant.
     fn wall(&self, boot_ns: u64) -> i128 {
         boot_ns as i128 + self.wall_offset_ns
