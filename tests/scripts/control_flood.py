@@ -4,11 +4,16 @@
     control_flood.py fds SOCKET N M     on N connections, send M messages of
                                         one byte and 16 descriptors each,
                                         never a newline, then hold them
+    control_flood.py expect SOCKET N    on one connection, ask for N sessions
+                                        that each pre-register a connection
+                                        (no socket needed)
 
 Prints "ready CONNECTED SENT" once done (the connections it got, the
-descriptors the daemon took), then holds everything until stdin closes.
+descriptors the daemon took, or the grants it got and the refusal codes
+it met), then holds everything until stdin closes.
 """
 
+import json
 import os
 import resource
 import socket
@@ -19,7 +24,7 @@ _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 conns = []
-for _ in range(count):
+for _ in range(1 if mode == "expect" else count):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(path)
@@ -41,5 +46,20 @@ if mode == "fds":
                 break
             sent += 16
 
-print("ready", len(conns), sent, flush=True)
+if mode == "expect":
+    reader = conns[0].makefile("r")
+    granted, codes = 0, set()
+    for i in range(count):
+        request = {"op": "grant", "session": f"flood-{os.getpid()}-{i}", "user": "u",
+                   "target": f"t{i}", "ttl": "1h",
+                   "expect": [{"local": "127.0.0.1:0", "remote": f"127.0.0.1:{5901 + i % 98}"}]}
+        conns[0].sendall(json.dumps(request).encode() + b"\n")
+        reply = json.loads(reader.readline())
+        if reply["ok"]:
+            granted += 1
+        else:
+            codes.add(reply["error"]["code"])
+    print("ready", granted, ",".join(sorted(codes)), flush=True)
+else:
+    print("ready", len(conns), sent, flush=True)
 sys.stdin.read()

@@ -398,3 +398,17 @@ fn descriptor_floods_cannot_starve_the_daemon() {
         "{log}"
     );
 }
+
+/// Before, one allowed caller could fill the session table with
+/// pre-registrations, which need no socket. Now each uid has a quota.
+#[test]
+fn one_proxy_cannot_fill_the_session_table() {
+    let mut sb = flood_sandbox(
+        "hostile-session-flood",
+        "max_sessions = 64\nmax_pending = 64",
+    );
+    // The quotas by default: 64/4 = 16 sessions, 64/8 = 8 pre-registrations.
+    let said = flood(&mut sb, PROXY_UID, "expect", &["200"]);
+    assert_eq!(said.trim(), "ready 8 quota_exceeded", "{said}");
+    proxy_is_still_served(&sb, "during-session-flood");
+}
