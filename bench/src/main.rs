@@ -24,7 +24,7 @@ mod report;
 use std::path::PathBuf;
 
 use control_plane::control_plane;
-use data_path::data_path;
+use data_path::{connection_setup, data_path};
 use held::{hold_clients, hold_server};
 use kill_latency::kill_latency;
 use mass_expiry::mass_expiry;
@@ -82,6 +82,7 @@ fn main() {
     if wanted("datapath") {
         eprintln!("reaper-bench: data path");
         data_path(&mut rows, quick);
+        connection_setup(&mut rows, quick);
     }
     if wanted("control") {
         eprintln!("reaper-bench: control plane");

@@ -38,6 +38,8 @@ pub mod map_names {
     pub const FORWARDED: &str = "FORWARDED";
     pub const FORWARDED_GRANTS: &str = "FORWARDED_GRANTS";
     pub const MARKS: &str = "MARKS";
+    pub const OWNERS: &str = "OWNERS";
+    pub const OWNER_FLOWS: &str = "OWNER_FLOWS";
 }
 
 /// Names of the programs in the object.
@@ -46,6 +48,7 @@ pub mod program_names {
     pub const INGRESS: &str = "reaper_ingress";
     pub const EGRESS: &str = "reaper_egress";
     pub const FORWARD: &str = "reaper_forward";
+    pub const SOCK_CREATE: &str = "reaper_sock_create";
 }
 
 /// A TCP connection as one of its sockets sees it.
@@ -103,8 +106,17 @@ pub struct Flow {
     /// no per-packet tracking.
     pub snd_isn1: u32,
     pub rcv_isn1: u32,
-    pub _pad: u32,
+    /// The uid that created the socket (or, for an accepted one, its
+    /// listener), whose share of `FLOWS` it counts against; [`NO_OWNER`]
+    /// for root and for sockets made before reaper first ran.
+    pub owner_uid: u32,
 }
+
+/// `Flow::owner_uid` of a socket whose flows count against no share.
+pub const NO_OWNER: u32 = u32::MAX;
+
+/// Distinct socket owners whose tracked flows are counted (`OWNER_FLOWS`).
+pub const MAX_OWNERS: u32 = 16_384;
 
 /// What a socket refused for a full flow table carries in its own storage
 /// (`MARKS`, a socket-local storage map): it has no `FLOWS` entry, and the
@@ -169,6 +181,9 @@ pub mod setting {
     /// grace: what the packet path cached of a flow at another epoch is
     /// stale. Never 0 once the daemon has started.
     pub const FLOWS_EPOCH: u32 = 1;
+    /// Most tracked flows the sockets of one owner uid (other than root)
+    /// may hold in `FLOWS`; 0 = no share.
+    pub const FLOWS_PER_OWNER: u32 = 2;
     pub const COUNT: u32 = 4;
 }
 
@@ -366,6 +381,9 @@ pub mod counter {
     /// storage could not be allocated): the kernel does not drop their
     /// packets; the daemon still destroys them.
     pub const UNMARKED: u32 = 6;
+    /// Watched flows not tracked because their owner held its whole share
+    /// of `FLOWS` (`max_flows_per_owner`).
+    pub const SHARE_EXCEEDED: u32 = 7;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }

@@ -17,14 +17,22 @@
 //!   socket cookie, when a flow's packets start being dropped, re-read from
 //!   `FLOWS` only when the daemon has changed something (an epoch).
 //!
+//! * `reaper_sock_create` (cgroup/sock_create) records who made each TCP
+//!   socket, so that each owner uid holds at most its share of `FLOWS`.
+//!
 //! One file per program family, as they are attached: `sockops`,
-//! `packet` (cgroup_skb), `forward` (tc); the maps they share in `maps`.
+//! `packet` (cgroup_skb), `forward` (tc), `owner` (cgroup/sock_create and
+//! the shares); the maps they share in `maps`.
 
 #![no_std]
 #![no_main]
+// The atomic add of `owner::atomic_add` (the BPF target has no CAS).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod forward;
 mod maps;
+mod owner;
 mod packet;
 mod sockops;
 

@@ -20,6 +20,7 @@ use reaper_common::{
 };
 
 use crate::maps::{count, marked, marks, EVENTS, FLOWS, PENDING};
+use crate::owner::{charge, owner_of, uncharge};
 
 /// Reports a flow on the ring buffer, writing straight into the reserved
 /// record: a `FlowEvent` built on the stack would not fit next to a `Flow`
@@ -97,6 +98,8 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
     } else {
         v6
     };
+    // SAFETY: reading a context field (a nullable socket pointer).
+    let sk = unsafe { read_volatile(&(*ops).__bindgen_anon_2.sk) };
     let ops = ops as *mut c_void;
     let cookie = unsafe { bpf_get_socket_cookie(ops) };
     let mut tuple = FlowTuple {
@@ -123,7 +126,7 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         flags,
         snd_isn1,
         rcv_isn1,
-        _pad: 0,
+        owner_uid: owner_of(sk.cast()),
     };
     // A grant registered before the connection: exact tuple first, then the
     // tuple with the client's ephemeral port left open.
@@ -141,8 +144,17 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         flow.session = grant.session;
         count(counter::PENDING_MATCHED);
     }
-    if FLOWS.insert(&cookie, &flow, 0).is_err() {
+    let refused = if !charge(flow.owner_uid) {
+        count(counter::SHARE_EXCEEDED);
+        true
+    } else if FLOWS.insert(&cookie, &flow, 0).is_err() {
+        uncharge(flow.owner_uid);
         count(counter::TABLE_FULL);
+        true
+    } else {
+        false
+    };
+    if refused {
         // A fenced flow, or one already granted a deadline, must not run
         // unenforced: its mark drops every packet from now on and the daemon
         // is told to destroy it. Any other flow is left alone, untracked.
@@ -152,7 +164,8 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         } else {
             warn!(
                 ctx,
-                "reaper: flow table full, connection not tracked (ports {} -> {})",
+                "reaper: flow table full or owner {} at its share, connection not tracked (ports {} -> {})",
+                flow.owner_uid,
                 local_port,
                 remote_port
             );
@@ -206,10 +219,16 @@ fn take_pending(key: &FlowTuple, netns_cookie: u64) -> Option<PendingGrant> {
 fn on_close(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     // Report straight from the map entry, then remove it.
-    match unsafe { FLOWS.get(&cookie) } {
-        Some(flow) => emit(FlowEventKind::Closed, cookie, flow),
+    let owner = match unsafe { FLOWS.get(&cookie) } {
+        Some(flow) => {
+            emit(FlowEventKind::Closed, cookie, flow);
+            flow.owner_uid
+        }
         None => return,
+    };
+    // Only the close that removed the entry gives its charge back.
+    if FLOWS.remove(&cookie).is_ok() {
+        uncharge(owner);
     }
-    let _ = FLOWS.remove(&cookie);
     count(counter::CLOSED);
 }

@@ -18,6 +18,9 @@ pub const DEFAULT_MAX_TTL: &str = "7d";
 pub const DEFAULT_FENCE_GRACE: &str = "2s";
 pub const DEFAULT_CLIENT_TIMEOUT: &str = "10s";
 pub const DEFAULT_MAX_CLIENTS: u32 = 4096;
+/// The daemon's default nice value: ahead of ordinary work (0), so that a
+/// busy machine, or a user flooding it, does not make kills late.
+pub const DEFAULT_NICE: i32 = -10;
 /// Each control connection holds a descriptor; the daemon raises its soft
 /// limit to the hard one, commonly 20000 or more where it runs.
 pub const MAX_CLIENTS_LIMIT: u32 = 16_384;
@@ -56,6 +59,9 @@ pub struct Config {
     pub cgroup: Option<PathBuf>,
     pub audit_file: Option<PathBuf>,
     pub max_flows: u32,
+    /// Most tracked flows the sockets of one uid other than root may hold
+    /// in the kernel table; 0 = no share.
+    pub max_flows_per_owner: u32,
     pub max_sessions: u32,
     /// Size of the pre-registration table (`expect`).
     pub max_pending: u32,
@@ -80,6 +86,8 @@ pub struct Config {
     pub max_clients: usize,
     /// Most control connections one uid other than root may hold.
     pub max_clients_per_uid: usize,
+    /// The daemon's nice value: kills must not wait behind other work.
+    pub nice: i32,
     /// How long a client may take to finish a request line it started, or
     /// to take a response.
     pub client_timeout: std::time::Duration,
@@ -109,6 +117,7 @@ struct RawConfig {
     cgroup: Option<PathBuf>,
     audit_file: Option<PathBuf>,
     max_flows: Option<u32>,
+    max_flows_per_owner: Option<u32>,
     max_sessions: Option<u32>,
     max_pending: Option<u32>,
     max_ttl: Option<String>,
@@ -122,6 +131,7 @@ struct RawConfig {
     forward: Option<RawForward>,
     max_clients: Option<u32>,
     max_clients_per_uid: Option<u32>,
+    nice: Option<i32>,
     client_timeout: Option<String>,
 }
 
@@ -401,6 +411,16 @@ impl Config {
                 "max_clients_per_uid: {max_clients_per_uid} is outside 1..={max_clients} (max_clients)"
             ));
         }
+        let max_flows_per_owner = raw.max_flows_per_owner.unwrap_or(max_flows / 8);
+        if max_flows_per_owner > max_flows {
+            return Err(format!(
+                "max_flows_per_owner: {max_flows_per_owner} is more than max_flows ({max_flows})"
+            ));
+        }
+        let nice = raw.nice.unwrap_or(DEFAULT_NICE);
+        if !(-20..=19).contains(&nice) {
+            return Err(format!("nice: {nice} is outside -20..=19"));
+        }
         let access = access_of(
             raw.access.unwrap_or_default(),
             &classes,
@@ -417,6 +437,7 @@ impl Config {
             cgroup: non_empty(raw.cgroup),
             audit_file: non_empty(raw.audit_file),
             max_flows,
+            max_flows_per_owner,
             max_sessions,
             max_pending,
             max_ttl_ns,
@@ -431,6 +452,7 @@ impl Config {
             forward_attach,
             max_clients: max_clients as usize,
             max_clients_per_uid: max_clients_per_uid as usize,
+            nice,
             client_timeout: std::time::Duration::from_nanos(client_timeout_ns),
         })
     }
@@ -447,6 +469,19 @@ impl Config {
                     .unwrap_or_else(|| Class::fallback(self.max_ttl_ns)),
             ),
         }
+    }
+
+    /// Whether a connection with these ports is watched or fenced (from its
+    /// socket's side: `local` is the socket's own port).
+    pub fn watches(&self, local_port: u16, remote_port: u16) -> bool {
+        self.watch.iter().chain(&self.fence).any(|w| {
+            let has = |p: u16| (w.first..=w.last).contains(&p);
+            match w.side {
+                Side::Local => has(local_port),
+                Side::Remote => has(remote_port),
+                Side::Any => has(local_port) || has(remote_port),
+            }
+        })
     }
 
     /// Takes the restart-only keys from the running config, so that a
@@ -467,6 +502,7 @@ impl Config {
         self.forward_attach = running.forward_attach;
         self.max_clients = running.max_clients;
         self.max_clients_per_uid = running.max_clients_per_uid;
+        self.nice = running.nice;
         self.client_timeout = running.client_timeout;
     }
 
@@ -503,6 +539,7 @@ impl Config {
             self.max_clients_per_uid != new.max_clients_per_uid,
             "max_clients_per_uid",
         );
+        check(self.nice != new.nice, "nice");
         check(self.client_timeout != new.client_timeout, "client_timeout");
         keys
     }
@@ -817,6 +854,7 @@ mod tests {
             ),
             ("client_timeout = \"1ms\"", "client_timeout"),
             ("client_timeout = \"soon\"", "client_timeout"),
+            ("nice = -21", "nice"),
             (
                 "socket_dir_group = \"no-such-group-here\"",
                 "socket_dir_group",

@@ -143,6 +143,10 @@ pub trait Kernel {
     fn put_pending(&mut self, key: &FlowTuple, grant: &PendingGrant) -> Result<bool>;
     fn remove_pending(&mut self, key: &FlowTuple);
 
+    /// Tracked flows per socket owner uid with any (`OWNER_FLOWS`); root
+    /// and sockets older than reaper count under no owner, and are absent.
+    fn flow_holders(&self) -> Vec<(u32, u64)>;
+
     // --- FORWARDED and its grants: flows this host routes
     fn forwarded(&self, key: &FlowTuple) -> Option<Forwarded>;
     fn forwarded_flows(&self) -> Vec<(FlowTuple, Forwarded)>;

@@ -275,6 +275,26 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
 const NOBODY: u32 = 65534;
 const PROXY_UID: u32 = 1000;
 
+/// Starts `script` with `args` as `uid` and waits for its "ready" line;
+/// returns the line (it holds what it opened until the sandbox ends).
+fn run_as(sb: &mut Sandbox, uid: u32, script_name: &str, args: &[&str]) -> String {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = python();
+    cmd.arg(script(script_name))
+        .args(args)
+        .uid(uid)
+        .gid(uid)
+        .stdin(std::process::Stdio::piped());
+    let out = sb.spawn(&mut cmd);
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("ready"),
+        "{script_name} did not start: {line:?}"
+    );
+    line
+}
+
 /// Starts `control_flood.py MODE SOCKET ARGS` as `uid` and waits for its
 /// "ready" line; returns the line (it holds what it opened until the
 /// sandbox ends).
@@ -329,6 +349,9 @@ fn proxy_is_still_served(sb: &Sandbox, session: &str) {
         std::thread::sleep(Duration::from_millis(10));
     };
     let late_ms = kill["late_us"].as_f64().unwrap() / 1000.0;
+    println!(
+        "{session}: grant answered in {took_ms:.2} ms, kill {late_ms:.3} ms after its deadline"
+    );
     assert!(
         late_ms <= bound_ms(2.0),
         "the kill landed {late_ms:.3} ms after its deadline: {kill}"
@@ -411,4 +434,39 @@ fn one_proxy_cannot_fill_the_session_table() {
     let said = flood(&mut sb, PROXY_UID, "expect", &["200"]);
     assert_eq!(said.trim(), "ready 8 quota_exceeded", "{said}");
     proxy_is_still_served(&sb, "during-session-flood");
+}
+
+/// Before, an unprivileged user's self-connections on a watched port (the
+/// default watch covers either end of 5900-5999) filled the kernel flow
+/// table: console connections then went untracked and could not be
+/// granted. Now each owner uid holds at most `max_flows_per_owner`, and a
+/// flow left untracked by a full share is refused `flow_table_exhausted`,
+/// naming the holder.
+#[test]
+fn an_unprivileged_user_cannot_fill_the_flow_table() {
+    let mut sb = Sandbox::new("hostile-flow-flood");
+    sb.write_config(
+        "socket_mode = \"0666\"\nmax_flows = 1024\nmax_flows_per_owner = 100\n\
+         [[watch]]\nports = \"5900-5999\"\n",
+    );
+    sb.start_daemon();
+    sb.peer(&["127.0.0.1:5900"]);
+    // 700 self-connections: 1400 sockets, more than the whole table.
+    let said = run_as(&mut sb, NOBODY, "flow_flood.py", &["5950", "700"]);
+    let ends: Vec<&str> = said.split_whitespace().skip(1).collect();
+    proxy_is_still_served(&sb, "during-flow-flood");
+    let status = sb.ok(json!({"op": "status"}));
+    let counters = &status["counters"];
+    assert!(
+        counters["share_exceeded"].as_u64().unwrap() >= 1300,
+        "{status}"
+    );
+    assert!(counters["tracked"].as_u64().unwrap() < 200, "{status}");
+    let r = sb.request(
+        json!({"op": "grant", "session": "theirs", "user": "u", "target": "t",
+                              "ttl": "1h", "flows": [{"local": ends[0], "remote": ends[1]}]}),
+    );
+    assert_eq!(r["error"]["code"], "flow_table_exhausted", "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("uid 65534 (100)"), "{message}");
 }

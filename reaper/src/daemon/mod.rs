@@ -73,8 +73,22 @@ fn raise_fd_limit() -> usize {
     lim.rlim_cur as usize
 }
 
+/// Runs the daemon at `nice`: a deadline's kill is due to the
+/// millisecond, and should not queue behind ordinary processes.
+fn set_priority(nice: i32) {
+    // SAFETY: plain syscall on the calling process.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        tracing::warn!(
+            nice,
+            "could not set the daemon's priority ({}); kills may be late on a busy machine",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     let open_files = raise_fd_limit();
+    set_priority(config.nice);
     // Refusals first, before any program is loaded or attached: another
     // daemon on this socket, or on these pins (whose lock is then held for
     // the daemon's life).

@@ -41,6 +41,7 @@ pub fn refusal(refused: Refused) -> Refusal {
         Code::BadFd => RefusalCode::BadFd,
         Code::TableFull => RefusalCode::TableFull,
         Code::QuotaExceeded => RefusalCode::QuotaExceeded,
+        Code::FlowTableExhausted => RefusalCode::FlowTableExhausted,
         Code::Internal => RefusalCode::Internal,
     };
     Refusal::new(code, refused.message)

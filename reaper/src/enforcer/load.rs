@@ -9,7 +9,8 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, LinkOrder};
 use aya::programs::tc::{self, NlOptions, TcAttachOptions};
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, SockOps, TcAttachType,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, SchedClassifier, SockOps,
+    TcAttachType,
 };
 use aya::{Ebpf, EbpfLoader};
 use reaper_common::{
@@ -27,8 +28,10 @@ use crate::kernel::{Kernel, KillPath};
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
 
-/// Name of a pinned link under `pin_path`.
-const LINK_PINS: [(&str, &str); 3] = [
+/// Name of a pinned link under `pin_path`. The socket owners are recorded
+/// from before the first connection is tracked.
+const LINK_PINS: [(&str, &str); 4] = [
+    (program_names::SOCK_CREATE, "link_sock_create"),
     (program_names::SOCKOPS, "link_sockops"),
     (program_names::INGRESS, "link_ingress"),
     (program_names::EGRESS, "link_egress"),
@@ -66,6 +69,8 @@ impl Enforcer {
             map_names::FORWARDED,
             map_names::FORWARDED_GRANTS,
             map_names::MARKS,
+            map_names::OWNERS,
+            map_names::OWNER_FLOWS,
         ];
         for name in names {
             loader.map_pin_path(name, pin(name));
@@ -92,6 +97,7 @@ impl Enforcer {
         let pending = HashMap::try_from(take(&mut ebpf, map_names::PENDING)?)?;
         let forwarded = HashMap::try_from(take(&mut ebpf, map_names::FORWARDED)?)?;
         let forwarded_grants = HashMap::try_from(take(&mut ebpf, map_names::FORWARDED_GRANTS)?)?;
+        let owner_flows = HashMap::try_from(take(&mut ebpf, map_names::OWNER_FLOWS)?)?;
         let frames = if config.forward_interfaces.is_empty() {
             None
         } else {
@@ -124,6 +130,7 @@ impl Enforcer {
             pending,
             forwarded,
             forwarded_grants,
+            owner_flows,
             frames,
             own,
             namespaces: netns::Namespaces::new(netns_cookie),
@@ -142,6 +149,11 @@ impl Enforcer {
             })?;
             let fd_link: aya::programs::links::FdLink = if program == program_names::SOCKOPS {
                 let p: &mut SockOps = prog.try_into()?;
+                p.load()?;
+                let id = p.attach(&cgroup_dir, CgroupAttachMode::Single)?;
+                p.take_link(id)?.try_into()?
+            } else if program == program_names::SOCK_CREATE {
+                let p: &mut CgroupSock = prog.try_into()?;
                 p.load()?;
                 let id = p.attach(&cgroup_dir, CgroupAttachMode::Single)?;
                 p.take_link(id)?.try_into()?
@@ -215,6 +227,13 @@ fn check_pinned_geometry(ebpf: &Ebpf, config: &Config) -> Result<()> {
             value: size_of::<PendingGrant>(),
             entries: Some(config.max_pending),
             strict: false,
+        },
+        Expect {
+            name: map_names::OWNER_FLOWS,
+            key: 4,
+            value: 8,
+            entries: Some(reaper_common::MAX_OWNERS),
+            strict: true,
         },
         Expect {
             name: map_names::WATCH,

@@ -54,6 +54,8 @@ pub struct Enforcer {
     pending: HashMap<MapData, FlowTuple, PendingGrant>,
     forwarded: HashMap<MapData, FlowTuple, Forwarded>,
     forwarded_grants: HashMap<MapData, FlowTuple, PendingGrant>,
+    /// Tracked flows per socket owner uid (the kernel keeps the counts).
+    owner_flows: HashMap<MapData, u32, u64>,
     /// AF_PACKET socket for RSTs to forwarded flows' ends (when forwarding).
     frames: Option<std::os::fd::OwnedFd>,
     /// The daemon's own namespace.
@@ -255,6 +257,14 @@ impl Kernel for Enforcer {
         self.forwarded_grants.get(key, 0).ok()
     }
 
+    fn flow_holders(&self) -> Vec<(u32, u64)> {
+        self.owner_flows
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, held)| *held != 0)
+            .collect()
+    }
+
     fn forwarded_grants(&self) -> Vec<(FlowTuple, PendingGrant)> {
         self.forwarded_grants
             .iter()
@@ -339,6 +349,11 @@ impl Kernel for Enforcer {
         }
         self.settings
             .set(setting::FENCE_GRACE_NS, config.fence_grace_ns, 0)?;
+        self.settings.set(
+            setting::FLOWS_PER_OWNER,
+            config.max_flows_per_owner as u64,
+            0,
+        )?;
         // Also at start: marks cached by the programs of an earlier run
         // are re-read, and the epoch is never 0 while programs run.
         self.bump_epoch()
@@ -354,6 +369,7 @@ impl Kernel for Enforcer {
             (counter::EVENTS_LOST, "events_lost"),
             (counter::PENDING_MATCHED, "pending_matched"),
             (counter::UNMARKED, "unmarked"),
+            (counter::SHARE_EXCEEDED, "share_exceeded"),
         ];
         names
             .iter()

@@ -43,6 +43,10 @@ pub enum RefusalCode {
     BadFd,
     /// A kernel table is full.
     TableFull,
+    /// A watched flow is not tracked because the kernel flow table, or its
+    /// owner's share of it, is full: the message names who holds it. A
+    /// proxy fails closed on it.
+    FlowTableExhausted,
     /// The caller's uid holds as many sessions, or pre-registered
     /// connections, as its quota (`[access]`) allows.
     QuotaExceeded,

@@ -71,6 +71,8 @@ pub struct FakeKernel {
     /// Events not yet taken by the core, and how many the ring lost.
     pub queued: Vec<FlowEvent>,
     pub lost: u64,
+    /// What `flow_holders` says.
+    pub holders: Vec<(u32, u64)>,
     /// Flow writes since the last publish.
     dirty: bool,
 }
@@ -102,6 +104,7 @@ impl FakeKernel {
             log: Vec::new(),
             queued: Vec::new(),
             lost: 0,
+            holders: Vec::new(),
             dirty: false,
         }
     }
@@ -416,6 +419,10 @@ impl Kernel for FakeKernel {
 
     fn namespaces_open(&self) -> usize {
         0
+    }
+
+    fn flow_holders(&self) -> Vec<(u32, u64)> {
+        self.holders.clone()
     }
 
     fn inspect_socket(&self, fd: BorrowedFd<'_>) -> std::result::Result<SocketInfo, String> {

@@ -287,6 +287,9 @@ pub enum Code {
     BadFd,
     /// A table is full.
     TableFull,
+    /// A watched flow went untracked because the kernel flow table, or its
+    /// owner's share of it, is full.
+    FlowTableExhausted,
     /// The caller's uid holds as many sessions or pre-registrations as its
     /// quota allows.
     QuotaExceeded,

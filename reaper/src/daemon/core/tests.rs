@@ -1163,3 +1163,42 @@ fn grants_extends_and_revokes_are_audited_with_their_requester() {
         ]
     );
 }
+
+#[test]
+fn a_watched_flow_left_untracked_by_a_full_share_is_refused_naming_the_holder() {
+    let mut h = harness_with(&format!("max_flows_per_owner = 10\n{CONFIG}"));
+    h.fake().holders = vec![(1001, 3), (65534, 10)];
+    let line = grant_line(
+        "s1",
+        "alice",
+        "vm-1",
+        r#","ttl":"10m""#,
+        &[("127.0.0.1:5901", "127.0.0.1:40001")],
+    );
+    let r = refused_changes_nothing(&mut h, PROXY, &line, Code::FlowTableExhausted);
+    assert!(r.message.contains("uid 65534 (10)"), "{}", r.message);
+    assert!(
+        !r.message.contains("uid 1001"),
+        "below its share: {}",
+        r.message
+    );
+    // An unwatched flow is simply not there.
+    let line = grant_line(
+        "s1",
+        "alice",
+        "vm-1",
+        r#","ttl":"10m""#,
+        &[("127.0.0.1:22", "127.0.0.1:40001")],
+    );
+    refused_changes_nothing(&mut h, PROXY, &line, Code::NoSuchFlow);
+    // With every share below its bound, a missing flow is missing.
+    h.fake().holders = vec![(65534, 9)];
+    let line = grant_line(
+        "s1",
+        "alice",
+        "vm-1",
+        r#","ttl":"10m""#,
+        &[("127.0.0.1:5901", "127.0.0.1:40001")],
+    );
+    refused_changes_nothing(&mut h, PROXY, &line, Code::NoSuchFlow);
+}

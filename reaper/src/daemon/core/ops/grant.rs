@@ -186,6 +186,10 @@ impl<K: Kernel> Core<K> {
                         Refused::new(Code::BadFd, format!("flows[{i}].fd: {why}"))
                     })?;
                     if self.tracked_flow(info.cookie).is_none() {
+                        let watched = self.config.watches(info.local.port(), info.remote.port());
+                        if let Some(full) = self.exhausted().filter(|_| watched) {
+                            return Err(full);
+                        }
                         return refuse(
                             Code::FlowNotTracked,
                             format!(
@@ -209,6 +213,14 @@ impl<K: Kernel> Core<K> {
                         if let Some(key) = self.forwarded_key(local, remote) {
                             forwarded.push(key);
                             continue;
+                        }
+                    }
+                    // Either end may be the socket that went untracked.
+                    let watched = self.config.watches(local.port(), remote.port())
+                        || self.config.watches(remote.port(), local.port());
+                    if found.is_empty() && watched {
+                        if let Some(full) = self.exhausted() {
+                            return Err(full);
                         }
                     }
                     if found.is_empty() {
@@ -241,6 +253,46 @@ impl<K: Kernel> Core<K> {
         });
         forwarded.dedup();
         Ok((cookies, forwarded))
+    }
+
+    /// The refusal for a watched flow the kernel does not track, when a
+    /// full table or an owner's full share explains it (a proxy fails
+    /// closed on `flow_table_exhausted`): it names who holds the table.
+    fn exhausted(&self) -> Option<Refused> {
+        let max = self.config.max_flows as usize;
+        let tracked = self.index.flow_count();
+        let share = u64::from(self.config.max_flows_per_owner);
+        let mut holders = self.kernel.flow_holders();
+        holders.sort_unstable_by_key(|(uid, held)| (std::cmp::Reverse(*held), *uid));
+        let full_share: Vec<String> = holders
+            .iter()
+            .filter(|(_, held)| share != 0 && *held >= share)
+            .map(|(uid, held)| format!("uid {uid} ({held})"))
+            .collect();
+        // A table within 1% of full refuses the connections that race in.
+        let table_full = tracked + max / 100 >= max;
+        if !table_full && full_share.is_empty() {
+            return None;
+        }
+        let largest: Vec<String> = holders
+            .iter()
+            .take(3)
+            .map(|(uid, held)| format!("uid {uid} ({held})"))
+            .collect();
+        let unowned = tracked.saturating_sub(holders.iter().map(|(_, h)| *h as usize).sum());
+        let message = if table_full {
+            format!(
+                "the flow is watched but not tracked: the kernel flow table is full ({tracked} of max_flows {max}); largest holders: {}{}root and sockets older than reaper ({unowned})",
+                largest.join(", "),
+                if largest.is_empty() { "" } else { ", " }
+            )
+        } else {
+            format!(
+                "the flow is watched but not tracked: {} hold their whole share of the kernel flow table (max_flows_per_owner {share}); a flow of theirs cannot be tracked",
+                full_share.join(", ")
+            )
+        };
+        Some(Refused::new(Code::FlowTableExhausted, message))
     }
 
     /// Every named flow belongs to no session or to the one being joined,
