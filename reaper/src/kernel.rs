@@ -108,7 +108,11 @@ pub trait Kernel {
     // --- clocks and the deadline timer
     fn now(&self) -> Now;
     /// Arms the one deadline timer for `at` (boot clock), `None` disarms.
+    /// It may fire a little early (the lead of `wait_until`).
     fn arm_timer(&mut self, at: Option<u64>);
+    /// Returns once the clock reaches `at` if the timer fired early for it;
+    /// at once otherwise (never before `at` when it waits).
+    fn wait_until(&self, at: u64);
 
     // --- where the enforcer stands
     fn kill_path(&self) -> KillPath;

@@ -81,7 +81,8 @@ pub fn reaper_bin() -> PathBuf {
     p
 }
 
-pub(crate) fn peer_bin() -> PathBuf {
+/// `reaper-test-peer` (also the hostile tests' flood, `flood.rs`).
+pub fn peer_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("REAPER_TEST_PEER") {
         return p.into();
     }

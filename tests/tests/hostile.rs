@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reaper_tests::{
-    assert_reset, bound, bound_ms, connect_bound, python, script, Conn, Sandbox, SECOND,
-};
+use reaper_tests::{assert_reset, bound, bound_ms, connect_bound, peer_bin, Conn, Sandbox, SECOND};
 use serde_json::{json, Value};
 
 /// Reads one line, waiting at most `timeout` (scaled, like the harness's
@@ -275,35 +273,13 @@ fn a_full_flow_table_fails_fenced_ports_closed_and_spares_the_rest() {
 const NOBODY: u32 = 65534;
 const PROXY_UID: u32 = 1000;
 
-/// Starts `script` with `args` as `uid` and waits for its "ready" line;
-/// returns the line (it holds what it opened until the sandbox ends).
-fn run_as(sb: &mut Sandbox, uid: u32, script_name: &str, args: &[&str]) -> String {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = python();
-    cmd.arg(script(script_name))
-        .args(args)
-        .uid(uid)
-        .gid(uid)
-        .stdin(std::process::Stdio::piped());
-    let out = sb.spawn(&mut cmd);
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).unwrap();
-    assert!(
-        line.starts_with("ready"),
-        "{script_name} did not start: {line:?}"
-    );
-    line
-}
-
-/// Starts `control_flood.py MODE SOCKET ARGS` as `uid` and waits for its
-/// "ready" line; returns the line (it holds what it opened until the
-/// sandbox ends).
+/// Starts `reaper-test-peer flood MODE ARGS` as `uid` (a hostile local
+/// user) and waits for its "ready" line; returns the line (it holds what
+/// it opened until the sandbox ends).
 fn flood(sb: &mut Sandbox, uid: u32, mode: &str, args: &[&str]) -> String {
     use std::os::unix::process::CommandExt;
-    let mut cmd = python();
-    cmd.arg(script("control_flood.py"))
-        .arg(mode)
-        .arg(&sb.socket)
+    let mut cmd = std::process::Command::new(peer_bin());
+    cmd.args(["flood", mode])
         .args(args)
         .uid(uid)
         .gid(uid)
@@ -313,7 +289,7 @@ fn flood(sb: &mut Sandbox, uid: u32, mode: &str, args: &[&str]) -> String {
     BufReader::new(out).read_line(&mut line).unwrap();
     assert!(
         line.starts_with("ready"),
-        "the flood did not start: {line:?}"
+        "the {mode} flood did not start: {line:?}"
     );
     line
 }
@@ -378,9 +354,10 @@ fn idle_connections_of_other_users_cannot_lock_the_proxies_out() {
         "hostile-idle-lockout",
         "max_clients = 160\nmax_clients_per_uid = 50",
     );
-    flood(&mut sb, NOBODY, "idle", &["400"]);
+    let socket = sb.socket.to_str().unwrap().to_owned();
+    flood(&mut sb, NOBODY, "idle", &[&socket, "400"]);
     // An allowed proxy flooding too is held to its own cap.
-    flood(&mut sb, PROXY_UID, "idle", &["100"]);
+    flood(&mut sb, PROXY_UID, "idle", &[&socket, "100"]);
     proxy_is_still_served(&sb, "during-idle-flood");
     // A reader beyond the share is refused busy, and told why.
     let out = sb.cli_as(NOBODY, &["status"]);
@@ -398,7 +375,8 @@ fn idle_connections_of_other_users_cannot_lock_the_proxies_out() {
 #[test]
 fn descriptor_floods_cannot_starve_the_daemon() {
     let mut sb = flood_sandbox("hostile-fd-flood", "");
-    let said = flood(&mut sb, NOBODY, "fds", &["20", "100"]);
+    let socket = sb.socket.to_str().unwrap().to_owned();
+    let said = flood(&mut sb, NOBODY, "fds", &[&socket, "20", "100"]);
     let sent: usize = said.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(
         sent >= 20_000,
@@ -407,7 +385,7 @@ fn descriptor_floods_cannot_starve_the_daemon() {
     proxy_is_still_served(&sb, "during-fd-flood");
     // An allowed caller's connection that gathers more than 16 for one
     // line is refused and closed.
-    let said = flood(&mut sb, PROXY_UID, "fds", &["1", "3"]);
+    let said = flood(&mut sb, PROXY_UID, "fds", &[&socket, "1", "3"]);
     assert!(
         said.ends_with(" 1 48\n") || said.ends_with(" 1 32\n"),
         "{said}"
@@ -430,8 +408,9 @@ fn one_proxy_cannot_fill_the_session_table() {
         "hostile-session-flood",
         "max_sessions = 64\nmax_pending = 64",
     );
+    let socket = sb.socket.to_str().unwrap().to_owned();
     // The quotas by default: 64/4 = 16 sessions, 64/8 = 8 pre-registrations.
-    let said = flood(&mut sb, PROXY_UID, "expect", &["200"]);
+    let said = flood(&mut sb, PROXY_UID, "expect", &[&socket, "200"]);
     assert_eq!(said.trim(), "ready 8 quota_exceeded", "{said}");
     proxy_is_still_served(&sb, "during-session-flood");
 }
@@ -452,7 +431,7 @@ fn an_unprivileged_user_cannot_fill_the_flow_table() {
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
     // 700 self-connections: 1400 sockets, more than the whole table.
-    let said = run_as(&mut sb, NOBODY, "flow_flood.py", &["5950", "700"]);
+    let said = flood(&mut sb, NOBODY, "flows", &["5950", "700"]);
     let ends: Vec<&str> = said.split_whitespace().skip(1).collect();
     proxy_is_still_served(&sb, "during-flow-flood");
     let status = sb.ok(json!({"op": "status"}));

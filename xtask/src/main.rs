@@ -58,7 +58,7 @@ fn main() {
         "vm-test" => setup().and_then(|()| vm_test(rest)),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]|vm-test [--kernel 6.1|6.12]... [--only FILE::TEST]... [--quick]|fuzz protocol|config [SECONDS]>"
+                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]|vm-test [--kernel 6.1|6.12]... [--only FILE::TEST]... [--quick]|fuzz protocol|config|descriptors [SECONDS]>"
             );
             Ok(())
         }
@@ -237,7 +237,7 @@ fn setup() -> Result<(), String> {
     Ok(())
 }
 
-const FUZZ_TARGETS: &[&str] = &["protocol", "config"];
+const FUZZ_TARGETS: &[&str] = &["protocol", "config", "descriptors"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Fuzzes one parser with libFuzzer through cargo-fuzz (nightly, which the
@@ -245,7 +245,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// fuzz/corpus/TARGET, which is committed; a crash leaves its input in
 /// fuzz/artifacts/TARGET and fails the command.
 fn fuzz(args: &[String]) -> Result<(), String> {
-    let usage = "usage: cargo xtask fuzz protocol|config [SECONDS]";
+    let usage = "usage: cargo xtask fuzz protocol|config|descriptors [SECONDS]";
     let target = match args.first() {
         Some(t) if FUZZ_TARGETS.contains(&t.as_str()) => t.as_str(),
         Some(t) => return Err(format!("unknown fuzz target {t:?}; {usage}")),

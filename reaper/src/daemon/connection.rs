@@ -329,6 +329,93 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, 
     Ok((n as usize, fds, msg.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
+/// `sendmsg` of `bytes` with `fds` (SCM_RIGHTS): a client's side, for
+/// `replay` and the tests.
+fn send_with_fds(
+    sock: &std::os::unix::net::UnixStream,
+    bytes: &[u8],
+    fds: &[RawFd],
+) -> io::Result<()> {
+    let size = std::mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = if fds.is_empty() {
+        0
+    } else {
+        unsafe { libc::CMSG_SPACE(size) as usize }
+    };
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut _,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr points at live buffers for the call; the cmsg macros
+    // walk the control buffer sized for it.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        }
+        libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_DONTWAIT)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Feeds `messages` (how many descriptors, the bytes) through a socket
+/// pair into a connection and reads it to its end, checking what the
+/// daemon relies on: no line carries more than `MAX_FDS_PER_REQUEST`
+/// descriptors, a caller who may not use them gets none, and the budget
+/// gets back every descriptor the connection held. For the fuzz target
+/// (`fuzzing::descriptor_stream`).
+pub(crate) fn replay(takes_fds: bool, budget: usize, messages: &[(usize, &[u8])]) {
+    let (client, server) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    server.set_nonblocking(true).expect("non-blocking");
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    for (n, bytes) in messages {
+        // A full buffer ends the stream early, as a client's would.
+        if send_with_fds(&client, bytes, &vec![null.as_raw_fd(); *n]).is_err() {
+            break;
+        }
+    }
+    drop(client);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let budget = Arc::new(FdBudget::new(budget));
+        let stream = UnixStream::from_std(server).expect("tokio stream");
+        let mut conn = Connection::new(stream, Duration::from_secs(5), takes_fds, budget.clone());
+        while let Ok(Incoming::Line { fds, .. }) = conn.next().await {
+            assert!(
+                fds.len() <= MAX_FDS_PER_REQUEST,
+                "{} descriptors",
+                fds.len()
+            );
+            assert!(
+                takes_fds || fds.is_empty(),
+                "descriptors for a caller who cannot use them"
+            );
+        }
+        drop(conn);
+        assert_eq!(
+            budget.held.load(Ordering::Relaxed),
+            0,
+            "descriptors not given back"
+        );
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,34 +452,8 @@ mod tests {
         assert!(matches!(first(far_over).await, Incoming::TooLong));
     }
 
-    /// Sends `bytes` with `n` descriptors (copies of stdin's) in one
-    /// sendmsg.
     fn send_with_fds(sock: &std::os::unix::net::UnixStream, bytes: &[u8], n: usize) {
-        let fds: Vec<RawFd> = vec![0; n];
-        let space = unsafe { libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32) } as usize;
-        let mut control = vec![0u64; space.div_ceil(8)];
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_ptr() as *mut _,
-            iov_len: bytes.len(),
-        };
-        // SAFETY: msghdr points at live buffers for the call; the cmsg
-        // macros walk the control buffer sized for it.
-        unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN((n * std::mem::size_of::<RawFd>()) as u32) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), n);
-            assert_eq!(
-                libc::sendmsg(sock.as_raw_fd(), &msg, 0),
-                bytes.len() as isize
-            );
-        }
+        super::send_with_fds(sock, bytes, &vec![0; n]).expect("sendmsg");
     }
 
     /// A connection over a socket pair, and the client's end.

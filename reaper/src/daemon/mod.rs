@@ -12,7 +12,7 @@
 //! and every kill atomic.
 
 mod audit;
-mod connection;
+pub(crate) mod connection;
 pub mod core;
 mod server;
 mod shared;

@@ -149,6 +149,10 @@ impl Kernel for Enforcer {
         }
     }
 
+    fn wait_until(&self, at: u64) {
+        crate::clock::DeadlineTimer::wait_until(at);
+    }
+
     fn kill_path(&self) -> KillPath {
         self.kill_path
     }

@@ -13,6 +13,9 @@
 //!
 //! A single poll loop serves thousands of connections. It exits when its
 //! stdin closes, so it never outlives the test that started it.
+//!
+//! `reaper-test-peer flood ...` is a hostile local user instead (`flood.rs`):
+//! one binary, so that the VMs carry it too.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -53,7 +56,14 @@ fn ending(e: &std::io::Error) -> String {
     }
 }
 
+#[path = "../flood.rs"]
+mod flood;
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("flood") {
+        return flood::main(&args[1..]);
+    }
     // (listener, stream mode)
     let listeners: Vec<(TcpListener, bool)> = std::env::args()
         .skip(1)

@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use reaper_common::{flow_flags, FlowTuple};
-use tracing::info;
+use tracing::{debug, info};
 
 use super::kill::Victims;
 use super::model::{Cause, Reason};
@@ -28,13 +28,24 @@ impl<K: Kernel> Core<K> {
     /// Does everything that has come due. Called when the timer fires (and
     /// after the wall clock moved deadlines).
     pub fn run_due(&mut self) {
+        // The timer fires a little before the first deadline; wait it out.
+        if let Some(next) = self.schedule.next() {
+            self.kernel.wait_until(next);
+        }
         let now = self.kernel.now().boot_ns;
         let mut expired = Vec::new();
         let mut idle_checks = Vec::new();
         let mut fences = Vec::new();
         while let Some((at, due)) = self.schedule.pop_due(now) {
             match due {
-                Due::Deadline(id) => expired.push(id),
+                Due::Deadline(id) => {
+                    if expired.is_empty() {
+                        // How late the timer woke us: the part of a kill's
+                        // lateness that is the machine's, not ours.
+                        debug!(woke_late_us = (now - at) / 1000, "deadline due");
+                    }
+                    expired.push(id)
+                }
                 Due::IdleCheck(id) => {
                     if let Some(s) = self.index.session_mut(id) {
                         s.idle_check_at = None;

@@ -204,6 +204,9 @@ impl Kernel for FakeKernel {
         self.now
     }
 
+    /// The fake's clock moves only when a test moves it.
+    fn wait_until(&self, _at: u64) {}
+
     fn arm_timer(&mut self, at: Option<u64>) {
         self.timer = at;
     }
