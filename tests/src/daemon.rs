@@ -131,37 +131,10 @@ impl Control {
     /// A request sent with `fds` (SCM_RIGHTS, in the same sendmsg as its
     /// line), as a proxy passes its sockets.
     pub fn request_with_fds(&self, req: Value, fds: &[std::os::fd::RawFd]) -> Value {
-        use std::os::fd::AsRawFd;
         let s = UnixStream::connect(&self.socket).expect("connect control socket");
         let line = format!("{req}\n");
-        let size = std::mem::size_of_val(fds) as u32;
-        // SAFETY: CMSG_SPACE is arithmetic; msghdr and the cmsg macros
-        // point into buffers that live across the call.
-        unsafe {
-            let space = libc::CMSG_SPACE(size) as usize;
-            let mut control = vec![0u64; space.div_ceil(8)];
-            let mut iov = libc::iovec {
-                iov_base: line.as_ptr() as *mut _,
-                iov_len: line.len(),
-            };
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(size) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
-            let sent = libc::sendmsg(s.as_raw_fd(), &msg, 0);
-            assert_eq!(
-                sent,
-                line.len() as isize,
-                "sendmsg: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        let sent = send_with_fds(&s, line.as_bytes(), fds, 0).expect("sendmsg");
+        assert_eq!(sent, line.len(), "a short sendmsg");
         let mut reply = String::new();
         BufReader::new(&s).read_line(&mut reply).unwrap();
         serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad response {reply:?}: {e}"))
@@ -173,4 +146,42 @@ impl Control {
         assert_eq!(r["ok"], true, "{req} was refused: {r}");
         r["result"].clone()
     }
+}
+
+/// One `sendmsg` of `bytes` with `fds` (SCM_RIGHTS) on a Unix stream, with
+/// `flags` (`MSG_DONTWAIT`, ...): how a proxy passes its sockets. Returns
+/// the bytes sent.
+pub fn send_with_fds(
+    sock: &UnixStream,
+    bytes: &[u8],
+    fds: &[std::os::fd::RawFd],
+    flags: i32,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let size = std::mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE is arithmetic; msghdr and the cmsg macros point
+    // into buffers that live across the call.
+    let sent = unsafe {
+        let space = libc::CMSG_SPACE(size) as usize;
+        let mut control = vec![0u64; space.div_ceil(8)];
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut _,
+            iov_len: bytes.len(),
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        libc::sendmsg(sock.as_raw_fd(), &msg, flags)
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sent as usize)
 }

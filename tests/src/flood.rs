@@ -121,43 +121,18 @@ fn raise_fd_limit() {
     }
 }
 
-/// One sendmsg of `bytes` with `fds`, not waiting for room (a daemon that
-/// stopped reading ends the flood).
+/// One sendmsg of `bytes` with `fds`, waiting at most 0.2 s for room, like
+/// a client with a send timeout (a daemon that stopped reading ends the
+/// flood).
 fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[i32]) -> std::io::Result<()> {
-    let size = std::mem::size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE is arithmetic; msghdr and the cmsg macros point
-    // into buffers that live across the call.
-    let sent = unsafe {
-        let space = libc::CMSG_SPACE(size) as usize;
-        let mut control = vec![0u64; space.div_ceil(8)];
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_ptr() as *mut _,
-            iov_len: bytes.len(),
-        };
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size) as usize;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
-        let mut sent = -1;
-        // Blocking for at most 0.2 s, like a client with a send timeout.
-        for _ in 0..20 {
-            sent = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_DONTWAIT);
-            if sent >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock
-            {
-                break;
+    let mut tries = 0;
+    loop {
+        match crate::send_with_fds(sock, bytes, fds, libc::MSG_DONTWAIT) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            other => return other.map(|_| ()),
         }
-        sent
-    };
-    if sent < 0 {
-        return Err(std::io::Error::last_os_error());
     }
-    Ok(())
 }

@@ -16,6 +16,7 @@
 
 mod conn;
 mod daemon;
+pub mod flood;
 mod guards;
 mod peer;
 mod sandbox;
@@ -25,7 +26,7 @@ use std::process::Command;
 use std::time::Duration;
 
 pub use conn::{assert_reset, connect_bound, count_tcp_state, wait_listening, Conn};
-pub use daemon::{refused_start, Control, Daemon};
+pub use daemon::{refused_start, send_with_fds, Control, Daemon};
 pub use guards::{Cgroup, Children, Hosts, Netns, Pins, ScratchDir};
 pub use peer::Peer;
 pub use sandbox::Sandbox;

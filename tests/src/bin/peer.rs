@@ -56,13 +56,10 @@ fn ending(e: &std::io::Error) -> String {
     }
 }
 
-#[path = "../flood.rs"]
-mod flood;
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("flood") {
-        return flood::main(&args[1..]);
+        return reaper_tests::flood::main(&args[1..]);
     }
     // (listener, stream mode)
     let listeners: Vec<(TcpListener, bool)> = std::env::args()
