@@ -368,22 +368,26 @@ impl<K: Kernel> Core<K> {
             Some(s) => s.class(),
             None => g.class.as_deref().unwrap_or("default"),
         };
-        let ports_of = |t: &FlowTuple| [t.local_port, t.remote_port];
-        let ports: Vec<[u16; 2]> = cookies
-            .iter()
-            .filter_map(|c| self.index.flow(*c))
-            .map(|f| ports_of(&f.tuple))
-            .chain(forwarded.iter().map(ports_of))
-            .chain(expected.iter().map(|(_, keys)| ports_of(&keys[0])))
-            .collect();
-        if !access.may_grant(caller.uid, caller.gid, class, &g.target, &ports) {
-            return refuse(
-                Code::PermissionDenied,
-                format!(
-                    "grant: uid {} may not grant class {class:?} on target {:?} for these flows: outside its [[access.scope]] (classes, targets, ports)",
-                    caller.uid, g.target
-                ),
-            );
+        // Only a scope can narrow a grant: without one, every grant (the
+        // hot path) skips gathering its flows' ports.
+        if !access.scopes.is_empty() {
+            let ports_of = |t: &FlowTuple| [t.local_port, t.remote_port];
+            let ports: Vec<[u16; 2]> = cookies
+                .iter()
+                .filter_map(|c| self.index.flow(*c))
+                .map(|f| ports_of(&f.tuple))
+                .chain(forwarded.iter().map(ports_of))
+                .chain(expected.iter().map(|(_, keys)| ports_of(&keys[0])))
+                .collect();
+            if !access.may_grant(caller.uid, caller.gid, class, &g.target, &ports) {
+                return refuse(
+                    Code::PermissionDenied,
+                    format!(
+                        "grant: uid {} may not grant class {class:?} on target {:?} for these flows: outside its [[access.scope]] (classes, targets, ports)",
+                        caller.uid, g.target
+                    ),
+                );
+            }
         }
         let owner = joined.map_or(caller.uid, |s| s.terms.granted_by_uid);
         // Root and operators adding to another uid's session are not
