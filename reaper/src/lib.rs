@@ -11,7 +11,8 @@
 //! * `clock` and `enforcer`: the real kernel side of the seam (programs,
 //!   maps, kill mechanics, timers);
 //! * `daemon`: the control plane around the core (socket, the wire adapter,
-//!   audit trail, tasks) and the wiring;
+//!   audit trail, metrics, live events, systemd notify, tasks) and the
+//!   wiring; `logging`, its operational log;
 //! * `cli`: the `reaper` command, a client of the protocol.
 //!
 //! A library so that the fuzz targets (`fuzz/`) reach the parsers.
@@ -24,6 +25,7 @@ pub mod enforcer;
 pub mod error;
 pub mod fuzzing;
 pub mod kernel;
+pub mod logging;
 pub mod policy;
 pub mod protocol;
 pub mod throttle;

@@ -5,46 +5,47 @@ use clap::Parser;
 use tracing::level_filters::LevelFilter;
 
 use reaper::cli::{self, Cli, CliCommand};
-use reaper::config::Config;
-use reaper::daemon;
-
-fn init_logging(default: LevelFilter) {
-    let level = std::env::var("REAPER_LOG")
-        .ok()
-        .and_then(|v| v.parse::<LevelFilter>().ok())
-        .unwrap_or(default);
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
+use reaper::config::{Config, LogFormat};
+use reaper::{daemon, logging};
 
 fn main() {
     let cli = Cli::parse();
+    let quiet = || logging::init(LevelFilter::WARN, LogFormat::Text);
     let outcome = match cli.command {
         CliCommand::Daemon { config } => {
-            init_logging(LevelFilter::INFO);
             let loaded = match &config {
                 Some(path) => Config::load(path),
                 None => Ok(Config::default()),
             };
-            loaded
-                .map_err(reaper::error::Error::from)
-                .and_then(|c| daemon::run(c, config))
-                .map(|()| 0)
+            match loaded {
+                Ok(c) => {
+                    logging::init(LevelFilter::INFO, c.log_format);
+                    daemon::run(c, config).map(|()| 0)
+                }
+                Err(e) => Err(reaper::error::Error::from(e)),
+            }
         }
         CliCommand::Features => {
-            init_logging(LevelFilter::WARN);
+            quiet();
             cli::features()
         }
         CliCommand::Unload { config } => {
-            init_logging(LevelFilter::WARN);
+            quiet();
             cli::unload(config)
         }
+        CliCommand::CheckConfig { config } => cli::check_config(&config),
+        CliCommand::Completions { shell } => cli::completions(shell),
+        CliCommand::Manpages { dir } => cli::manpages(&dir),
+        CliCommand::Watch(w) => {
+            quiet();
+            cli::watch(w)
+        }
+        CliCommand::Top(t) => {
+            quiet();
+            cli::top(t)
+        }
         other => {
-            init_logging(LevelFilter::WARN);
+            quiet();
             cli::run_client(other)
         }
     };

@@ -1,26 +1,38 @@
 //! The audit trail: one JSON line per killed flow and per grant, extend and
-//! revoke (naming who asked), on stdout and optionally appended to a file. Operational logs go to stderr through `tracing`, so
-//! stdout carries nothing but audit records and can be shipped as is.
+//! revoke (naming who asked), on stdout and optionally appended to a file
+//! (reopened on SIGHUP, for logrotate). Operational logs go to stderr
+//! through `tracing`, so stdout carries nothing but audit records and can
+//! be shipped as is.
 //!
-//! The core hands over `Kill` and `Change` records (`core::AuditSink`); the
-//! lines' shape is decided here and nowhere else.
+//! The core hands over `Kill` and `Change` records (`core::AuditSink`);
+//! each becomes one line, which also feeds the metrics and the live event
+//! stream. The lines' shape, the stream's refusal and reload events
+//! included, is decided here and nowhere else.
 
 #![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::core::model::{AuditSink, Change, ChangeKind, Kill};
+use super::core::model::{AuditSink, Change, ChangeKind, EventScope, Kill};
+use super::events::EventBus;
+use super::metrics::Metrics;
 use crate::error::{Error, Result};
 use crate::timefmt;
 use crate::tuple;
 
+/// The version of the audit lines' shape, in every line as `schema`: a
+/// field may be added within a version, never renamed or removed.
+pub const SCHEMA: u32 = 1;
+
 /// One audit line.
 #[derive(Debug, Clone, Serialize)]
 struct KillEvent<'a> {
+    schema: u32,
     ts: String,
     event: &'static str,
     reason: &'static str,
@@ -46,12 +58,16 @@ struct KillEvent<'a> {
     by_uid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     by_pid: Option<u32>,
+    /// The uid whose grant made the session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    granted_by_uid: Option<u32>,
 }
 
 /// The audit line of a kill (without the newline).
 pub fn line(kill: &Kill) -> String {
     let (local, remote) = tuple::addrs_of(&kill.tuple);
     let event = KillEvent {
+        schema: SCHEMA,
         ts: timefmt::format_rfc3339(kill.done.unix_ns),
         event: "kill",
         reason: kill.reason.name(),
@@ -67,6 +83,7 @@ pub fn line(kill: &Kill) -> String {
         acknowledged: kill.acknowledged,
         by_uid: kill.by.map(|c| c.uid),
         by_pid: kill.by.map(|c| c.pid),
+        granted_by_uid: kill.owner.granted_by_uid,
     };
     serde_json::to_string(&event).expect("audit events serialize")
 }
@@ -74,6 +91,7 @@ pub fn line(kill: &Kill) -> String {
 /// The audit line of a grant, extend or revoke.
 #[derive(Debug, Clone, Serialize)]
 struct ChangeEvent<'a> {
+    schema: u32,
     ts: String,
     event: &'static str,
     /// Grants: whether this one created the session.
@@ -101,6 +119,7 @@ pub fn change_line(change: &Change<'_>) -> String {
         _ => None,
     };
     let event = ChangeEvent {
+        schema: SCHEMA,
         ts: timefmt::format_rfc3339(change.at_unix_ns),
         event: change.kind.name(),
         created,
@@ -118,33 +137,125 @@ pub fn change_line(change: &Change<'_>) -> String {
     serde_json::to_string(&event).expect("audit events serialize")
 }
 
+/// A refused request, on the live stream (not in the audit file: a caller
+/// who may not change grants could otherwise fill the disk with them).
+#[derive(Debug, Clone, Serialize)]
+struct RefusalEvent<'a> {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    op: &'a str,
+    code: &'a str,
+    message: &'a str,
+    by_uid: u32,
+    by_pid: u32,
+}
+
+/// The stream line of a refusal.
+pub fn refusal_line(op: &str, code: &str, message: &str, by: super::core::Caller) -> String {
+    let event = RefusalEvent {
+        schema: SCHEMA,
+        ts: timefmt::format_rfc3339(crate::clock::unix_ns()),
+        event: "refusal",
+        op,
+        code,
+        message,
+        by_uid: by.uid,
+        by_pid: by.pid,
+    };
+    serde_json::to_string(&event).expect("events serialize")
+}
+
+/// A config reload, on the live stream.
+#[derive(Debug, Clone, Serialize)]
+struct ReloadEvent<'a> {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+pub fn reload_line(error: Option<&str>) -> String {
+    let event = ReloadEvent {
+        schema: SCHEMA,
+        ts: timefmt::format_rfc3339(crate::clock::unix_ns()),
+        event: "reload",
+        ok: error.is_none(),
+        error,
+    };
+    serde_json::to_string(&event).expect("events serialize")
+}
+
+/// The core's audit sink: each record becomes one line, written to stdout
+/// and the audit file, counted, and offered to the watchers.
 pub struct Audit {
     file: Option<File>,
+    path: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+    events: EventBus,
+}
+
+fn open_file(p: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map_err(Error::io(format!("opening audit file {}", p.display())))
 }
 
 impl Audit {
-    pub fn open(path: Option<&Path>) -> Result<Audit> {
-        let file = match path {
-            None => None,
-            Some(p) => Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(Error::io(format!("opening audit file {}", p.display())))?,
-            ),
-        };
-        Ok(Audit { file })
+    pub fn open(path: Option<&Path>, metrics: Arc<Metrics>, events: EventBus) -> Result<Audit> {
+        let file = path.map(open_file).transpose()?;
+        Ok(Audit {
+            file,
+            path: path.map(Path::to_owned),
+            metrics,
+            events,
+        })
     }
 }
 
 impl AuditSink for Audit {
     fn record(&mut self, kill: &Kill) {
-        self.write(line(kill));
+        self.metrics.kill(kill);
+        let line = line(kill);
+        self.events.publish(
+            EventScope {
+                session: kill.owner.session.clone(),
+                user: kill.owner.user.clone(),
+                target: kill.owner.target.clone(),
+                granted_by_uid: kill.owner.granted_by_uid,
+            },
+            line.clone(),
+        );
+        self.write(line);
     }
 
     fn change(&mut self, change: &Change<'_>) {
-        self.write(change_line(change));
+        let line = change_line(change);
+        let s = change.session;
+        self.events.publish(
+            EventScope {
+                session: s.name.clone(),
+                user: s.user.clone(),
+                target: s.target.clone(),
+                granted_by_uid: Some(s.granted_by_uid),
+            },
+            line.clone(),
+        );
+        self.write(line);
+    }
+
+    /// Opens the audit file afresh (logrotate moved it away); on failure
+    /// the old one is kept and the error logged.
+    fn reopen(&mut self) {
+        let Some(path) = &self.path else { return };
+        match open_file(path) {
+            Ok(file) => self.file = Some(file),
+            Err(e) => tracing::error!("reopening the audit file, still writing to the old one: {e}"),
+        }
     }
 }
 

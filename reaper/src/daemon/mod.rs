@@ -5,7 +5,10 @@
 //! * `server` — the control socket, its clients, and `wire`, the adapter
 //!   from the core's values to the protocol's;
 //! * `tasks` — the timer, the flow events, the wall-clock watch, reloads;
-//! * `audit` — the audit trail the core writes kills to.
+//! * `audit` — the audit trail the core writes kills to, which also feeds
+//!   `metrics` and `events` (the live stream behind `watch`);
+//! * `health` — the HTTP endpoint of `[metrics]`; `notify` — systemd's
+//!   READY/RELOADING/STOPPING/WATCHDOG.
 //!
 //! The tasks share the core behind one mutex, held only for short
 //! synchronous sections (never across an await), which keeps every request
@@ -14,6 +17,10 @@
 mod audit;
 pub(crate) mod connection;
 pub mod core;
+mod events;
+mod health;
+mod metrics;
+mod notify;
 mod server;
 mod shared;
 mod socket_file;
@@ -34,7 +41,7 @@ use crate::config::Config;
 use crate::enforcer::{lock_pin_path, Enforcer, Started};
 use crate::error::{Error, Result};
 use audit::Audit;
-use shared::Shared;
+use shared::{Shared, Telemetry};
 
 /// Runs the daemon with `config`, read from `path` (reloaded from there on
 /// SIGHUP) or the defaults.
@@ -86,6 +93,20 @@ fn set_priority(nice: i32) {
     }
 }
 
+/// The `[metrics]` listener. A public address is the operator's explicit
+/// choice; it is said so in the log.
+fn bind_metrics(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(Error::io(format!("listening for metrics on {addr} ([metrics] listen)")))?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "metrics are served on a non-loopback address, as [metrics] listen says");
+    }
+    info!(%addr, "serving /metrics, /healthz and /readyz");
+    Ok(listener)
+}
+
 async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     let open_files = raise_fd_limit();
     set_priority(config.nice);
@@ -100,8 +121,17 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     } = Enforcer::start(&config)?;
     let timer_fd = tasks::watch(enforcer.timer().as_fd(), "deadline timer")?;
     let events_fd = tasks::watch(enforcer.events_fd(), "flow-event ring buffer")?;
-    let audit = Audit::open(config.audit_file.as_deref())?;
+    let telemetry = Telemetry::default();
+    let audit = Audit::open(
+        config.audit_file.as_deref(),
+        telemetry.metrics.clone(),
+        telemetry.events.clone(),
+    )?;
     let listener = socket_file::bind_control_socket(&config)?;
+    let metrics_listener = match config.metrics_listen {
+        None => None,
+        Some(addr) => Some(bind_metrics(addr)?),
+    };
 
     let wall_clock = WallClockWatch::new().map_err(Error::io("watching the wall clock"))?;
     let mut core = Core::new(enforcer, Box::new(audit), config.clone());
@@ -124,6 +154,10 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     if let Some(log) = kernel_log {
         tokio::spawn(tasks::read_kernel_log(log));
     }
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(health::serve(listener, state.clone(), telemetry.clone()));
+    }
+    tokio::spawn(notify::run_watchdog(state.clone()));
 
     let mut terminate =
         signal(SignalKind::terminate()).map_err(Error::io("installing SIGTERM handler"))?;
@@ -132,16 +166,22 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     let mut hangup =
         signal(SignalKind::hangup()).map_err(Error::io("installing SIGHUP handler"))?;
     info!(socket = %config.socket.display(), "reaper daemon ready");
-    let accept = server::accept_loop(listener, state.clone(), &config, open_files);
+    telemetry
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    notify::ready();
+    let accept =
+        server::accept_loop(listener, state.clone(), &config, open_files, telemetry.clone());
     tokio::pin!(accept);
     loop {
         tokio::select! {
             _ = &mut accept => break,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => tasks::reload(&state, path.as_deref()),
+            _ = hangup.recv() => tasks::reload(&state, path.as_deref(), &telemetry),
         }
     }
+    notify::stopping();
     let _ = std::fs::remove_file(&config.socket);
     info!("stopping; the pinned programs keep enforcing every deadline until the next start");
     Ok(())

@@ -1,6 +1,7 @@
-//! The control socket: binding it, the accept loop with its client slots,
-//! and one task per connection that reads request lines, runs them on the
-//! core and writes the answers (through `wire`).
+//! The control socket: the accept loop with its client slots, and one task
+//! per connection that reads request lines, runs them on the core and
+//! writes the answers (through `wire`), or, after a `watch`, streams the
+//! live events the core's filter admits.
 
 #![forbid(unsafe_code)]
 
@@ -11,12 +12,15 @@ use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use super::audit;
 use super::connection::{Connection, FdBudget, Incoming};
+use super::core::model::{EventScope, Outcome, WatchFilter};
 use super::core::Caller;
-use super::shared::{lock, Shared};
+use super::metrics::Metrics;
+use super::shared::{lock, Shared, Telemetry};
 use super::wire;
 use crate::config::Config;
-use crate::protocol::{parse_request, Refusal, RefusalCode, Response, MAX_LINE_BYTES};
+use crate::protocol::{parse_request, Command, Refusal, RefusalCode, Response, MAX_LINE_BYTES};
 use crate::throttle::Throttle;
 use crate::timefmt;
 
@@ -31,6 +35,7 @@ pub(super) async fn accept_loop(
     state: Shared,
     config: &Config,
     open_files: usize,
+    telemetry: Telemetry,
 ) {
     let slots = Arc::new(Mutex::new(Slots::default()));
     let limits = SlotLimits::of(config);
@@ -54,11 +59,17 @@ pub(super) async fn accept_loop(
             continue;
         };
         let privileged = lock(&state).may_change_grants(caller);
-        match ClientSlot::take(&slots, limits, caller.uid, privileged) {
+        match ClientSlot::take(&slots, limits, caller.uid, privileged, &telemetry.metrics) {
             Ok(slot) => {
                 let conn =
                     Connection::new(stream, config.client_timeout, privileged, budget.clone());
-                tokio::spawn(serve_client(state.clone(), conn, caller, slot));
+                tokio::spawn(serve_client(
+                    state.clone(),
+                    conn,
+                    caller,
+                    slot,
+                    telemetry.clone(),
+                ));
             }
             Err(why) => refuse_busy(stream, caller, &why, &mut busy),
         }
@@ -125,6 +136,7 @@ struct ClientSlot {
     slots: Arc<Mutex<Slots>>,
     uid: u32,
     privileged: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl ClientSlot {
@@ -133,6 +145,7 @@ impl ClientSlot {
         limits: SlotLimits,
         uid: u32,
         privileged: bool,
+        metrics: &Arc<Metrics>,
     ) -> Result<ClientSlot, String> {
         let mut s = slots.lock().unwrap_or_else(|p| p.into_inner());
         if s.total >= limits.total {
@@ -157,16 +170,19 @@ impl ClientSlot {
         s.total += 1;
         s.unprivileged += usize::from(!privileged);
         *s.per_uid.entry(uid).or_default() += 1;
+        metrics.client_connected(true);
         Ok(ClientSlot {
             slots: slots.clone(),
             uid,
             privileged,
+            metrics: metrics.clone(),
         })
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
+        self.metrics.client_connected(false);
         let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         s.total -= 1;
         s.unprivileged -= usize::from(!self.privileged);
@@ -194,7 +210,13 @@ fn refuse_busy(stream: UnixStream, caller: Caller, why: &str, warning: &mut Thro
     let _ = stream.try_write(Response::refused(None, refusal).to_line().as_bytes());
 }
 
-async fn serve_client(state: Shared, mut conn: Connection, caller: Caller, _slot: ClientSlot) {
+async fn serve_client(
+    state: Shared,
+    mut conn: Connection,
+    caller: Caller,
+    _slot: ClientSlot,
+    telemetry: Telemetry,
+) {
     let timeout = conn.timeout();
     loop {
         let incoming = match conn.next().await {
@@ -211,13 +233,34 @@ async fn serve_client(state: Shared, mut conn: Connection, caller: Caller, _slot
                 }
                 match parse_request(&line) {
                     Ok(request) => {
+                        let op = request.command.op().name();
+                        let scope = telemetry
+                            .events
+                            .watched()
+                            .then(|| scope_of(&request.command, caller));
                         let outcome = lock(&state).handle(request.command, caller, &fds);
+                        if let Ok(Outcome::Watching(filter)) = outcome {
+                            telemetry.metrics.request(op, "ok");
+                            let ok = Response::ok(request.id, serde_json::json!({"watching": true}));
+                            conn.queue(&ok.to_line());
+                            stream_events(conn, filter, &telemetry).await;
+                            return;
+                        }
                         match outcome.map_err(wire::refusal).and_then(wire::result) {
-                            Ok(result) => Response::ok(request.id, result),
-                            Err(refusal) => Response::refused(request.id, refusal),
+                            Ok(result) => {
+                                telemetry.metrics.request(op, "ok");
+                                Response::ok(request.id, result)
+                            }
+                            Err(refusal) => {
+                                refused(&telemetry, op, &refusal, caller, scope);
+                                Response::refused(request.id, refusal)
+                            }
                         }
                     }
-                    Err((id, refusal)) => Response::refused(id, refusal),
+                    Err((id, refusal)) => {
+                        refused(&telemetry, "invalid", &refusal, caller, None);
+                        Response::refused(id, refusal)
+                    }
                 }
             }
             Incoming::Closed { partial } => {
@@ -270,6 +313,106 @@ async fn serve_client(state: Shared, mut conn: Connection, caller: Caller, _slot
         // has not arrived, and the queue never holds more than that.
         if !conn.has_line() && conn.flush().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Whom a request's refusal concerns, for the watchers' filters: the
+/// names it gave, and the caller (who sees its own refusals).
+fn scope_of(command: &Command, caller: Caller) -> EventScope {
+    let mut scope = EventScope {
+        granted_by_uid: Some(caller.uid),
+        ..EventScope::default()
+    };
+    match command {
+        Command::Grant(g) => {
+            scope.session = g.session.clone();
+            scope.user = g.user.clone();
+            scope.target = g.target.clone();
+        }
+        Command::Extend(e) => scope.session = e.session.clone(),
+        Command::Touch(session) => scope.session = session.clone(),
+        _ => {}
+    }
+    scope
+}
+
+/// Counts a refusal, and offers it to the watchers.
+fn refused(
+    telemetry: &Telemetry,
+    op: &'static str,
+    refusal: &Refusal,
+    caller: Caller,
+    scope: Option<EventScope>,
+) {
+    let code = refusal.code.name();
+    telemetry.metrics.request(op, code);
+    if telemetry.events.watched() {
+        let scope = scope.unwrap_or(EventScope {
+            granted_by_uid: Some(caller.uid),
+            ..EventScope::default()
+        });
+        let line = audit::refusal_line(op, code, &refusal.message, caller);
+        telemetry.events.publish(scope, line);
+    }
+}
+
+/// After a `watch`: the events `filter` admits, one JSON line each, until
+/// the client goes away. A watcher too slow to keep up with the stream is
+/// told so and closed; one that stops reading altogether is closed after
+/// client_timeout. Either way the daemon never waits for it.
+async fn stream_events(mut conn: Connection, filter: WatchFilter, telemetry: &Telemetry) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut events = telemetry.events.subscribe();
+    telemetry.metrics.watcher(true);
+    struct Gone<'a>(&'a Metrics);
+    impl Drop for Gone<'_> {
+        fn drop(&mut self) {
+            self.0.watcher(false);
+        }
+    }
+    let _gone = Gone(&telemetry.metrics);
+    if conn.flush().await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => {
+                    if filter.admits(&event.scope) {
+                        conn.queue(&event.line);
+                        conn.queue("\n");
+                        // Whatever else is already waiting goes in the same write.
+                        while let Ok(more) = events.try_recv() {
+                            if filter.admits(&more.scope) {
+                                conn.queue(&more.line);
+                                conn.queue("\n");
+                            }
+                        }
+                        if conn.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    telemetry.metrics.watcher_dropped();
+                    warn!(missed, "dropping a watcher that reads too slowly");
+                    let line = serde_json::json!({
+                        "schema": audit::SCHEMA,
+                        "event": "dropped",
+                        "message": format!("this watcher fell {missed} events behind and is dropped; watch again"),
+                    });
+                    conn.queue(&format!("{line}\n"));
+                    let _ = conn.flush().await;
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            incoming = conn.next() => match incoming {
+                // What a watcher sends is not read; its leaving ends the stream.
+                Ok(Incoming::Line { .. }) => {}
+                _ => return,
+            },
         }
     }
 }

@@ -1,11 +1,15 @@
-//! The core as the daemon's tasks share it: behind one mutex, held only for
-//! short synchronous sections (never across an await).
+//! What the daemon's tasks share: the core behind one mutex, held only for
+//! short synchronous sections (never across an await), and the telemetry
+//! (metrics, the live event stream, readiness), which needs no core lock.
 
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::core::Core;
+use super::events::EventBus;
+use super::metrics::Metrics;
 use crate::enforcer::Enforcer;
 
 pub(super) type Shared = Arc<Mutex<Core<Enforcer>>>;
@@ -15,4 +19,12 @@ pub(super) fn lock(state: &Shared) -> MutexGuard<'_, Core<Enforcer>> {
     state
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Debug, Clone, Default)]
+pub(super) struct Telemetry {
+    pub metrics: Arc<Metrics>,
+    pub events: EventBus,
+    /// Programs attached and control socket listening.
+    pub ready: Arc<AtomicBool>,
 }

@@ -9,7 +9,10 @@ use std::path::Path;
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
-use super::shared::{lock, Shared};
+use super::audit;
+use super::core::model::EventScope;
+use super::notify;
+use super::shared::{lock, Shared, Telemetry};
 use crate::clock::WallClockWatch;
 use crate::config::Config;
 use crate::enforcer::KernelLog;
@@ -18,24 +21,35 @@ use crate::error::{Error, Result};
 /// SIGHUP: re-reads the config file. A file that does not load is refused
 /// as a whole, with the error logged and shown by `status`; the running
 /// config stays in force and no grant is touched either way.
-pub(super) fn reload(state: &Shared, path: Option<&Path>) {
+/// The audit file is reopened either way (logrotate sends the SIGHUP).
+pub(super) fn reload(state: &Shared, path: Option<&Path>, telemetry: &Telemetry) {
+    let mut core = lock(state);
+    core.reopen_audit();
     let Some(path) = path else {
-        warn!("SIGHUP ignored: the daemon runs on the default config, with no file to reload");
+        warn!("SIGHUP: audit file reopened; the daemon runs on the default config, with no file to reload");
         return;
     };
-    let mut core = lock(state);
-    match Config::load(path).and_then(|new| core.reload(new)) {
+    notify::reloading();
+    let error = match Config::load(path).and_then(|new| core.reload(new)) {
         Ok(restart_only) => {
             info!(config = %path.display(), "config reloaded; live grants keep their terms");
             if !restart_only.is_empty() {
                 warn!(keys = ?restart_only, "these keys changed but take effect only at the next start");
             }
+            None
         }
         Err(e) => {
             error!("config reload refused, the running config stays in force: {e}");
             core.reload_refused(e.to_string());
+            Some(e.to_string())
         }
-    }
+    };
+    drop(core);
+    telemetry.metrics.reload(error.is_none());
+    telemetry
+        .events
+        .publish(EventScope::default(), audit::reload_line(error.as_deref()));
+    notify::reloaded(error.as_deref());
 }
 
 /// A second descriptor for one the enforcer owns (the timer, the event

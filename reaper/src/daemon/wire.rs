@@ -23,6 +23,7 @@ pub fn result(outcome: Outcome) -> Result<Value, Refusal> {
         Outcome::Revoked(r) => serde_json::to_value(revoke_result(r)),
         Outcome::Listed(l) => serde_json::to_value(list_result(l)),
         Outcome::Status(s) => serde_json::to_value(status_result(s)),
+        Outcome::Watching(_) => Ok(serde_json::json!({"watching": true})),
     };
     value.map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))
 }
@@ -118,6 +119,7 @@ fn status_result(s: Status) -> StatusResult {
         cgroup: s.cgroup,
         pin_path: s.pin_path,
         sessions: s.sessions,
+        sessions_by_class: s.sessions_by_class,
         tracked_flows: s.tracked_flows,
         granted_flows: s.granted_flows,
         max_flows: s.max_flows,

@@ -57,10 +57,38 @@ pub enum RefusalCode {
     Internal,
 }
 
+impl RefusalCode {
+    /// The code as the wire spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RefusalCode::BadJson => "bad_json",
+            RefusalCode::BadRequest => "bad_request",
+            RefusalCode::UnknownOp => "unknown_op",
+            RefusalCode::UnsupportedVersion => "unsupported_version",
+            RefusalCode::LineTooLong => "line_too_long",
+            RefusalCode::BadValue => "bad_value",
+            RefusalCode::DeadlineRefused => "deadline_refused",
+            RefusalCode::NoSuchFlow => "no_such_flow",
+            RefusalCode::NoSuchSession => "no_such_session",
+            RefusalCode::FlowNotTracked => "flow_not_tracked",
+            RefusalCode::SessionConflict => "session_conflict",
+            RefusalCode::FlowConflict => "flow_conflict",
+            RefusalCode::LimitReached => "limit_reached",
+            RefusalCode::PermissionDenied => "permission_denied",
+            RefusalCode::BadFd => "bad_fd",
+            RefusalCode::TableFull => "table_full",
+            RefusalCode::FlowTableExhausted => "flow_table_exhausted",
+            RefusalCode::QuotaExceeded => "quota_exceeded",
+            RefusalCode::Busy => "busy",
+            RefusalCode::TimedOut => "timed_out",
+            RefusalCode::Internal => "internal",
+        }
+    }
+}
+
 impl fmt::Display for RefusalCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = serde_json::to_value(self).expect("codes serialize");
-        f.write_str(v.as_str().expect("codes are strings"))
+        f.write_str(self.name())
     }
 }
 
@@ -81,4 +109,17 @@ impl fmt::Display for Refusal {
 
 pub(super) fn bad(message: impl Into<String>) -> Refusal {
     Refusal::new(RefusalCode::BadRequest, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RefusalCode;
+
+    #[test]
+    fn names_are_the_wire_spelling() {
+        for code in [RefusalCode::BadJson, RefusalCode::FlowTableExhausted, RefusalCode::Internal] {
+            let wire = serde_json::to_value(code).unwrap();
+            assert_eq!(wire.as_str(), Some(code.name()));
+        }
+    }
 }

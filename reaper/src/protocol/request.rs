@@ -68,16 +68,20 @@ pub enum Op {
     Revoke,
     List,
     Status,
+    /// Streams events until the client goes away (served by the control
+    /// plane itself, not the core).
+    Watch,
 }
 
 impl Op {
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 7] = [
         Op::Grant,
         Op::Extend,
         Op::Touch,
         Op::Revoke,
         Op::List,
         Op::Status,
+        Op::Watch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -88,6 +92,7 @@ impl Op {
             Op::Revoke => "revoke",
             Op::List => "list",
             Op::Status => "status",
+            Op::Watch => "watch",
         }
     }
 
@@ -114,6 +119,8 @@ pub enum Command {
     Revoke(RevokeSelector),
     List(ListArgs),
     Status,
+    /// Events of the sessions these filters select (all: none set).
+    Watch(ListArgs),
 }
 
 impl Command {
@@ -125,6 +132,7 @@ impl Command {
             Command::Revoke(_) => Op::Revoke,
             Command::List(_) => Op::List,
             Command::Status => Op::Status,
+            Command::Watch(_) => Op::Watch,
         }
     }
 
@@ -274,19 +282,8 @@ fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
             Ok(Command::Touch(a.session))
         }
         Op::Revoke => validate_revoke(args(name, body)?).map(Command::Revoke),
-        Op::List => {
-            let a: ListArgs = args(name, body)?;
-            for (field, v) in [
-                ("session", &a.session),
-                ("user", &a.user),
-                ("target", &a.target),
-            ] {
-                if let Some(v) = v {
-                    check_name(&format!("list.{field}"), v, usize::MAX)?;
-                }
-            }
-            Ok(Command::List(a))
-        }
+        Op::List => selector_args(name, body).map(Command::List),
+        Op::Watch => selector_args(name, body).map(Command::Watch),
         Op::Status => {
             let _: EmptyArgs = args(name, body)?;
             Ok(Command::Status)
@@ -297,6 +294,21 @@ fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EmptyArgs {}
+
+/// `list` and `watch`: optional session, user and target filters.
+fn selector_args(op: &str, body: Value) -> Result<ListArgs, Refusal> {
+    let a: ListArgs = serde_json::from_value(body).map_err(|e| bad(format!("{op}: {e}")))?;
+    for (field, v) in [
+        ("session", &a.session),
+        ("user", &a.user),
+        ("target", &a.target),
+    ] {
+        if let Some(v) = v {
+            check_name(&format!("{op}.{field}"), v, usize::MAX)?;
+        }
+    }
+    Ok(a)
+}
 
 fn check_name(field: &str, value: &str, max: usize) -> Result<(), Refusal> {
     let refuse = |why: String| Refusal::new(RefusalCode::BadValue, format!("{field}: {why}"));

@@ -125,6 +125,9 @@ pub struct StatusResult {
     pub cgroup: String,
     pub pin_path: String,
     pub sessions: usize,
+    /// Live sessions per class (added with `watch`; empty from older daemons).
+    #[serde(default)]
+    pub sessions_by_class: BTreeMap<String, usize>,
     pub tracked_flows: usize,
     pub granted_flows: usize,
     pub max_flows: u32,

@@ -145,6 +145,7 @@ pub enum WireOp {
     Revoke(RevokeArgs),
     List(ListArgs),
     Status,
+    Watch(ListArgs),
 }
 
 impl WireOp {
@@ -156,6 +157,7 @@ impl WireOp {
             WireOp::Revoke(_) => Op::Revoke,
             WireOp::List(_) => Op::List,
             WireOp::Status => Op::Status,
+            WireOp::Watch(_) => Op::Watch,
         }
     }
 
@@ -166,7 +168,7 @@ impl WireOp {
             WireOp::Extend(a) => serde_json::to_value(a),
             WireOp::Touch(a) => serde_json::to_value(a),
             WireOp::Revoke(a) => serde_json::to_value(a),
-            WireOp::List(a) => serde_json::to_value(a),
+            WireOp::List(a) | WireOp::Watch(a) => serde_json::to_value(a),
             WireOp::Status => Ok(Value::Object(Map::new())),
         }
         .expect("requests serialize");

@@ -95,6 +95,7 @@ impl<K: Kernel> Core<K> {
                 session: s.name().to_owned(),
                 user: s.user().to_owned(),
                 target: s.target().to_owned(),
+                granted_by_uid: Some(s.terms.granted_by_uid),
             },
             None => fallback.cloned().unwrap_or_default(),
         }

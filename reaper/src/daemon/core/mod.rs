@@ -139,6 +139,11 @@ impl<K: Kernel> Core<K> {
         Ok(restart_only)
     }
 
+    /// Reopens the audit trail's file (SIGHUP: logrotate moved it away).
+    pub fn reopen_audit(&mut self) {
+        self.audit.reopen();
+    }
+
     /// A reload that was refused: the running config stays, `status` says why.
     pub fn reload_refused(&mut self, why: String) {
         self.last_reload_error = Some(why);

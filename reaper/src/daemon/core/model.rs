@@ -80,6 +80,9 @@ pub struct Owner {
     pub session: String,
     pub user: String,
     pub target: String,
+    /// The uid whose grant made the session (for a refused grant: who
+    /// asked); `None` for a flow no session holds (a fence kill).
+    pub granted_by_uid: Option<u32>,
 }
 
 /// Who is asking, from SO_PEERCRED.
@@ -180,6 +183,8 @@ pub struct Change<'a> {
 pub trait AuditSink: Send {
     fn record(&mut self, kill: &Kill);
     fn change(&mut self, change: &Change<'_>);
+    /// Reopens where the records go (SIGHUP, after a log rotation).
+    fn reopen(&mut self) {}
 }
 
 /// One flow of a session, as `list` shows it.
@@ -240,6 +245,7 @@ pub struct Status {
     pub cgroup: String,
     pub pin_path: String,
     pub sessions: usize,
+    pub sessions_by_class: BTreeMap<String, usize>,
     pub tracked_flows: usize,
     pub granted_flows: usize,
     pub max_flows: u32,
@@ -262,6 +268,37 @@ pub enum Outcome {
     Revoked(Revoked),
     Listed(Listing),
     Status(Status),
+    /// `watch`: the events this caller may follow.
+    Watching(WatchFilter),
+}
+
+/// Which live events a watcher gets: those of the sessions it may `list`
+/// (every event for an operator), narrowed by its selector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchFilter {
+    pub everything: bool,
+    pub uid: u32,
+    pub selector: crate::protocol::ListArgs,
+}
+
+/// Whom a live event concerns. Events of no session (a reload, a fence
+/// kill) have empty names and no uid: only operators see them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventScope {
+    pub session: String,
+    pub user: String,
+    pub target: String,
+    pub granted_by_uid: Option<u32>,
+}
+
+impl WatchFilter {
+    pub fn admits(&self, e: &EventScope) -> bool {
+        let s = &self.selector;
+        (self.everything || e.granted_by_uid == Some(self.uid))
+            && s.session.as_ref().is_none_or(|v| *v == e.session)
+            && s.user.as_ref().is_none_or(|v| *v == e.user)
+            && s.target.as_ref().is_none_or(|v| *v == e.target)
+    }
 }
 
 /// Why the core refused a request; the control plane maps the code to the

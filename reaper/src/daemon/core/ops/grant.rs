@@ -559,6 +559,7 @@ impl<K: Kernel> Core<K> {
                     session: g.session.clone(),
                     user: g.user.clone(),
                     target: g.target.clone(),
+                    granted_by_uid: Some(caller.uid),
                 };
                 let victims = Victims::Flows {
                     cookies,

@@ -15,6 +15,7 @@ mod list;
 mod revoke;
 mod status;
 mod touch;
+mod watch;
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -57,6 +58,7 @@ impl<K: Kernel> Core<K> {
             Command::Revoke(r) => self.revoke(r, caller).map(Outcome::Revoked),
             Command::List(l) => Ok(Outcome::Listed(self.list(&l, caller))),
             Command::Status => Ok(Outcome::Status(self.status())),
+            Command::Watch(w) => Ok(Outcome::Watching(self.watch(w, caller))),
         };
         if op.mutates() {
             self.settle();

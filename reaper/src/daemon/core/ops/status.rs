@@ -7,12 +7,19 @@ use crate::daemon::core::Core;
 use crate::kernel::Kernel;
 
 impl<K: Kernel> Core<K> {
-    pub(super) fn status(&self) -> Status {
+    pub fn status(&self) -> Status {
         Status {
             uptime_ns: self.kernel.now().boot_ns - self.started_boot_ns,
             cgroup: self.kernel.cgroup().display().to_string(),
             pin_path: self.kernel.pin_path().display().to_string(),
             sessions: self.index.session_count(),
+            sessions_by_class: self.index.sessions().fold(
+                std::collections::BTreeMap::new(),
+                |mut by, (_, s)| {
+                    *by.entry(s.class().to_owned()).or_default() += 1;
+                    by
+                },
+            ),
             tracked_flows: self.index.flow_count(),
             granted_flows: self.index.granted_flow_count(),
             max_flows: self.config.max_flows,

@@ -1,7 +1,20 @@
 //! The `reaper` command line: the daemon, the client commands that talk to
 //! its control socket, and `unload`.
+//!
+//! * this file — the clap definitions and the one-shot client commands;
+//! * `watch`, `top` — the commands that follow the daemon live;
+//! * `service` — what an operator's tooling calls: `check-config`,
+//!   `completions`, the man pages.
 
 #![forbid(unsafe_code)]
+
+mod service;
+mod top;
+mod watch;
+
+pub use service::{check_config, completions, manpages};
+pub use top::top;
+pub use watch::watch;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -57,6 +70,50 @@ pub enum CliCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Follow the daemon's events live (grants, extends, revokes, kills,
+    /// refusals, reloads) until interrupted.
+    Watch(WatchCmd),
+    /// A live view: sessions by time left, kills per second, table fill.
+    Top(TopCmd),
+    /// Load a config file exactly as the daemon would and print the
+    /// effective configuration (exit status 1, naming the key, on an error).
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (reaper(8) and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
+}
+
+/// Where the packaged daemon reads its config.
+pub const DEFAULT_CONFIG: &str = "/etc/reaper/reaper.toml";
+
+#[derive(Args, Debug)]
+pub struct WatchCmd {
+    /// Only the events of this user's sessions.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only the events of this session.
+    #[arg(long)]
+    pub session: Option<String>,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct TopCmd {
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+    /// The daemon's control socket.
+    #[arg(long, env = "REAPER_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -286,9 +343,7 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
             }),
         ),
         CliCommand::Status(c) => (c, WireOp::Status),
-        CliCommand::Daemon { .. } | CliCommand::Unload { .. } | CliCommand::Features => {
-            unreachable!("not client commands")
-        }
+        other => unreachable!("not a one-shot client command: {other:?}"),
     };
     let response = call(&client.socket, &op)?;
     if client.json {
@@ -332,6 +387,7 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                 print_sessions(&r.sessions);
             }
         }
+        WireOp::Watch(_) => unreachable!("`reaper watch` streams; it is not a one-shot call"),
         WireOp::Status => {
             let s: StatusResult = serde_json::from_value(result).map_err(parse)?;
             println!(
@@ -384,9 +440,12 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
     Ok(0)
 }
 
-fn print_sessions(sessions: &[SessionView]) {
-    const COLUMNS: usize = 6;
-    let rows: Vec<[String; COLUMNS]> = sessions
+/// The columns of a session table (`list`, `grant`, `top`).
+const SESSION_HEADERS: [&str; 6] = ["SESSION", "USER", "TARGET", "CLASS", "TIME LEFT", "IDLE"];
+
+/// A session table's cells, in [`SESSION_HEADERS`] order.
+fn session_rows(sessions: &[SessionView]) -> Vec<Vec<String>> {
+    sessions
         .iter()
         .map(|s| {
             let left = if s.time_left_ms >= 0 {
@@ -406,7 +465,7 @@ fn print_sessions(sessions: &[SessionView]) {
                 ),
                 None => "-".into(),
             };
-            [
+            vec![
                 s.session.clone(),
                 s.user.clone(),
                 s.target.clone(),
@@ -415,27 +474,55 @@ fn print_sessions(sessions: &[SessionView]) {
                 idle,
             ]
         })
+        .collect()
+}
+
+/// Lines of a table whose columns line up on a terminal: widths are
+/// display widths (a CJK name takes two columns per character, a combining
+/// accent none), and control characters in a name are shown escaped so
+/// that no name can move the cursor.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+    use unicode_width::UnicodeWidthStr;
+    let shown = |cell: &str| -> String {
+        if cell.chars().any(char::is_control) {
+            cell.escape_debug().to_string()
+        } else {
+            cell.to_owned()
+        }
+    };
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| shown(c)).collect())
         .collect();
-    let headers = ["SESSION", "USER", "TARGET", "CLASS", "TIME LEFT", "IDLE"];
-    let widths: Vec<usize> = (0..COLUMNS)
+    let widths: Vec<usize> = (0..headers.len())
         .map(|i| {
             rows.iter()
-                .map(|r| r[i].len())
-                .chain([headers[i].len()])
+                .map(|r| r[i].width())
+                .chain([headers[i].width()])
                 .max()
                 .unwrap_or(0)
         })
         .collect();
-    let line = |cells: [&str; COLUMNS]| {
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
         let mut out = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            out += &format!("{cell:<w$}  ", w = widths[i]);
+        for (cell, w) in cells.zip(&widths) {
+            out += cell;
+            out.extend(std::iter::repeat_n(' ', w - cell.width() + 2));
         }
-        println!("{}", out.trim_end());
+        out.trim_end().to_owned()
     };
-    line(headers);
-    for (row, s) in rows.iter().zip(sessions) {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
+    let mut lines = vec![line(&mut headers.iter().copied())];
+    for r in &rows {
+        lines.push(line(&mut r.iter().map(String::as_str)));
+    }
+    lines
+}
+
+fn print_sessions(sessions: &[SessionView]) {
+    let lines = table(&SESSION_HEADERS, &session_rows(sessions));
+    println!("{}", lines[0]);
+    for (row, s) in lines[1..].iter().zip(sessions) {
+        println!("{row}");
         println!("    deadline {}", s.deadline);
         for f in &s.flows {
             println!("    {} <-> {}  ({})", f.local, f.remote, f.path);
@@ -443,6 +530,35 @@ fn print_sessions(sessions: &[SessionView]) {
         if s.expecting > 0 {
             println!("    expecting {} connection(s)", s.expecting);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn columns_align_by_display_width() {
+        let rows = vec![
+            vec!["s1".to_owned(), "amélie".to_owned(), "x".to_owned()],
+            vec!["s2".to_owned(), "山田".to_owned(), "y".to_owned()],
+            vec!["s3".to_owned(), "bob".to_owned(), "z".to_owned()],
+        ];
+        let lines = table(&["SESSION", "USER", "T"], &rows);
+        // The third column starts at the same terminal column everywhere.
+        use unicode_width::UnicodeWidthStr;
+        let starts: Vec<usize> = lines
+            .iter()
+            .map(|l| l[..l.rfind(' ').unwrap() + 1].width())
+            .collect();
+        assert!(starts.iter().all(|s| *s == starts[0]), "{lines:#?}");
+    }
+
+    #[test]
+    fn control_characters_in_names_are_escaped() {
+        let rows = vec![vec!["evil\x1b[2J".to_owned()]];
+        let lines = table(&["SESSION"], &rows);
+        assert!(!lines[1].contains('\x1b'), "{:?}", lines[1]);
     }
 }
 

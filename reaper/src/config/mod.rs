@@ -12,6 +12,9 @@ use serde::Deserialize;
 use crate::policy::{Access, Class, GlobalLimit, IdleDirection, OnLimit, Scope};
 use crate::timefmt;
 
+mod effective;
+pub use effective::effective;
+
 pub const DEFAULT_SOCKET: &str = "/run/reaper/reaper.sock";
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/reaper";
 pub const DEFAULT_MAX_TTL: &str = "7d";
@@ -91,6 +94,30 @@ pub struct Config {
     /// How long a client may take to finish a request line it started, or
     /// to take a response.
     pub client_timeout: std::time::Duration,
+    /// The operational log's format (the audit trail is always JSON).
+    pub log_format: LogFormat,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// The operational log's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (for a log shipper).
+    Json,
+}
+
+impl LogFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// How the forwarding program is attached to an interface.
@@ -133,6 +160,14 @@ struct RawConfig {
     max_clients_per_uid: Option<u32>,
     nice: Option<i32>,
     client_timeout: Option<String>,
+    log_format: Option<LogFormat>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -427,6 +462,13 @@ impl Config {
             max_sessions,
             max_pending,
         )?;
+        let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
+            None => None,
+            Some(text) if text.is_empty() => None,
+            Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+                format!("metrics.listen: {text:?} is not an address and port like \"127.0.0.1:9464\"")
+            })?),
+        };
         let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         Ok(Config {
             socket: non_empty(raw.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
@@ -454,6 +496,8 @@ impl Config {
             max_clients_per_uid: max_clients_per_uid as usize,
             nice,
             client_timeout: std::time::Duration::from_nanos(client_timeout_ns),
+            log_format: raw.log_format.unwrap_or_default(),
+            metrics_listen,
         })
     }
 
@@ -504,6 +548,8 @@ impl Config {
         self.max_clients_per_uid = running.max_clients_per_uid;
         self.nice = running.nice;
         self.client_timeout = running.client_timeout;
+        self.log_format = running.log_format;
+        self.metrics_listen = running.metrics_listen;
     }
 
     /// Keys that differ from `new` but only take effect at a restart (the
@@ -541,6 +587,8 @@ impl Config {
         );
         check(self.nice != new.nice, "nice");
         check(self.client_timeout != new.client_timeout, "client_timeout");
+        check(self.log_format != new.log_format, "log_format");
+        check(self.metrics_listen != new.metrics_listen, "metrics.listen");
         keys
     }
 }
