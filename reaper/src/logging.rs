@@ -73,7 +73,9 @@ pub fn init(default: LevelFilter, format: LogFormat) {
     match (format, journal) {
         (LogFormat::Json, _) => builder.json().init(),
         (LogFormat::Text, true) => {
-            let format = tracing_subscriber::fmt::format().with_target(false).without_time();
+            let format = tracing_subscriber::fmt::format()
+                .with_target(false)
+                .without_time();
             builder.event_format(Prioritized(format)).init()
         }
         (LogFormat::Text, false) => builder.init(),

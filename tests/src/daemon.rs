@@ -20,12 +20,19 @@ impl Daemon {
     /// Starts `reaper daemon --config CONFIG`, its log appended to `log`,
     /// and waits until `socket` answers.
     pub fn start(config: &Path, socket: &Path, log: &Path) -> Daemon {
+        Daemon::start_as(Command::new(reaper_bin()), config, socket, log)
+    }
+
+    /// Like `start`, with `command` as the program (another binary, a
+    /// wrapper such as setpriv, extra environment) that `daemon --config
+    /// CONFIG` is appended to.
+    pub fn start_as(mut command: Command, config: &Path, socket: &Path, log: &Path) -> Daemon {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(reaper_bin())
+        let child = command
             .args(["daemon", "--config"])
             .arg(config)
             .env("REAPER_LOG", "debug")

@@ -94,6 +94,18 @@ impl Sandbox {
         self.daemon = Some(Daemon::start(&self.config_path, &self.socket, &log));
     }
 
+    /// Starts the daemon as `command` (see [`Daemon::start_as`]).
+    pub fn start_daemon_as(&mut self, command: Command) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = self.dir.join("daemon.log");
+        self.daemon = Some(Daemon::start_as(
+            command,
+            &self.config_path,
+            &self.socket,
+            &log,
+        ));
+    }
+
     /// Stops the daemon with `signal` and waits for it to exit.
     pub fn stop_daemon(&mut self, signal: i32) {
         self.daemon.take().expect("daemon running").stop(signal);

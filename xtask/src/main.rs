@@ -13,6 +13,7 @@
 //!   integration tests on this machine's kernel and, in qemu, on Debian's
 //!   6.1 and 6.12 kernels; a table per kernel (see `vm.rs`). `cargo xtask
 //!   test` runs it too, with `--quick`.
+//! * `cargo xtask deb` — the Debian package, in target/debian (see `deb.rs`).
 //! * `cargo xtask fuzz TARGET [SECONDS]` — fuzz the `protocol` or `config`
 //!   parser (cargo-fuzz, installed on first use) for SECONDS (default 600),
 //!   growing the committed corpus in fuzz/corpus/TARGET. `cargo xtask test`
@@ -25,6 +26,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command, Stdio};
 
+mod deb;
 mod vm;
 
 const APT_PACKAGES: &[&str] = &[
@@ -34,6 +36,13 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "python3",
+    // The service tests: the unit check, the package install, the metrics
+    // lint, `top` on a terminal, the unit's capability set.
+    "systemd",
+    "dpkg",
+    "prometheus",
+    "tmux",
+    "util-linux",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -56,9 +65,13 @@ fn main() {
         "bench" => setup().and_then(|()| bench(rest)),
         "fuzz" => setup().and_then(|()| fuzz(rest)),
         "vm-test" => setup().and_then(|()| vm_test(rest)),
+        "deb" => setup()
+            .and_then(|()| build(true))
+            .and_then(|()| deb::build_deb())
+            .map(|deb| step(&format!("built {}", deb.display()))),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]|vm-test [--kernel 6.1|6.12]... [--only FILE::TEST]... [--quick]|fuzz protocol|config|descriptors [SECONDS]>"
+                "usage: cargo xtask <setup|build|run [-- daemon args]|test [-- nextest args]|bench [--quick]|deb|vm-test [--kernel 6.1|6.12]... [--only FILE::TEST]... [--quick]|fuzz protocol|config|descriptors [SECONDS]>"
             );
             Ok(())
         }
@@ -371,6 +384,9 @@ fn test(args: &[String]) -> Result<(), String> {
     // tearing down the namespaces of earlier tests. (The release build is
     // the benchmarks' too.)
     build(true)?;
+    // The package tests install it (tests/tests/package.rs).
+    let deb = deb::build_deb()?;
+    std::env::set_var("REAPER_DEB", &deb);
     step("running the hostile tests (alone, release daemon)");
     let hostile = nextest(&["--workspace", "-E", "binary(hostile)"], &[], "release")?;
     step("running the other unit and integration tests");

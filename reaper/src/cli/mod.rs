@@ -533,35 +533,6 @@ fn print_sessions(sessions: &[SessionView]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::table;
-
-    #[test]
-    fn columns_align_by_display_width() {
-        let rows = vec![
-            vec!["s1".to_owned(), "amélie".to_owned(), "x".to_owned()],
-            vec!["s2".to_owned(), "山田".to_owned(), "y".to_owned()],
-            vec!["s3".to_owned(), "bob".to_owned(), "z".to_owned()],
-        ];
-        let lines = table(&["SESSION", "USER", "T"], &rows);
-        // The third column starts at the same terminal column everywhere.
-        use unicode_width::UnicodeWidthStr;
-        let starts: Vec<usize> = lines
-            .iter()
-            .map(|l| l[..l.rfind(' ').unwrap() + 1].width())
-            .collect();
-        assert!(starts.iter().all(|s| *s == starts[0]), "{lines:#?}");
-    }
-
-    #[test]
-    fn control_characters_in_names_are_escaped() {
-        let rows = vec![vec!["evil\x1b[2J".to_owned()]];
-        let lines = table(&["SESSION"], &rows);
-        assert!(!lines[1].contains('\x1b'), "{:?}", lines[1]);
-    }
-}
-
 /// `reaper unload`.
 pub fn unload(config: Option<PathBuf>) -> Result<i32> {
     let config = match config {
@@ -628,4 +599,33 @@ pub fn features() -> Result<i32> {
             0
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn columns_align_by_display_width() {
+        let rows = vec![
+            vec!["s1".to_owned(), "amélie".to_owned(), "x".to_owned()],
+            vec!["s2".to_owned(), "山田".to_owned(), "y".to_owned()],
+            vec!["s3".to_owned(), "bob".to_owned(), "z".to_owned()],
+        ];
+        let lines = table(&["SESSION", "USER", "T"], &rows);
+        // The third column starts at the same terminal column everywhere.
+        use unicode_width::UnicodeWidthStr;
+        let starts: Vec<usize> = lines
+            .iter()
+            .map(|l| l[..l.rfind(' ').unwrap() + 1].width())
+            .collect();
+        assert!(starts.iter().all(|s| *s == starts[0]), "{lines:#?}");
+    }
+
+    #[test]
+    fn control_characters_in_names_are_escaped() {
+        let rows = vec![vec!["evil\x1b[2J".to_owned()]];
+        let lines = table(&["SESSION"], &rows);
+        assert!(!lines[1].contains('\x1b'), "{:?}", lines[1]);
+    }
 }

@@ -106,8 +106,5 @@ fn render(status: &StatusResult, list: &ListResult, kill_rate: f64, kills: u64) 
             list.sessions.len() - shown.len()
         ));
     }
-    lines
-        .into_iter()
-        .map(|l| format!("{l}\x1b[K\n"))
-        .collect()
+    lines.into_iter().map(|l| format!("{l}\x1b[K\n")).collect()
 }

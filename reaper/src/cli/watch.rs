@@ -61,7 +61,10 @@ pub fn watch(cmd: WatchCmd) -> Result<i32> {
             }
         };
         // A closed pipe (`reaper watch | head`) ends the watch quietly.
-        if writeln!(out, "{printed}").and_then(|()| out.flush()).is_err() {
+        if writeln!(out, "{printed}")
+            .and_then(|()| out.flush())
+            .is_err()
+        {
             return Ok(0);
         }
     }
@@ -82,7 +85,14 @@ pub(super) fn human(event: &Value) -> String {
             "reason", "session", "user", "target", "local", "remote", "late_us", "path", "result",
         ],
         Some("grant" | "extend" | "revoke") => &[
-            "session", "user", "target", "class", "deadline", "flows", "expecting", "by_uid",
+            "session",
+            "user",
+            "target",
+            "class",
+            "deadline",
+            "flows",
+            "expecting",
+            "by_uid",
         ],
         Some("refusal") => &["op", "code", "by_uid", "message"],
         Some("reload") => &["ok", "error"],

@@ -158,7 +158,11 @@ pub fn effective(config: &Config) -> String {
         if let Some(ttl) = class.ttl_ns {
             let _ = writeln!(w, "ttl = {}", quoted(&format_duration(ttl)));
         }
-        let _ = writeln!(w, "max_ttl = {}", quoted(&format_duration(class.max_ttl_ns)));
+        let _ = writeln!(
+            w,
+            "max_ttl = {}",
+            quoted(&format_duration(class.max_ttl_ns))
+        );
         if let Some(idle) = class.idle_timeout_ns {
             let _ = writeln!(w, "idle_timeout = {}", quoted(&format_duration(idle)));
         }
@@ -241,5 +245,72 @@ on_limit = "evict-oldest"
     #[test]
     fn an_empty_watch_list_stays_empty() {
         round_trip("watch = []\n");
+    }
+}
+
+/// The packaged `/etc/reaper/reaper.toml` must show every key at its
+/// default (commented out), so that an operator reads what is in force.
+#[cfg(test)]
+mod packaged {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    const PACKAGED: &str = include_str!("../../../packaging/reaper.toml");
+
+    /// The file with every `#key = value` line (not prose `# ...`, not the
+    /// indented examples `#   ...`) uncommented.
+    fn uncommented() -> String {
+        PACKAGED
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.starts_with([' ', '#']) && !rest.is_empty() => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// (table, key) of every assignment in TOML text.
+    fn keys(text: &str) -> BTreeSet<(String, String)> {
+        let mut table = String::new();
+        let mut out = BTreeSet::new();
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                table = line.trim_matches(['[', ']']).to_owned();
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                if !line.starts_with('#') {
+                    out.insert((table.clone(), key.to_owned()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_key_is_shown_at_its_default() {
+        let loaded = Config::from_toml(&uncommented()).unwrap();
+        let expected = Config {
+            audit_file: Some("/var/log/reaper/audit.jsonl".into()),
+            ..Config::default()
+        };
+        assert_eq!(loaded, expected);
+        let missing: Vec<_> = keys(&effective(&Config::default()))
+            .difference(&keys(&uncommented()))
+            .cloned()
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in packaging/reaper.toml: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn the_packaged_file_loads_as_shipped() {
+        let shipped = Config::from_toml(PACKAGED).unwrap();
+        assert_eq!(
+            shipped.audit_file.as_deref(),
+            Some(std::path::Path::new("/var/log/reaper/audit.jsonl"))
+        );
     }
 }

@@ -466,7 +466,9 @@ impl Config {
             None => None,
             Some(text) if text.is_empty() => None,
             Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
-                format!("metrics.listen: {text:?} is not an address and port like \"127.0.0.1:9464\"")
+                format!(
+                    "metrics.listen: {text:?} is not an address and port like \"127.0.0.1:9464\""
+                )
             })?),
         };
         let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());

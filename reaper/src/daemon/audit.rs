@@ -254,7 +254,9 @@ impl AuditSink for Audit {
         let Some(path) = &self.path else { return };
         match open_file(path) {
             Ok(file) => self.file = Some(file),
-            Err(e) => tracing::error!("reopening the audit file, still writing to the old one: {e}"),
+            Err(e) => {
+                tracing::error!("reopening the audit file, still writing to the old one: {e}")
+            }
         }
     }
 }

@@ -93,7 +93,11 @@ async fn answer(mut stream: TcpStream, state: &Shared, telemetry: &Telemetry) {
                 (true, None) => (200, "text/plain", "ready\n".to_owned()),
             }
         }
-        _ => (404, "text/plain", "not found: try /metrics, /healthz or /readyz\n".to_owned()),
+        _ => (
+            404,
+            "text/plain",
+            "not found: try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
     };
     let _ = respond(&mut stream, code, kind, &body, head_only).await;
 }

@@ -330,7 +330,9 @@ fn kernel_help(counter: &str) -> &'static str {
         "events_lost" => "Flow events that did not fit in the ring buffer.",
         "pending_matched" => "Connections tagged at establishment from a pre-registration.",
         "unmarked" => "Refused connections the kernel could not mark (the daemon destroys them).",
-        "share_exceeded" => "Watched flows left untracked because their owner held its whole share.",
+        "share_exceeded" => {
+            "Watched flows left untracked because their owner held its whole share."
+        }
         _ => "A kernel counter.",
     }
 }

@@ -99,7 +99,9 @@ fn bind_metrics(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
     let listener = std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .and_then(tokio::net::TcpListener::from_std)
-        .map_err(Error::io(format!("listening for metrics on {addr} ([metrics] listen)")))?;
+        .map_err(Error::io(format!(
+            "listening for metrics on {addr} ([metrics] listen)"
+        )))?;
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "metrics are served on a non-loopback address, as [metrics] listen says");
     }
@@ -170,8 +172,13 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
     notify::ready();
-    let accept =
-        server::accept_loop(listener, state.clone(), &config, open_files, telemetry.clone());
+    let accept = server::accept_loop(
+        listener,
+        state.clone(),
+        &config,
+        open_files,
+        telemetry.clone(),
+    );
     tokio::pin!(accept);
     loop {
         tokio::select! {

@@ -241,7 +241,8 @@ async fn serve_client(
                         let outcome = lock(&state).handle(request.command, caller, &fds);
                         if let Ok(Outcome::Watching(filter)) = outcome {
                             telemetry.metrics.request(op, "ok");
-                            let ok = Response::ok(request.id, serde_json::json!({"watching": true}));
+                            let ok =
+                                Response::ok(request.id, serde_json::json!({"watching": true}));
                             conn.queue(&ok.to_line());
                             stream_events(conn, filter, &telemetry).await;
                             return;
@@ -372,8 +373,15 @@ async fn stream_events(mut conn: Connection, filter: WatchFilter, telemetry: &Te
         }
     }
     let _gone = Gone(&telemetry.metrics);
-    if conn.flush().await.is_err() {
-        return;
+    // A write that times out is a watcher that stopped reading: dropped.
+    let stalled = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            telemetry.metrics.watcher_dropped();
+            debug!("dropping a watcher that stopped reading");
+        }
+    };
+    if let Err(e) = conn.flush().await {
+        return stalled(e);
     }
     loop {
         tokio::select! {
@@ -389,8 +397,8 @@ async fn stream_events(mut conn: Connection, filter: WatchFilter, telemetry: &Te
                                 conn.queue("\n");
                             }
                         }
-                        if conn.flush().await.is_err() {
-                            return;
+                        if let Err(e) = conn.flush().await {
+                            return stalled(e);
                         }
                     }
                 }

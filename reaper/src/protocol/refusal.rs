@@ -117,7 +117,11 @@ mod tests {
 
     #[test]
     fn names_are_the_wire_spelling() {
-        for code in [RefusalCode::BadJson, RefusalCode::FlowTableExhausted, RefusalCode::Internal] {
+        for code in [
+            RefusalCode::BadJson,
+            RefusalCode::FlowTableExhausted,
+            RefusalCode::Internal,
+        ] {
             let wire = serde_json::to_value(code).unwrap();
             assert_eq!(wire.as_str(), Some(code.name()));
         }

@@ -27,6 +27,18 @@ pub(super) const SKIPS: &[(&str, &str)] = &[
         "policy::websockify",
         "needs python3 and websockify, which the initramfs does not carry",
     ),
+    (
+        "package::",
+        "needs dpkg, systemd-analyze and setpriv over the host's own root (the host runs it)",
+    ),
+    (
+        "service::metrics",
+        "needs promtool, which the initramfs does not carry",
+    ),
+    (
+        "service::top",
+        "needs tmux, which the initramfs does not carry",
+    ),
 ];
 
 /// Tests `--quick` leaves out: long under software emulation, and about
