@@ -260,56 +260,75 @@ impl Sandbox {
     /// (198.18.2.0/24, 2001:db8:2::/64), R being .1/::1 on each and the
     /// hosts .2/::2 with R as their default route. Returns (A, B).
     pub fn router(&mut self) -> (String, String) {
-        let ip = |args: &[&str]| {
-            check(
-                Command::new("ip").args(args).status(),
-                &format!("ip {args:?}"),
-            )
-        };
         let mut hosts = Vec::new();
         for (side, n) in [("a", 1), ("b", 2)] {
             let host = format!("{}-{side}", self.name);
             self.hosts.add(&host);
-            let link = format!("r{side}");
-            let (v4r, v4h) = (format!("198.18.{n}.1/24"), format!("198.18.{n}.2/24"));
-            let (v6r, v6h) = (format!("2001:db8:{n}::1/64"), format!("2001:db8:{n}::2/64"));
-            ip(&[
-                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &host,
-            ]);
-            ip(&["addr", "add", &v4r, "dev", &link]);
-            ip(&["-6", "addr", "add", &v6r, "dev", &link, "nodad"]);
-            ip(&["link", "set", &link, "up"]);
-            ip(&["-n", &host, "addr", "add", &v4h, "dev", "eth0"]);
-            ip(&[
-                "-n", &host, "-6", "addr", "add", &v6h, "dev", "eth0", "nodad",
-            ]);
-            ip(&["-n", &host, "link", "set", "eth0", "up"]);
-            ip(&["-n", &host, "link", "set", "lo", "up"]);
-            ip(&[
-                "-n",
-                &host,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("198.18.{n}.1"),
-            ]);
-            ip(&[
-                "-n",
-                &host,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("2001:db8:{n}::1"),
-            ]);
+            Sandbox::link_host(side, n, &host);
             hosts.push(host);
         }
         for knob in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
             check(Command::new("sysctl").args(["-qw", knob]).status(), knob);
         }
         (hosts.remove(0), hosts.remove(0))
+    }
+
+    /// The link `r{side}` from this namespace to `host`'s eth0, and the
+    /// host's addresses and default route through it (see `router`).
+    fn link_host(side: &str, n: u32, host: &str) {
+        let ip = |args: &[&str]| {
+            check(
+                Command::new("ip").args(args).status(),
+                &format!("ip {args:?}"),
+            )
+        };
+        let link = format!("r{side}");
+        let (v4r, v4h) = (format!("198.18.{n}.1/24"), format!("198.18.{n}.2/24"));
+        let (v6r, v6h) = (format!("2001:db8:{n}::1/64"), format!("2001:db8:{n}::2/64"));
+        ip(&[
+            "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", host,
+        ]);
+        ip(&["addr", "add", &v4r, "dev", &link]);
+        ip(&["-6", "addr", "add", &v6r, "dev", &link, "nodad"]);
+        ip(&["link", "set", &link, "up"]);
+        ip(&["-n", host, "addr", "add", &v4h, "dev", "eth0"]);
+        ip(&[
+            "-n", host, "-6", "addr", "add", &v6h, "dev", "eth0", "nodad",
+        ]);
+        ip(&["-n", host, "link", "set", "eth0", "up"]);
+        ip(&["-n", host, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            host,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.18.{n}.1"),
+        ]);
+        ip(&[
+            "-n",
+            host,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("2001:db8:{n}::1"),
+        ]);
+    }
+
+    /// Deletes the router's link to host `side` ("a" or "b") and makes it
+    /// again, as Neutron or libvirt re-create an interface: a new index,
+    /// the same name and addresses.
+    pub fn recreate_link(&mut self, side: &str) {
+        let n = if side == "a" { 1 } else { 2 };
+        let link = format!("r{side}");
+        check(
+            Command::new("ip").args(["link", "del", &link]).status(),
+            &format!("ip link del {link}"),
+        );
+        Sandbox::link_host(side, n, &format!("{}-{side}", self.name));
     }
 
     /// Starts a peer (server) process inside the named namespace `host`.

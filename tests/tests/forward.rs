@@ -110,3 +110,56 @@ fn forwarded_ipv6_flows_die_at_their_deadline() {
 fn forwarded_flows_die_through_a_legacy_tc_filter() {
     forwarded_flows_die_at_their_deadline("fwd-tc", "198.18.2.2:5900", "tc");
 }
+
+/// An interface the daemon forwards through is deleted and re-created (as
+/// Neutron, OVS and libvirt do): the daemon re-attaches to the new one by
+/// itself, and a flow re-established through it is killed at its deadline.
+#[test]
+fn a_recreated_interface_is_tracked_again() {
+    let mut sb = Sandbox::new("forward-recreated");
+    sb.write_config(
+        "[forward]\ninterfaces = [\"ra\", \"rb\"]\n[[watch]]\nports = \"5900\"\nside = \"any\"\n",
+    );
+    let (a, b) = sb.router();
+    sb.start_daemon();
+    let server = "198.18.2.2:5900";
+    sb.peer_on(&b, &[server]);
+    let mut before = Conn::connect_from(&a, server);
+    before.echo().unwrap();
+
+    let recreated = std::time::Instant::now();
+    sb.recreate_link("a");
+    let reattached = "forwarding interface re-created: program re-attached";
+    let end = recreated + std::time::Duration::from_millis(bound_ms(1000.0) as u64);
+    while !sb.daemon_log().contains(reattached) {
+        assert!(
+            std::time::Instant::now() < end,
+            "not re-attached within a second:\n{}",
+            sb.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!(
+        "re-attached {:.1} ms after the interface was re-created",
+        recreated.elapsed().as_secs_f64() * 1e3
+    );
+
+    // The client re-establishes its connection through the new interface.
+    let mut again = Conn::connect_from(&a, server);
+    again.echo().unwrap();
+    let granted = sb.ok(
+        json!({"op": "grant", "session": "back", "user": "alice", "target": "vm-1",
+               "ttl": "500ms", "flows": [again.spec()]}),
+    );
+    assert_eq!(
+        granted["session"]["flows"][0]["path"], "forward",
+        "{granted}"
+    );
+    let deadline = granted["session"]["deadline_boot_ns"].as_u64().unwrap();
+    let (err, seen_at) = again.wait_reset(5 * SECOND);
+    assert_reset(&err);
+    let late_ms = (seen_at as f64 - deadline as f64) / 1e6;
+    println!("re-established flow reset {late_ms:.3} ms after its deadline");
+    assert!(seen_at >= deadline && late_ms < bound_ms(50.0));
+    drop(before);
+}

@@ -160,6 +160,21 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         tokio::spawn(health::serve(listener, state.clone(), telemetry.clone()));
     }
     tokio::spawn(notify::run_watchdog(state.clone()));
+    if !config.forward_interfaces.is_empty() {
+        let watch = crate::enforcer::links::LinkWatch::open()
+            .map_err(Error::io("watching link events (for [forward] interfaces)"))?;
+        // SAFETY: the AsyncFd owns the socket, open and unreplaced, for as
+        // long as it is registered.
+        let fd = unsafe { AsyncFd::register(watch) }
+            .map_err(|e| Error::io("registering the link watch")(e.into()))?;
+        tokio::spawn(tasks::follow_links(
+            state.clone(),
+            fd,
+            config.forward_interfaces.clone(),
+            config.forward_attach,
+            telemetry.clone(),
+        ));
+    }
 
     let mut terminate =
         signal(SignalKind::terminate()).map_err(Error::io("installing SIGTERM handler"))?;

@@ -14,7 +14,8 @@ use super::core::model::EventScope;
 use super::notify;
 use super::shared::{lock, Shared, Telemetry};
 use crate::clock::WallClockWatch;
-use crate::config::Config;
+use crate::config::{Config, ForwardAttach};
+use crate::enforcer::links::{self, LinkChange, LinkWatch};
 use crate::enforcer::KernelLog;
 use crate::error::{Error, Result};
 
@@ -135,5 +136,76 @@ pub(super) async fn read_kernel_log(log: aya_log::EbpfLogger<KernelLog>) {
         };
         guard.clear_ready();
         guard.get_inner_mut().flush();
+    }
+}
+
+/// Re-attaches the forwarding program to each `[forward]` interface that is
+/// deleted and created again (a new index), within the event's arrival:
+/// forwarded flows through it are tracked again at once. A deletion is
+/// logged: until the interface is back, nothing passes through it anyway.
+pub(super) async fn follow_links(
+    state: Shared,
+    fd: AsyncFd<LinkWatch>,
+    interfaces: Vec<String>,
+    attach: ForwardAttach,
+    telemetry: Telemetry,
+) {
+    let mut attached: std::collections::HashMap<String, Option<u32>> = interfaces
+        .iter()
+        .map(|i| (i.clone(), links::index_of(i)))
+        .collect();
+    loop {
+        let mut guard = match fd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                error!("link watch failed: {e}; re-created interfaces need a restart");
+                return;
+            }
+        };
+        guard.clear_ready();
+        let changes = match fd.get_ref().read() {
+            Ok(c) => c,
+            Err(e) => {
+                // Events were lost (ENOBUFS): look at each interface instead.
+                warn!("link events lost ({e}); checking every forwarding interface");
+                interfaces
+                    .iter()
+                    .filter_map(|name| {
+                        links::index_of(name).map(|index| LinkChange::Present {
+                            name: name.clone(),
+                            index,
+                        })
+                    })
+                    .collect()
+            }
+        };
+        for change in changes {
+            match change {
+                LinkChange::Gone { name, index } if attached.get(&name) == Some(&Some(index)) => {
+                    warn!(interface = %name, "forwarding interface deleted; its forwarded flows are untracked until it returns");
+                    attached.insert(name, None);
+                }
+                LinkChange::Present { name, index } => {
+                    let Some(known) = attached.get(&name) else {
+                        continue;
+                    };
+                    if *known == Some(index) {
+                        continue;
+                    }
+                    let result = lock(&state).kernel_mut().reattach_forwarding(&name, attach);
+                    match result {
+                        Ok(()) => {
+                            info!(interface = %name, index, "forwarding interface re-created: program re-attached");
+                            telemetry.metrics.interface_attached();
+                            attached.insert(name, Some(index));
+                        }
+                        Err(e) => {
+                            error!(interface = %name, "re-attaching the forwarding program: {e}")
+                        }
+                    }
+                }
+                LinkChange::Gone { .. } => {}
+            }
+        }
     }
 }

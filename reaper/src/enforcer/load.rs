@@ -138,6 +138,7 @@ impl Enforcer {
             netns_cookie,
             cgroup,
             pin_path: config.pin_path.clone(),
+            has_tcx: features.has(features::name::TCX),
         };
         // Ports and settings are in place before the programs run.
         enforcer.apply_ports(config)?;
@@ -372,16 +373,15 @@ fn attach_forwarding(
     have_tcx: bool,
     pin: &dyn Fn(&str) -> PathBuf,
 ) -> Result<()> {
-    const PREFIX: &str = "link_forward_";
     let wanted: Vec<String> = config
         .forward_interfaces
         .iter()
-        .map(|i| format!("{PREFIX}{}", i.replace('.', "_")))
+        .map(|i| forward_pin_name(i))
         .collect();
     if let Ok(entries) = std::fs::read_dir(&config.pin_path) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PREFIX) && !wanted.contains(&name) {
+            if name.starts_with(FORWARD_PIN_PREFIX) && !wanted.contains(&name) {
                 info!(pin = %name, "interface no longer forwarded: detaching");
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -397,53 +397,81 @@ fn attach_forwarding(
                 .into(),
         ));
     }
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(program_names::FORWARD)
-        .ok_or_else(|| Error::Setup("program reaper_forward missing from the object".into()))?
-        .try_into()?;
+    let prog = forward_program(ebpf)?;
     prog.load()?;
     for (interface, pin_name) in config.forward_interfaces.iter().zip(&wanted) {
-        let setup =
-            |what: String| Error::Setup(format!("forward.interfaces: {interface:?}: {what}"));
-        if config.forward_attach == ForwardAttach::Tcx
-            || (config.forward_attach == ForwardAttach::Auto && have_tcx)
-        {
-            let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
-            match prog.attach_with_options(interface, TcAttachType::Ingress, tcx) {
-                Ok(id) => {
-                    let link: FdLink = prog
-                        .take_link(id)?
-                        .try_into()
-                        .map_err(|_| setup("a tcx attachment gave no link".into()))?;
-                    pins::replace_link_pin(link, &pin(pin_name))?;
-                    // A legacy filter left by an older setup would see everything twice.
-                    let _ = tc::qdisc_detach_program(
-                        interface,
-                        TcAttachType::Ingress,
-                        program_names::FORWARD,
-                    );
-                    info!(interface = %interface, "tracking forwarded flows (tcx)");
-                    continue;
-                }
-                Err(e) if config.forward_attach == ForwardAttach::Auto => {
-                    warn!(interface = %interface, "tcx attach failed ({e}): using a legacy tc filter");
-                }
-                Err(e) => return Err(setup(format!("tcx attach failed: {e}"))),
-            }
-        }
-        // Legacy tc: a clsact filter, which outlives this process like a
-        // pinned link does. A restart replaces the previous daemon's filter
-        // (by name), which leaves a gap of a few milliseconds.
-        let _ = tc::qdisc_add_clsact(interface);
-        let _ = tc::qdisc_detach_program(interface, TcAttachType::Ingress, program_names::FORWARD);
-        let options = TcAttachOptions::Netlink(NlOptions::default());
-        let id = prog
-            .attach_with_options(interface, TcAttachType::Ingress, options)
-            .map_err(|e| setup(format!("tc attach failed: {e}")))?;
-        std::mem::forget(prog.take_link(id)?);
-        let _ = std::fs::remove_file(pin(pin_name));
-        info!(interface = %interface, "tracking forwarded flows (legacy tc)");
+        attach_interface(
+            prog,
+            config.forward_attach,
+            have_tcx,
+            interface,
+            &pin(pin_name),
+        )?;
     }
+    Ok(())
+}
+
+/// The link pin of an interface's forwarding attachment.
+pub(super) fn forward_pin_name(interface: &str) -> String {
+    format!("{FORWARD_PIN_PREFIX}{}", interface.replace('.', "_"))
+}
+
+const FORWARD_PIN_PREFIX: &str = "link_forward_";
+
+pub(super) fn forward_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(program_names::FORWARD)
+        .ok_or_else(|| Error::Setup("program reaper_forward missing from the object".into()))?
+        .try_into()?)
+}
+
+/// Attaches the (loaded) forwarding program to `interface`'s ingress: a
+/// tcx link pinned at `pin` where the kernel and `attach` allow, else a
+/// legacy tc filter.
+pub(super) fn attach_interface(
+    prog: &mut SchedClassifier,
+    attach: ForwardAttach,
+    have_tcx: bool,
+    interface: &str,
+    pin: &std::path::Path,
+) -> Result<()> {
+    let setup = |what: String| Error::Setup(format!("forward.interfaces: {interface:?}: {what}"));
+    if attach == ForwardAttach::Tcx || (attach == ForwardAttach::Auto && have_tcx) {
+        let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
+        match prog.attach_with_options(interface, TcAttachType::Ingress, tcx) {
+            Ok(id) => {
+                let link: FdLink = prog
+                    .take_link(id)?
+                    .try_into()
+                    .map_err(|_| setup("a tcx attachment gave no link".into()))?;
+                pins::replace_link_pin(link, pin)?;
+                // A legacy filter left by an older setup would see everything twice.
+                let _ = tc::qdisc_detach_program(
+                    interface,
+                    TcAttachType::Ingress,
+                    program_names::FORWARD,
+                );
+                info!(interface = %interface, "tracking forwarded flows (tcx)");
+                return Ok(());
+            }
+            Err(e) if attach == ForwardAttach::Auto => {
+                warn!(interface = %interface, "tcx attach failed ({e}): using a legacy tc filter");
+            }
+            Err(e) => return Err(setup(format!("tcx attach failed: {e}"))),
+        }
+    }
+    // Legacy tc: a clsact filter, which outlives this process like a
+    // pinned link does. A restart replaces the previous daemon's filter
+    // (by name), which leaves a gap of a few milliseconds.
+    let _ = tc::qdisc_add_clsact(interface);
+    let _ = tc::qdisc_detach_program(interface, TcAttachType::Ingress, program_names::FORWARD);
+    let options = TcAttachOptions::Netlink(NlOptions::default());
+    let id = prog
+        .attach_with_options(interface, TcAttachType::Ingress, options)
+        .map_err(|e| setup(format!("tc attach failed: {e}")))?;
+    std::mem::forget(prog.take_link(id)?);
+    let _ = std::fs::remove_file(pin);
+    info!(interface = %interface, "tracking forwarded flows (legacy tc)");
     Ok(())
 }
 

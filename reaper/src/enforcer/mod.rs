@@ -16,6 +16,7 @@
 pub mod diag;
 pub mod features;
 mod kill;
+pub mod links;
 mod load;
 pub mod netns;
 mod pins;
@@ -75,6 +76,8 @@ pub struct Enforcer {
     netns_cookie: u64,
     cgroup: PathBuf,
     pin_path: PathBuf,
+    /// Whether the kernel has tcx (for re-attaching forwarding).
+    has_tcx: bool,
 }
 
 /// What `Enforcer::start` hands over besides the enforcer itself.
@@ -111,6 +114,18 @@ impl Enforcer {
     /// The deadline timer, for the daemon's reactor to wait on.
     pub fn timer(&self) -> &crate::clock::DeadlineTimer {
         &self.timer
+    }
+
+    /// Attaches the forwarding program to `interface` again: it was
+    /// deleted and re-created, and its old attachment went with it.
+    pub fn reattach_forwarding(
+        &mut self,
+        interface: &str,
+        attach: crate::config::ForwardAttach,
+    ) -> Result<()> {
+        let pin = self.pin_path.join(load::forward_pin_name(interface));
+        let prog = load::forward_program(&mut self._ebpf)?;
+        load::attach_interface(prog, attach, self.has_tcx, interface, &pin)
     }
 
     /// Tells the packet path that `FLOWS` or the grace changed: it caches

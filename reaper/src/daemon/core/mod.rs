@@ -97,6 +97,12 @@ impl<K: Kernel> Core<K> {
         &self.kernel
     }
 
+    /// The kernel side itself, for the enforcer's own upkeep (re-attaching
+    /// to an interface), which the core has no part in.
+    pub fn kernel_mut(&mut self) -> &mut K {
+        &mut self.kernel
+    }
+
     /// Whether `caller` may change grants (under the config in force).
     pub fn may_change_grants(&self, caller: Caller) -> bool {
         self.config.access.allows(caller.uid, caller.gid)
