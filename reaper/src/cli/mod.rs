@@ -519,18 +519,24 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> Vec<String> {
 }
 
 fn print_sessions(sessions: &[SessionView]) {
+    print!("{}", format_sessions(sessions));
+}
+
+/// What `reaper list` prints: the table, each session's deadline and flows
+/// under its row.
+fn format_sessions(sessions: &[SessionView]) -> String {
     let lines = table(&SESSION_HEADERS, &session_rows(sessions));
-    println!("{}", lines[0]);
+    let mut out = format!("{}\n", lines[0]);
     for (row, s) in lines[1..].iter().zip(sessions) {
-        println!("{row}");
-        println!("    deadline {}", s.deadline);
+        out += &format!("{row}\n    deadline {}\n", s.deadline);
         for f in &s.flows {
-            println!("    {} <-> {}  ({})", f.local, f.remote, f.path);
+            out += &format!("    {} <-> {}  ({})\n", f.local, f.remote, f.path);
         }
         if s.expecting > 0 {
-            println!("    expecting {} connection(s)", s.expecting);
+            out += &format!("    expecting {} connection(s)\n", s.expecting);
         }
     }
+    out
 }
 
 /// `reaper unload`.
@@ -620,6 +626,61 @@ mod tests {
             .map(|l| l[..l.rfind(' ').unwrap() + 1].width())
             .collect();
         assert!(starts.iter().all(|s| *s == starts[0]), "{lines:#?}");
+    }
+
+    /// The README shows `reaper list`: it must be what `list` prints.
+    #[test]
+    fn the_readme_sample_is_what_list_prints() {
+        use crate::protocol::{FlowView, SessionView};
+        let readme = include_str!("../../../README.md");
+        let sample = readme
+            .split("$ reaper list\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("the README shows `$ reaper list`");
+        let session =
+            |name: &str, user: &str, left_ms: i64, idle: Option<u64>, port: u16, deadline: &str| {
+                SessionView {
+                    session: name.into(),
+                    user: user.into(),
+                    target: "vm-7".into(),
+                    class: if idle.is_some() { "vnc" } else { "default" }.into(),
+                    deadline: deadline.into(),
+                    deadline_boot_ns: 0,
+                    time_left_ms: left_ms,
+                    granted_at: String::new(),
+                    granted_by_uid: 0,
+                    idle_timeout_ms: idle,
+                    idle_direction: crate::policy::IdleDirection::Input,
+                    flows: vec![FlowView {
+                        cookie: 1,
+                        local: "127.0.0.1:5900".into(),
+                        remote: format!("127.0.0.1:{port}"),
+                        established: String::new(),
+                        path: "destroy".into(),
+                    }],
+                    expecting: 0,
+                }
+            };
+        let printed = super::format_sessions(&[
+            session(
+                "tok-81f2",
+                "alice",
+                598_412,
+                None,
+                40312,
+                "2026-11-22T11:12:31.004112Z",
+            ),
+            session(
+                "tok-9c3e",
+                "zoë",
+                3_541_000,
+                Some(900_000),
+                40318,
+                "2026-11-22T12:01:34.592112Z",
+            ),
+        ]);
+        assert_eq!(printed, sample);
     }
 
     #[test]
