@@ -384,6 +384,10 @@ fn json_logs_and_journal_priorities() {
     let mut sb = Sandbox::new("service-logs");
     sb.write_config("log_format = \"json\"\n");
     sb.start_daemon();
+    // The socket answers a moment before the daemon logs that it is ready.
+    wait_for("the ready line", 10 * SECOND, || {
+        sb.daemon_log().contains("reaper daemon ready")
+    });
     sb.stop_daemon(libc::SIGTERM);
     let log = sb.daemon_log();
     let lines: Vec<Value> = log
@@ -407,6 +411,9 @@ fn json_logs_and_journal_priorities() {
     let mut daemon = Command::new(reaper_bin());
     daemon.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
     sb.start_daemon_as(daemon);
+    wait_for("the ready line", 10 * SECOND, || {
+        sb.daemon_log().contains("reaper daemon ready")
+    });
     sb.stop_daemon(libc::SIGTERM);
     let text = sb.daemon_log();
     assert!(

@@ -254,14 +254,20 @@ fn flow_spec((local, remote): (String, String), netns: &Option<NetnsRef>) -> Flo
     }
 }
 
-/// Sends one request and waits for its response.
-pub fn call(socket: &PathBuf, op: &WireOp) -> Result<Response> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| {
+/// A connection to the daemon's control socket, or an error that says
+/// what to check.
+fn connect(socket: &std::path::Path) -> Result<UnixStream> {
+    UnixStream::connect(socket).map_err(|e| {
         Error::Setup(format!(
             "cannot reach the reaper daemon at {} ({e}); is `reaper daemon` running, and may you open its socket?",
             socket.display()
         ))
-    })?;
+    })
+}
+
+/// Sends one request and waits for its response.
+pub fn call(socket: &PathBuf, op: &WireOp) -> Result<Response> {
+    let mut stream = connect(socket)?;
     let mut line = op.to_line(None);
     line.push('\n');
     // A daemon that refuses the connection (`busy`) writes its refusal and

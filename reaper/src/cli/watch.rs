@@ -16,12 +16,7 @@ use crate::protocol::{ListArgs, Response, WireOp};
 /// Opens a watch: the request sent and its answer read. The stream's
 /// lines follow on the returned reader.
 pub(super) fn open(socket: &Path, selector: ListArgs) -> Result<BufReader<UnixStream>> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| {
-        Error::Setup(format!(
-            "cannot reach the reaper daemon at {} ({e}); is `reaper daemon` running, and may you open its socket?",
-            socket.display()
-        ))
-    })?;
+    let mut stream = super::connect(socket)?;
     let line = WireOp::Watch(selector).to_line(None) + "\n";
     stream
         .write_all(line.as_bytes())
@@ -105,4 +100,21 @@ pub(super) fn human(event: &Value) -> String {
         }
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_kill_reads_as_one_line_with_its_fields() {
+        let event = serde_json::json!({
+            "schema": 1, "ts": "2026-12-02T06:00:00.000001Z", "event": "kill",
+            "reason": "expired", "session": "s1", "user": "alice", "target": "vm-1",
+            "local": "127.0.0.1:5900", "remote": "127.0.0.1:40000", "late_us": 312,
+            "path": "destroy", "result": "destroyed", "cookie": 7
+        });
+        assert_eq!(
+            super::human(&event),
+            "2026-12-02T06:00:00.000001Z  kill      reason=expired  session=s1  user=alice  target=vm-1  local=127.0.0.1:5900  remote=127.0.0.1:40000  late_us=312  path=destroy  result=destroyed"
+        );
+    }
 }

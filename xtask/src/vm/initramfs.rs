@@ -29,7 +29,7 @@ pub(super) const SKIPS: &[(&str, &str)] = &[
     ),
     (
         "package::",
-        "needs dpkg, systemd-analyze and setpriv over the host's own root (the host runs it)",
+        "needs dpkg, systemd-analyze and setpriv over the machine root (the host runs it)",
     ),
     (
         "service::metrics",
@@ -211,6 +211,8 @@ pub(super) fn runner_args(opts: &Options) -> String {
         args.push_str(&format!(" --only '{prefix}'"));
     }
     for (prefix, reason) in SKIPS.iter().chain(if opts.quick { SLOW } else { &[] }) {
+        // Single-quoted for the init script: a quote inside would end it.
+        assert!(!reason.contains('\''), "skip reason {reason:?} has a quote");
         args.push_str(&format!(" --skip '{prefix}={reason}'"));
     }
     let timeout = if opts.quick { 600 } else { 1800 };
