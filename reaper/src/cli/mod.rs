@@ -266,7 +266,7 @@ fn connect(socket: &std::path::Path) -> Result<UnixStream> {
 }
 
 /// Sends one request and waits for its response.
-pub fn call(socket: &PathBuf, op: &WireOp) -> Result<Response> {
+pub fn call(socket: &std::path::Path, op: &WireOp) -> Result<Response> {
     let mut stream = connect(socket)?;
     let mut line = op.to_line(None);
     line.push('\n');

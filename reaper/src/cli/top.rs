@@ -56,7 +56,7 @@ pub fn top(cmd: TopCmd) -> Result<i32> {
 }
 
 fn fetch<T: serde::de::DeserializeOwned>(socket: &std::path::Path, op: &WireOp) -> Result<T> {
-    let response = call(&socket.to_path_buf(), op)?;
+    let response = call(socket, op)?;
     if let Some(err) = response.error {
         return Err(Error::Setup(format!("{}: {}", err.code, err.message)));
     }
