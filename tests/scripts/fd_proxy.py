@@ -1,7 +1,8 @@
 """A minimal console proxy for the integration tests.
 
 Accepts one client on LISTEN, connects to UPSTREAM, registers both sockets
-with reaper through examples/reaper_grant.py (SCM_RIGHTS), prints the grant
+with reaper through examples/reaper_grant.py (the client package,
+SCM_RIGHTS), prints the grant
 result as one JSON line, then relays bytes until either side fails and
 prints how each side ended.
 

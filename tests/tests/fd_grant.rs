@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Command;
 
 use reaper_tests::{assert_reset, Conn, Sandbox, SECOND};
 use serde_json::Value;
@@ -25,7 +24,7 @@ fn python_proxy_registers_its_sockets_by_descriptor() {
     let socket = sb.socket.clone();
     let mut out = BufReader::new(
         sb.spawn(
-            Command::new("python3")
+            reaper_tests::python()
                 .arg(&script)
                 .arg(&socket)
                 .args(["6080", "5900", "0.4"]),

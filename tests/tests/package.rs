@@ -97,6 +97,8 @@ fn the_package_installs_its_files_conffiles_and_scripts() {
         "/usr/share/zsh/vendor-completions/_reaper",
         "/usr/share/fish/vendor_completions.d/reaper.fish",
         "/usr/share/doc/reaper/copyright",
+        "/usr/lib/python3/dist-packages/reaper_client/__init__.py",
+        "/usr/lib/python3/dist-packages/reaper_client/websockify.py",
     ] {
         let found = files
             .lines()
@@ -142,6 +144,14 @@ fn the_package_installs_its_files_conffiles_and_scripts() {
     assert!(checked.status.success(), "{}", text(&checked));
     assert!(String::from_utf8_lossy(&checked.stdout)
         .contains("audit_file = \"/var/log/reaper/audit.jsonl\""));
+
+    // The Python client imports from the installed root.
+    let imported = root.run("chroot $ROOT python3 -c 'import reaper_client, reaper_client.websockify; print(reaper_client.DEFAULT_SOCKET)'");
+    assert!(
+        text(&imported).contains("/run/reaper/reaper.sock"),
+        "python3 -c 'import reaper_client': {}",
+        text(&imported)
+    );
 
     // The unit: systemd-analyze exits 0 even on unknown keys, so any word
     // on stderr is a failure.

@@ -254,8 +254,9 @@ fn fenced_port_kills_what_was_not_granted() {
 }
 
 /// Test 5: websockify (from PyPI) proxies a websocket client to a TCP console
-/// server on another host (netns). A small adapter registers websockify's
-/// two sockets; at the deadline the websocket client sees its connection
+/// server on another host (netns). The client package's wrapper
+/// (`python3 -m reaper_client.websockify`) registers websockify's two
+/// sockets; at the deadline the websocket client sees its connection
 /// closed and the console server sees a reset.
 #[test]
 fn websockify_connection_ends_at_its_deadline() {
@@ -269,13 +270,10 @@ fn websockify_connection_ends_at_its_deadline() {
     let socket = sb.socket.clone();
     let _proxy_out = sb.spawn(
         python()
-            .arg(script("websockify_reaper.py"))
-            .args(["--run-once", "127.0.0.1:6080", "198.18.0.2:5900"])
-            .env("REAPER_SOCKET", &socket)
-            .env("REAPER_SESSION", "ws-1")
-            .env("REAPER_USER", "erin")
-            .env("REAPER_TARGET", "vm-9")
-            .env("REAPER_TTL", "1.5"),
+            .args(["-m", "reaper_client.websockify", "--reaper-socket"])
+            .arg(&socket)
+            .args(["--reaper-user", "erin", "--reaper-ttl", "1.5", "--"])
+            .args(["--run-once", "127.0.0.1:6080", "198.18.0.2:5900"]),
     );
     assert!(
         wait_listening(6080, 20 * SECOND),
@@ -296,8 +294,12 @@ fn websockify_connection_ends_at_its_deadline() {
         "echo ping",
         "the websocket round trip through websockify"
     );
-    let listed = sb.ok(json!({"op": "list", "session": "ws-1"}));
+    // Without a token, the wrapper names the session by the client's port.
+    let listed = sb.ok(json!({"op": "list", "user": "erin"}));
     let session = &listed["sessions"][0];
+    let name = session["session"].as_str().unwrap().to_owned();
+    assert!(name.starts_with("ws-"), "{listed}");
+    assert_eq!(session["target"], "198.18.0.2:5900");
     assert_eq!(session["flows"].as_array().unwrap().len(), 2, "{listed}");
     let deadline = session["deadline_boot_ns"].as_u64().unwrap();
 
@@ -322,7 +324,7 @@ fn websockify_connection_ends_at_its_deadline() {
     assert!(
         events
             .iter()
-            .all(|e| e["session"] == "ws-1" && e["reason"] == "expired"),
+            .all(|e| e["session"] == name.as_str() && e["reason"] == "expired"),
         "{events:?}"
     );
 }

@@ -28,6 +28,10 @@ pub(super) const SKIPS: &[(&str, &str)] = &[
         "needs python3 and websockify, which the initramfs does not carry",
     ),
     (
+        "integrations::",
+        "needs python3 and websockify, which the initramfs does not carry",
+    ),
+    (
         "package::",
         "needs dpkg, systemd-analyze and setpriv over the machine root (the host runs it)",
     ),
