@@ -13,11 +13,13 @@
 //! * `daemon`: the control plane around the core (socket, the wire adapter,
 //!   audit trail, metrics, live events, systemd notify, tasks) and the
 //!   wiring; `logging`, its operational log;
-//! * `cli`: the `reaper` command, a client of the protocol.
+//! * `client`: the Rust client of the protocol; `cli`: the `reaper`
+//!   command, built on it.
 //!
 //! A library so that the fuzz targets (`fuzz/`) reach the parsers.
 
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod daemon;

@@ -36,6 +36,10 @@ fn main() {
         CliCommand::CheckConfig { config } => cli::check_config(&config),
         CliCommand::Completions { shell } => cli::completions(shell),
         CliCommand::Manpages { dir } => cli::manpages(&dir),
+        CliCommand::Pam(p) => {
+            quiet();
+            cli::pam(p)
+        }
         CliCommand::Watch(w) => {
             quiet();
             cli::watch(w)

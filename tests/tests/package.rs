@@ -146,7 +146,7 @@ fn the_package_installs_its_files_conffiles_and_scripts() {
         .contains("audit_file = \"/var/log/reaper/audit.jsonl\""));
 
     // The Python client imports from the installed root.
-    let imported = root.run("chroot $ROOT python3 -c 'import reaper_client, reaper_client.websockify; print(reaper_client.DEFAULT_SOCKET)'");
+    let imported = root.run("chroot $ROOT /usr/bin/python3 -c 'import reaper_client, reaper_client.websockify; print(reaper_client.DEFAULT_SOCKET)'");
     assert!(
         text(&imported).contains("/run/reaper/reaper.sock"),
         "python3 -c 'import reaper_client': {}",

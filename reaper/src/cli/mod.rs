@@ -4,30 +4,33 @@
 //! * this file — the clap definitions and the one-shot client commands;
 //! * `watch`, `top` — the commands that follow the daemon live;
 //! * `service` — what an operator's tooling calls: `check-config`,
-//!   `completions`, the man pages.
+//!   `completions`, the man pages; `pam` — sshd's pam_exec hook.
+//!
+//! Every command talks to the daemon through `crate::client`.
 
 #![forbid(unsafe_code)]
 
+mod pam;
 mod service;
 mod top;
 mod watch;
 
+pub use pam::pam;
 pub use service::{check_config, completions, manpages};
 pub use top::top;
 pub use watch::watch;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::client::Client;
 use crate::config::{Config, DEFAULT_SOCKET};
 use crate::error::{Error, Result};
 use crate::policy::IdleDirection;
 use crate::protocol::{
     DurationArg, ExtendArgs, FlowSpec, GrantArgs, GrantResult, ListArgs, ListResult, NetnsRef,
-    Response, RevokeArgs, RevokeResult, SessionView, StatusResult, TouchArgs, WireOp,
+    RevokeArgs, RevokeResult, SessionView, StatusResult, TouchArgs, WireOp,
 };
 use crate::timefmt;
 
@@ -86,6 +89,9 @@ pub enum CliCommand {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// For pam_exec in sshd's session stack: grants the SSH connection as
+    /// the PAM user's session at open_session, revokes it at close_session.
+    Pam(PamCmd),
     /// Write the man pages (reaper(8) and one per subcommand) into DIR.
     #[command(hide = true)]
     Manpages { dir: PathBuf },
@@ -104,6 +110,19 @@ pub struct WatchCmd {
     pub session: Option<String>,
     #[command(flatten)]
     pub client: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct PamCmd {
+    /// The policy class of SSH sessions (its ttl and idle timeout apply).
+    #[arg(long, default_value = "ssh")]
+    pub class: String,
+    /// The sessions' target (default: this host's name).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// The daemon's control socket.
+    #[arg(long, env = "REAPER_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -254,41 +273,6 @@ fn flow_spec((local, remote): (String, String), netns: &Option<NetnsRef>) -> Flo
     }
 }
 
-/// A connection to the daemon's control socket, or an error that says
-/// what to check.
-fn connect(socket: &std::path::Path) -> Result<UnixStream> {
-    UnixStream::connect(socket).map_err(|e| {
-        Error::Setup(format!(
-            "cannot reach the reaper daemon at {} ({e}); is `reaper daemon` running, and may you open its socket?",
-            socket.display()
-        ))
-    })
-}
-
-/// Sends one request and waits for its response.
-pub fn call(socket: &std::path::Path, op: &WireOp) -> Result<Response> {
-    let mut stream = connect(socket)?;
-    let mut line = op.to_line(None);
-    line.push('\n');
-    // A daemon that refuses the connection (`busy`) writes its refusal and
-    // closes: the write may then fail, but the refusal is there to read.
-    let sent = stream.write_all(line.as_bytes());
-    let mut reply = String::new();
-    let read = BufReader::new(&stream).read_line(&mut reply);
-    if reply.trim().is_empty() {
-        sent.map_err(Error::io("sending the request"))?;
-        read.map_err(Error::io("reading the response"))?;
-        return Err(Error::Setup(
-            "the daemon closed the connection without answering".into(),
-        ));
-    }
-    serde_json::from_str(&reply).map_err(|e| {
-        Error::Setup(format!(
-            "the daemon sent an unreadable response ({e}): {reply:?}"
-        ))
-    })
-}
-
 /// Runs a client command; returns the process exit code.
 pub fn run_client(command: CliCommand) -> Result<i32> {
     let (client, op) = match command {
@@ -351,7 +335,7 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
         CliCommand::Status(c) => (c, WireOp::Status),
         other => unreachable!("not a one-shot client command: {other:?}"),
     };
-    let response = call(&client.socket, &op)?;
+    let response = Client::new(&client.socket, None).call(&op)?;
     if client.json {
         println!(
             "{}",

@@ -4,14 +4,15 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{call, session_rows, table, TopCmd};
+use super::{session_rows, table, TopCmd};
+use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::protocol::{ListArgs, ListResult, StatusResult, WireOp};
+use crate::protocol::{ListArgs, ListResult, StatusResult};
 use crate::timefmt;
 
 /// Session rows shown at most (the rest are counted).
@@ -25,11 +26,12 @@ pub fn top(cmd: TopCmd) -> Result<i32> {
         )));
     }
     let kills = Arc::new(AtomicU64::new(0));
-    let stream = super::watch::open(&cmd.socket, ListArgs::default())?;
+    let mut client = Client::new(&cmd.socket, Some(Duration::from_secs(10)));
+    let events = client.watch(ListArgs::default())?;
     let counted = kills.clone();
     std::thread::spawn(move || {
-        for line in stream.lines().map_while(|l| l.ok()) {
-            if line.contains("\"event\":\"kill\"") {
+        for (_, event) in events.map_while(|e| e.ok()) {
+            if event["event"] == "kill" {
                 counted.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -38,8 +40,8 @@ pub fn top(cmd: TopCmd) -> Result<i32> {
     let (mut seen, mut since) = (0, Instant::now());
     loop {
         std::thread::sleep(interval);
-        let status = fetch::<StatusResult>(&cmd.socket, &WireOp::Status)?;
-        let list = fetch::<ListResult>(&cmd.socket, &WireOp::List(ListArgs::default()))?;
+        let status: StatusResult = client.status()?;
+        let list: ListResult = client.list(ListArgs::default())?;
         let total = kills.load(Ordering::Relaxed);
         let rate = (total - seen) as f64 / since.elapsed().as_secs_f64();
         (seen, since) = (total, Instant::now());
@@ -53,15 +55,6 @@ pub fn top(cmd: TopCmd) -> Result<i32> {
             return Ok(0);
         }
     }
-}
-
-fn fetch<T: serde::de::DeserializeOwned>(socket: &std::path::Path, op: &WireOp) -> Result<T> {
-    let response = call(socket, op)?;
-    if let Some(err) = response.error {
-        return Err(Error::Setup(format!("{}: {}", err.code, err.message)));
-    }
-    serde_json::from_value(response.result.unwrap_or_default())
-        .map_err(|e| Error::Setup(format!("unexpected result from the daemon: {e}")))
 }
 
 fn percent(used: usize, of: u32) -> f64 {

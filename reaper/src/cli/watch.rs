@@ -3,39 +3,14 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::io::Write;
 
 use serde_json::Value;
 
 use super::WatchCmd;
+use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::protocol::{ListArgs, Response, WireOp};
-
-/// Opens a watch: the request sent and its answer read. The stream's
-/// lines follow on the returned reader.
-pub(super) fn open(socket: &Path, selector: ListArgs) -> Result<BufReader<UnixStream>> {
-    let mut stream = super::connect(socket)?;
-    let line = WireOp::Watch(selector).to_line(None) + "\n";
-    stream
-        .write_all(line.as_bytes())
-        .map_err(Error::io("sending the watch request"))?;
-    let mut reader = BufReader::new(stream);
-    let mut reply = String::new();
-    reader
-        .read_line(&mut reply)
-        .map_err(Error::io("reading the watch answer"))?;
-    let response: Response = serde_json::from_str(&reply).map_err(|e| {
-        Error::Setup(format!(
-            "the daemon sent an unreadable response ({e}): {reply:?}"
-        ))
-    })?;
-    if let Some(err) = response.error {
-        return Err(Error::Setup(format!("{}: {}", err.code, err.message)));
-    }
-    Ok(reader)
-}
+use crate::protocol::ListArgs;
 
 pub fn watch(cmd: WatchCmd) -> Result<i32> {
     let selector = ListArgs {
@@ -43,17 +18,14 @@ pub fn watch(cmd: WatchCmd) -> Result<i32> {
         user: cmd.user,
         target: None,
     };
-    let reader = open(&cmd.client.socket, selector)?;
+    let events = Client::new(&cmd.client.socket, None).watch(selector)?;
     let mut out = std::io::stdout().lock();
-    for line in reader.lines() {
-        let line = line.map_err(Error::io("reading the event stream"))?;
-        let printed = if cmd.client.json {
+    for event in events {
+        let (line, event) = event.map_err(Error::io("reading the event stream"))?;
+        let printed = if cmd.client.json || event.is_null() {
             line
         } else {
-            match serde_json::from_str::<Value>(&line) {
-                Ok(event) => human(&event),
-                Err(_) => line,
-            }
+            human(&event)
         };
         // A closed pipe (`reaper watch | head`) ends the watch quietly.
         if writeln!(out, "{printed}")
