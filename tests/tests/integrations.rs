@@ -239,3 +239,223 @@ fn websockify_fails_closed_when_the_grant_is_refused() {
     let listed = sb.ok(json!({"op": "list"}));
     assert_eq!(listed["sessions"], json!([]), "{listed}");
 }
+
+/// Debian's real sshd on 127.0.0.1:22 of the sandbox's namespace, with a
+/// PAM stack that has the documented `reaper pam` line, and two users
+/// (alice, bob) known to it only: passwd and the PAM file are bind-mounted
+/// in a mount namespace of sshd's own, so the machine's are never touched.
+/// Returns the client key.
+fn start_sshd(sb: &mut Sandbox, classes: &str) -> std::path::PathBuf {
+    use std::process::Command;
+    sb.write_config(&format!(
+        "[[watch]]\nports = \"22\"\nside = \"local\"\n{classes}"
+    ));
+    sb.start_daemon();
+    let dir = sb.dir.join("ssh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("id");
+    for (path, kind) in [(dir.join("host"), "ed25519"), (key.clone(), "ed25519")] {
+        let made = Command::new("ssh-keygen")
+            .args(["-q", "-N", "", "-t", kind, "-f"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success(), "ssh-keygen");
+    }
+    std::fs::copy(key.with_extension("pub"), dir.join("authorized_keys")).unwrap();
+    let mut passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    for (user, uid) in [("alice", 61001), ("bob", 61002)] {
+        passwd += &format!("{user}:x:{uid}:{uid}::{}:/bin/sh\n", dir.display());
+    }
+    std::fs::write(dir.join("passwd"), passwd).unwrap();
+    // The line an operator adds to /etc/pam.d/sshd, in a stack of its own
+    // (pubkey logins need no PAM auth here).
+    let pam_line = format!(
+        "session required pam_exec.so quiet {} pam --class ssh --socket {}",
+        reaper_tests::reaper_bin().display(),
+        sb.socket.display()
+    );
+    std::fs::write(
+        dir.join("pam"),
+        format!("auth required pam_permit.so\naccount required pam_permit.so\n{pam_line}\nsession required pam_permit.so\npassword required pam_deny.so\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "ListenAddress 127.0.0.1:22\nHostKey {d}/host\nPidFile none\nUsePAM yes\nKbdInteractiveAuthentication no\n\
+             PasswordAuthentication no\nAuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUseDNS no\nLogLevel ERROR\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let d = dir.display();
+    let script = format!(
+        "mount --bind {d}/pam /etc/pam.d/sshd && mount --bind {d}/passwd /etc/passwd && exec /usr/sbin/sshd -D -e -f {d}/sshd_config"
+    );
+    sb.spawn(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
+    assert!(wait_listening(22, 10 * SECOND), "sshd did not start");
+    key
+}
+
+/// `ssh user@127.0.0.1 COMMAND`, batch mode; stdin piped when `typing`.
+fn ssh(key: &std::path::Path, user: &str, command: &str, typing: bool) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    let mut c = Command::new("ssh");
+    c.args(["-F", "/dev/null", "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .stdout(Stdio::null());
+    if typing {
+        c.stdin(Stdio::piped());
+    } else {
+        c.arg("-n");
+    }
+    c.arg(format!("{user}@127.0.0.1")).arg(command);
+    c.spawn().expect("ssh")
+}
+
+/// The sessions of `user` once `n` of them are granted.
+fn ssh_sessions(sb: &Sandbox, user: &str, n: usize) -> Vec<Value> {
+    let end = std::time::Instant::now() + reaper_tests::bound(10 * SECOND);
+    loop {
+        let listed = sb.ok(json!({"op": "list", "user": user}));
+        let sessions = listed["sessions"].as_array().unwrap().clone();
+        if sessions.len() >= n {
+            return sessions;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{user}: {n} ssh sessions never granted: {listed}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn wait_exit(child: &mut std::process::Child, timeout: std::time::Duration) -> Option<i32> {
+    let end = std::time::Instant::now() + reaper_tests::bound(timeout);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.code().unwrap_or(-1));
+        }
+        if std::time::Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn ssh_sessions_end_at_the_class_deadline_and_on_idle() {
+    let mut sb = Sandbox::new("integrations-ssh-deadline");
+    let key = start_sshd(
+        &mut sb,
+        "[classes.ssh]\nttl = \"3s\"\nidle_timeout = \"1s\"\nidle_direction = \"input\"\n",
+    );
+    let mut typist = ssh(&key, "alice", "cat >/dev/null", true);
+    let mut idle = ssh(&key, "alice", "sleep 60", false);
+    let sessions = ssh_sessions(&sb, "alice", 2);
+    assert!(
+        sessions.iter().all(|s| s["class"] == "ssh"
+            && s["session"]
+                .as_str()
+                .unwrap()
+                .starts_with("ssh:alice@127.0.0.1:")),
+        "{sessions:?}"
+    );
+    let granted = boot_ns();
+    let deadline = sessions[0]["deadline_boot_ns"]
+        .as_u64()
+        .unwrap()
+        .min(sessions[1]["deadline_boot_ns"].as_u64().unwrap());
+
+    // The typist types a key every 300 ms; the other does nothing.
+    let mut keys = typist.stdin.take().unwrap();
+    let typing = std::thread::spawn(move || {
+        use std::io::Write;
+        while keys.write_all(b"x").and_then(|()| keys.flush()).is_ok() {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    });
+    let idle_code = wait_exit(&mut idle, 5 * SECOND);
+    let idle_after_ms = (boot_ns() - granted) as f64 / 1e6;
+    assert_eq!(idle_code, Some(255), "the idle ssh is cut (exit 255)");
+    println!(
+        "ssh: the idle session was cut {idle_after_ms:.0} ms after its grant (idle_timeout 1s)"
+    );
+    assert!(
+        typist.try_wait().unwrap().is_none(),
+        "the typing session lives on"
+    );
+
+    let typist_code = wait_exit(&mut typist, 10 * SECOND);
+    let late_ms = (boot_ns() as f64 - deadline as f64) / 1e6;
+    assert_eq!(
+        typist_code,
+        Some(255),
+        "the typing session is cut at the class deadline"
+    );
+    println!("ssh: the typing session's ssh exited 255, {late_ms:.1} ms after the class deadline (ttl 3s)");
+    assert!(late_ms >= 0.0 && late_ms < bound_ms(500.0), "{late_ms} ms");
+    typing.join().unwrap();
+    let reasons: Vec<String> = sb
+        .wait_audit(2, 5 * SECOND)
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        reasons.contains(&"idle".to_owned()) && reasons.contains(&"expired".to_owned()),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn revoke_user_cuts_every_ssh_session_of_that_user_only() {
+    let mut sb = Sandbox::new("integrations-ssh-revoke");
+    let key = start_sshd(&mut sb, "[classes.ssh]\nttl = \"1h\"\n");
+    let mut alice = [
+        ssh(&key, "alice", "sleep 60", false),
+        ssh(&key, "alice", "sleep 60", false),
+    ];
+    let mut bob = ssh(&key, "bob", "sleep 60", false);
+    ssh_sessions(&sb, "alice", 2);
+    ssh_sessions(&sb, "bob", 1);
+    let asked = std::time::Instant::now();
+    let revoked = sb.cli(&["revoke", "--user", "alice"]);
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    for a in &mut alice {
+        assert_eq!(wait_exit(a, 5 * SECOND), Some(255), "alice's ssh is cut");
+    }
+    println!(
+        "ssh: both of alice's sessions ended {:.1} ms after `revoke --user alice`",
+        asked.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(wait_exit(&mut bob, SECOND / 2), None, "bob's session lives");
+    let listed = sb.ok(json!({"op": "list", "user": "bob"}));
+    assert_eq!(listed["sessions"].as_array().unwrap().len(), 1, "{listed}");
+    let _ = bob.kill();
+    let _ = bob.wait();
+    // The closing session of a revoked one finds nothing to revoke: no
+    // error (the daemon log says no more than that).
+}

@@ -43,6 +43,9 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "tmux",
     "util-linux",
+    // The OpenSSH integration: Debian's real sshd and ssh.
+    "openssh-server",
+    "openssh-client",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
