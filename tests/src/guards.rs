@@ -31,7 +31,9 @@ impl Netns {
 
 /// A cgroup v2 the test process has moved into, so that every socket the
 /// test or its children create is in it. Dropped: the process moves back
-/// to the root and the cgroup is removed.
+/// to the root, whatever is left in the cgroup is killed (grandchildren the
+/// test never saw: a hub's proxy, the servers it spawned), and the cgroup
+/// is removed.
 pub struct Cgroup {
     pub path: PathBuf,
 }
@@ -52,6 +54,14 @@ impl Drop for Cgroup {
             Path::new(CGROUP_ROOT).join("cgroup.procs"),
             std::process::id().to_string(),
         );
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        for _ in 0..500 {
+            let left = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            if left.trim().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         let _ = std::fs::remove_dir(&self.path);
     }
 }

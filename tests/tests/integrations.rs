@@ -459,3 +459,144 @@ fn revoke_user_cuts_every_ssh_session_of_that_user_only() {
     // The closing session of a revoked one finds nothing to revoke: no
     // error (the daemon log says no more than that).
 }
+
+/// JupyterHub 6.1 (PyPI) with configurable-http-proxy 5.3 (npm), on
+/// loopback: the hub setting (`reaper_client.jupyterhub.revoke_on_logout`)
+/// and the single-user extension (`reaper_client.jupyter_server`) of
+/// docs/integrations.md. Two users with a terminal each; alice logs out.
+#[test]
+fn jupyterhub_logout_closes_the_users_terminal_and_nothing_else() {
+    use std::process::Command;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join("target/jupyter");
+    let chp = root.join("target/npm/node_modules/.bin/configurable-http-proxy");
+    assert!(
+        venv.join("bin/jupyterhub").exists() && chp.exists(),
+        "JupyterHub (target/jupyter) or configurable-http-proxy (target/npm) missing: `cargo xtask setup` installs them"
+    );
+    let clients = root.join("clients/python").canonicalize().unwrap();
+
+    let mut sb = Sandbox::new("integrations-jupyterhub");
+    // The single-user servers listen on 9001 and 9002.
+    sb.write_config(
+        "[[watch]]\nports = \"9001-9002\"\nside = \"local\"\n[classes.notebook]\nttl = \"1h\"\n",
+    );
+    sb.start_daemon();
+    let dir = sb.dir.join("hub");
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = format!("reaper-test-{}", std::process::id());
+    let config = format!(
+        r#"
+import sys
+sys.path.insert(0, {clients:?})
+from reaper_client import Client
+from reaper_client import jupyterhub as reaper_hub
+reaper_hub.revoke_on_logout(Client({socket:?}))
+
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = 8000
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = 8081
+c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.allow_all = True
+c.JupyterHub.spawner_class = "simple"
+c.JupyterHub.db_url = "sqlite:///{dir}/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = "{dir}/cookie_secret"
+c.ConfigurableHTTPProxy.command = [{chp:?}]
+c.ConfigurableHTTPProxy.pid_file = "{dir}/proxy.pid"
+c.Spawner.cmd = [{singleuser:?}]
+c.Spawner.args = [
+    "--allow-root",
+    '--ServerApp.jpserver_extensions={{"reaper_client.jupyter_server": True}}',
+    "--HubOAuth.cache_max_age=0",
+]
+c.Spawner.environment = {{"REAPER_SOCKET": {socket:?}, "PYTHONPATH": {clients:?}}}
+c.Spawner.http_timeout = 120
+c.Spawner.start_timeout = 120
+c.SimpleLocalProcessSpawner.home_dir_template = "{dir}/{{username}}"
+ports = {{"alice": 9001, "bob": 9002}}
+def place(spawner):
+    spawner.port = ports[spawner.user.name]
+c.Spawner.pre_spawn_hook = place
+c.JupyterHub.services = [{{"name": "test", "api_token": {token:?}}}]
+c.JupyterHub.load_roles = [{{"name": "test", "services": ["test"],
+    "scopes": ["admin:users", "admin:servers", "access:servers"]}}]
+"#,
+        socket = sb.socket.display().to_string(),
+        dir = dir.display(),
+        chp = chp.display().to_string(),
+        singleuser = venv.join("bin/jupyterhub-singleuser").display().to_string(),
+        clients = clients.display().to_string(),
+    );
+    std::fs::write(dir.join("jupyterhub_config.py"), config).unwrap();
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let _hub = sb.spawn(
+        Command::new(venv.join("bin/jupyterhub"))
+            .args(["-f", "jupyterhub_config.py"])
+            .current_dir(&dir)
+            .env("PATH", path),
+    );
+    assert!(wait_listening(8000, 60 * SECOND), "the hub did not start");
+
+    let go = dir.join("go");
+    let mut driver = BufReader::new(
+        sb.spawn(
+            python()
+                .arg(reaper_tests::script("jupyter_logout.py"))
+                .arg(&token)
+                .arg(&go),
+        ),
+    );
+    let mut line = String::new();
+    driver.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), r#"{"ready": true}"#, "the browsers' terminals");
+    // Each terminal websocket is its user's session on the server's port.
+    for user in ["alice", "bob"] {
+        let listed = sb.ok(json!({"op": "list", "user": user}));
+        let sessions = listed["sessions"].as_array().unwrap();
+        assert_eq!(sessions.len(), 1, "{listed}");
+        assert!(
+            sessions[0]["session"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("jupyter:{user}/default:terminal:")),
+            "{listed}"
+        );
+    }
+    std::fs::write(&go, "").unwrap();
+    line.clear();
+    driver.read_line(&mut line).unwrap();
+    let outcome: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    println!("jupyterhub: {outcome}");
+    let closed_ms = outcome["closed_ms"]
+        .as_f64()
+        .expect("alice's websocket closed");
+    println!(
+        "jupyterhub: alice's terminal websocket closed {closed_ms:.1} ms after her logout request"
+    );
+    assert!(closed_ms < bound_ms(100.0), "{closed_ms} ms");
+    assert_eq!(outcome["bob_echoes"], true, "bob's terminal is untouched");
+    assert_eq!(
+        outcome["alice_server_ready"], true,
+        "alice's server keeps running"
+    );
+    assert!(
+        outcome["reconnect"]
+            .as_str()
+            .unwrap()
+            .starts_with("refused"),
+        "{outcome}"
+    );
+    let kills = sb.audit();
+    assert!(
+        kills
+            .iter()
+            .any(|k| k["user"] == "alice" && k["reason"] == "revoked"),
+        "{kills:?}"
+    );
+    assert!(kills.iter().all(|k| k["user"] != "bob"), "{kills:?}");
+}

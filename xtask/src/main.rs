@@ -53,6 +53,15 @@ const NIGHTLY: &str = "nightly";
 /// Python packages the integration tests use (a real third-party proxy),
 /// installed under target/ so the system Python stays untouched.
 const PYTHON_PACKAGES: &[&str] = &["websockify==0.13.0"];
+/// The JupyterHub integration test's hub and single-user server, in a venv
+/// under target/jupyter (they bring console scripts), and its proxy from
+/// npm under target/npm.
+const JUPYTER_PACKAGES: &[&str] = &[
+    "jupyterhub==6.1.1",
+    "jupyter_server==2.21.1",
+    "jupyter-server-terminals==0.5.4",
+];
+const NPM_PACKAGES: &[&str] = &["configurable-http-proxy@5.3.0"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -246,6 +255,39 @@ fn setup() -> Result<(), String> {
             .args(PYTHON_PACKAGES))?;
     }
 
+    let venv = root().join("target/jupyter");
+    if !venv.join("bin/jupyterhub-singleuser").exists() {
+        step(&format!(
+            "installing {JUPYTER_PACKAGES:?} from PyPI into a venv at target/jupyter (for the JupyterHub test)"
+        ));
+        sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        sh(Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(JUPYTER_PACKAGES))?;
+    }
+    let npm = root().join("target/npm");
+    if !npm
+        .join("node_modules/.bin/configurable-http-proxy")
+        .exists()
+    {
+        if !works("npm", &["--version"]) {
+            // This machine's node (NodeSource's) brings its npm; Debian's
+            // are separate packages.
+            apt_install(
+                &["nodejs", "npm"],
+                "configurable-http-proxy, for the JupyterHub test",
+            )?;
+        }
+        step(&format!(
+            "installing {NPM_PACKAGES:?} from npm into target/npm"
+        ));
+        std::fs::create_dir_all(&npm).map_err(|e| format!("{}: {e}", npm.display()))?;
+        sh(Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&npm)
+            .args(NPM_PACKAGES))?;
+    }
+
     if is_root() && !bpffs_mounted() {
         step("mounting the bpf filesystem at /sys/fs/bpf");
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
@@ -378,6 +420,17 @@ fn test(args: &[String]) -> Result<(), String> {
     sh(Command::new("python3")
         .args(["-m", "unittest", "discover", "-s", "tests"])
         .current_dir(root().join("clients/python")))?;
+    step("installing the Python client with pip into a scratch venv (target/pyclient)");
+    let venv = root().join("target/pyclient");
+    let _ = std::fs::remove_dir_all(&venv);
+    sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    sh(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(root().join("clients/python")))?;
+    sh(Command::new(venv.join("bin/python")).args([
+        "-c",
+        "import reaper_client, reaper_client.websockify, reaper_client.nova, reaper_client.jupyterhub, reaper_client.jupyter_server",
+    ]))?;
     build(false)?;
     sweep_leftovers();
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
@@ -515,6 +568,17 @@ fn vm_test(args: &[String]) -> Result<(), String> {
     sh(Command::new("python3")
         .args(["-m", "unittest", "discover", "-s", "tests"])
         .current_dir(root().join("clients/python")))?;
+    step("installing the Python client with pip into a scratch venv (target/pyclient)");
+    let venv = root().join("target/pyclient");
+    let _ = std::fs::remove_dir_all(&venv);
+    sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    sh(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(root().join("clients/python")))?;
+    sh(Command::new(venv.join("bin/python")).args([
+        "-c",
+        "import reaper_client, reaper_client.websockify, reaper_client.nova, reaper_client.jupyterhub, reaper_client.jupyter_server",
+    ]))?;
     build(false)?;
     sweep_leftovers();
     step("running the integration tests on this machine's kernel");
