@@ -160,6 +160,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         tokio::spawn(health::serve(listener, state.clone(), telemetry.clone()));
     }
     tokio::spawn(notify::run_watchdog(state.clone()));
+    tokio::spawn(tasks::keep_kill_path_warm(state.clone()));
     if !config.forward_interfaces.is_empty() {
         let watch = crate::enforcer::links::LinkWatch::open()
             .map_err(Error::io("watching link events (for [forward] interfaces)"))?;

@@ -209,3 +209,22 @@ pub(super) async fn follow_links(
         }
     }
 }
+
+/// Keeps the kill path warm while a kill is near: every 100 ms, while
+/// something is due within the next second, the enforcer sends a destroy of
+/// a socket that cannot exist (see `Enforcer::keep_kill_path_warm`). A host
+/// with nothing due soon is left quiet.
+pub(super) async fn keep_kill_path_warm(state: Shared) {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+    const AHEAD_NS: u64 = 1_000_000_000;
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut core = lock(&state);
+        let now = crate::kernel::Kernel::now(core.kernel()).boot_ns;
+        if core.next_due_ns().is_some_and(|due| due <= now + AHEAD_NS) {
+            core.kernel_mut().keep_kill_path_warm();
+        }
+    }
+}

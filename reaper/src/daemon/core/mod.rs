@@ -97,6 +97,11 @@ impl<K: Kernel> Core<K> {
         &self.kernel
     }
 
+    /// When the next thing is due (boot clock), if anything is.
+    pub fn next_due_ns(&self) -> Option<u64> {
+        self.schedule.next()
+    }
+
     /// The kernel side itself, for the enforcer's own upkeep (re-attaching
     /// to an interface), which the core has no part in.
     pub fn kernel_mut(&mut self) -> &mut K {
