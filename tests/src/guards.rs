@@ -55,12 +55,15 @@ impl Drop for Cgroup {
             std::process::id().to_string(),
         );
         let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
-        for _ in 0..500 {
-            let left = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
-            if left.trim().is_empty() {
+        // Killed processes leave the cgroup once they are reaped (orphans
+        // by whoever adopted them): wait for it to be empty, at most 5 s.
+        for _ in 0..1000 {
+            let events =
+                std::fs::read_to_string(self.path.join("cgroup.events")).unwrap_or_default();
+            if !events.lines().any(|l| l == "populated 1") {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let _ = std::fs::remove_dir(&self.path);
     }

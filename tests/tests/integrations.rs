@@ -31,6 +31,31 @@ fn ws_client(sb: &mut Sandbox, token: &str) -> BufReader<ChildStdout> {
     out
 }
 
+/// `python3 -m reaper_client.websockify` on 127.0.0.1:6080 with a token
+/// file, as docs/integrations.md runs it; `reaper` are its `--reaper-*`
+/// flags.
+fn start_websockify(sb: &mut Sandbox, tokens: &std::path::Path, reaper: &[&str]) {
+    let socket = sb.socket.display().to_string();
+    let tokens = tokens.display().to_string();
+    let mut command = python();
+    command
+        .args(["-m", "reaper_client.websockify", "--reaper-socket", &socket])
+        .args(reaper)
+        .args([
+            "--",
+            "--token-plugin",
+            "TokenFile",
+            "--token-source",
+            &tokens,
+        ])
+        .arg("127.0.0.1:6080");
+    sb.spawn(&mut command);
+    assert!(
+        wait_listening(6080, 20 * SECOND),
+        "websockify did not start"
+    );
+}
+
 /// The session `name` as listed, once both its sockets are in.
 fn session(sb: &Sandbox, name: &str) -> Value {
     let listed = sb.ok(json!({"op": "list", "session": name}));
@@ -78,25 +103,11 @@ fn websockify_consoles_end_at_the_token_expiry_unless_extended() {
         .as_secs_f64()
         + reaper_tests::bound(6 * SECOND).as_secs_f64();
     let socket = sb.socket.display().to_string();
-    let _proxy = sb.spawn(python().args([
-        "-m",
-        "reaper_client.websockify",
-        "--reaper-socket",
-        &socket,
-        "--reaper-user",
-        "erin",
-        "--reaper-expires-at",
-        &format!("@{expiry_unix}"),
-        "--",
-        "--token-plugin",
-        "TokenFile",
-        "--token-source",
-        &tokens.display().to_string(),
-        "127.0.0.1:6080",
-    ]));
-    assert!(
-        wait_listening(6080, 20 * SECOND),
-        "websockify did not start"
+    let expires = format!("@{expiry_unix}");
+    start_websockify(
+        &mut sb,
+        &tokens,
+        &["--reaper-user", "erin", "--reaper-expires-at", &expires],
     );
 
     let mut a = ws_client(&mut sb, "tok-a");
@@ -204,25 +215,7 @@ fn websockify_fails_closed_when_the_grant_is_refused() {
     sb.peer_on(&host, &[CONSOLE]);
     let tokens = sb.dir.join("tokens");
     std::fs::write(&tokens, format!("tok-x: {CONSOLE}\n")).unwrap();
-    let socket = sb.socket.display().to_string();
-    let _proxy = sb.spawn(python().args([
-        "-m",
-        "reaper_client.websockify",
-        "--reaper-socket",
-        &socket,
-        "--reaper-ttl",
-        "1h",
-        "--",
-        "--token-plugin",
-        "TokenFile",
-        "--token-source",
-        &tokens.display().to_string(),
-        "127.0.0.1:6080",
-    ]));
-    assert!(
-        wait_listening(6080, 20 * SECOND),
-        "websockify did not start"
-    );
+    start_websockify(&mut sb, &tokens, &["--reaper-ttl", "1h"]);
     let mut out = BufReader::new(
         sb.spawn(
             python()

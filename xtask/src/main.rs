@@ -416,21 +416,7 @@ fn test(args: &[String]) -> Result<(), String> {
         "-D",
         "warnings",
     ]))?;
-    step("running the Python client's unit tests (clients/python)");
-    sh(Command::new("python3")
-        .args(["-m", "unittest", "discover", "-s", "tests"])
-        .current_dir(root().join("clients/python")))?;
-    step("installing the Python client with pip into a scratch venv (target/pyclient)");
-    let venv = root().join("target/pyclient");
-    let _ = std::fs::remove_dir_all(&venv);
-    sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    sh(Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .arg(root().join("clients/python")))?;
-    sh(Command::new(venv.join("bin/python")).args([
-        "-c",
-        "import reaper_client, reaper_client.websockify, reaper_client.nova, reaper_client.jupyterhub, reaper_client.jupyter_server",
-    ]))?;
+    python_client_checks()?;
     build(false)?;
     sweep_leftovers();
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
@@ -465,6 +451,27 @@ fn test(args: &[String]) -> Result<(), String> {
         quick: true,
     };
     kernel_matrix(&host, &opts)
+}
+
+/// The Python client (clients/python): its unit tests, and that `pip
+/// install ./clients/python` works and installs every module.
+fn python_client_checks() -> Result<(), String> {
+    step("running the Python client's unit tests (clients/python)");
+    sh(Command::new("python3")
+        .args(["-m", "unittest", "discover", "-s", "tests"])
+        .current_dir(root().join("clients/python")))?;
+    step("installing the Python client with pip into a scratch venv (target/pyclient)");
+    let venv = root().join("target/pyclient");
+    let _ = std::fs::remove_dir_all(&venv);
+    sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    sh(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(root().join("clients/python")))?;
+    sh(Command::new(venv.join("bin/python")).args([
+        "-c",
+        "import reaper_client, reaper_client.websockify, reaper_client.nova, reaper_client.jupyterhub, reaper_client.jupyter_server",
+    ]))?;
+    Ok(())
 }
 
 /// Empties the page cache before the phases that judge kill latency. The
@@ -564,21 +571,6 @@ fn vm_test(args: &[String]) -> Result<(), String> {
         return Err("vm-test needs root (installs qemu, loads BPF programs on the host)".into());
     }
     let opts = vm::parse_options(args)?;
-    step("running the Python client's unit tests (clients/python)");
-    sh(Command::new("python3")
-        .args(["-m", "unittest", "discover", "-s", "tests"])
-        .current_dir(root().join("clients/python")))?;
-    step("installing the Python client with pip into a scratch venv (target/pyclient)");
-    let venv = root().join("target/pyclient");
-    let _ = std::fs::remove_dir_all(&venv);
-    sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    sh(Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .arg(root().join("clients/python")))?;
-    sh(Command::new(venv.join("bin/python")).args([
-        "-c",
-        "import reaper_client, reaper_client.websockify, reaper_client.nova, reaper_client.jupyterhub, reaper_client.jupyter_server",
-    ]))?;
     build(false)?;
     sweep_leftovers();
     step("running the integration tests on this machine's kernel");
