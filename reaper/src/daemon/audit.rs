@@ -221,30 +221,31 @@ impl AuditSink for Audit {
     fn record(&mut self, kill: &Kill) {
         self.metrics.kill(kill);
         let line = line(kill);
-        self.events.publish(
-            EventScope {
+        // Nobody watching (the usual case, and a mass expiry's): no copies.
+        if self.events.watched() {
+            let scope = EventScope {
                 session: kill.owner.session.clone(),
                 user: kill.owner.user.clone(),
                 target: kill.owner.target.clone(),
                 granted_by_uid: kill.owner.granted_by_uid,
-            },
-            line.clone(),
-        );
+            };
+            self.events.publish(scope, line.clone());
+        }
         self.write(line);
     }
 
     fn change(&mut self, change: &Change<'_>) {
         let line = change_line(change);
-        let s = change.session;
-        self.events.publish(
-            EventScope {
+        if self.events.watched() {
+            let s = change.session;
+            let scope = EventScope {
                 session: s.name.clone(),
                 user: s.user.clone(),
                 target: s.target.clone(),
                 granted_by_uid: Some(s.granted_by_uid),
-            },
-            line.clone(),
-        );
+            };
+            self.events.publish(scope, line.clone());
+        }
         self.write(line);
     }
 
