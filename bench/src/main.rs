@@ -14,6 +14,7 @@
 mod common;
 mod control_plane;
 mod data_path;
+mod destroy_floor;
 mod floor;
 mod held;
 mod kill_latency;

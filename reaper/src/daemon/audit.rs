@@ -191,6 +191,8 @@ pub fn reload_line(error: Option<&str>) -> String {
 /// The core's audit sink: each record becomes one line, written to stdout
 /// and the audit file, counted, and offered to the watchers.
 pub struct Audit {
+    /// Lines not yet written (see `AuditSink::flush`).
+    pending: Vec<u8>,
     file: Option<File>,
     path: Option<PathBuf>,
     metrics: Arc<Metrics>,
@@ -209,6 +211,7 @@ impl Audit {
     pub fn open(path: Option<&Path>, metrics: Arc<Metrics>, events: EventBus) -> Result<Audit> {
         let file = path.map(open_file).transpose()?;
         Ok(Audit {
+            pending: Vec::new(),
             file,
             path: path.map(Path::to_owned),
             metrics,
@@ -252,6 +255,7 @@ impl AuditSink for Audit {
     /// Opens the audit file afresh (logrotate moved it away); on failure
     /// the old one is kept and the error logged.
     fn reopen(&mut self) {
+        self.flush();
         let Some(path) = &self.path else { return };
         match open_file(path) {
             Ok(file) => self.file = Some(file),
@@ -260,19 +264,44 @@ impl AuditSink for Audit {
             }
         }
     }
-}
 
-impl Audit {
-    fn write(&mut self, mut line: String) {
-        line.push('\n');
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
         let mut out = std::io::stdout().lock();
-        if let Err(e) = out.write_all(line.as_bytes()).and_then(|_| out.flush()) {
-            tracing::error!("writing audit event to stdout: {e}");
+        if let Err(e) = out.write_all(&self.pending).and_then(|_| out.flush()) {
+            tracing::error!("writing audit events to stdout: {e}");
         }
         if let Some(file) = &mut self.file {
-            if let Err(e) = file.write_all(line.as_bytes()) {
-                tracing::error!("writing audit event to file: {e}");
+            if let Err(e) = file.write_all(&self.pending) {
+                tracing::error!("writing audit events to file: {e}");
             }
         }
+        self.pending.clear();
+        // A mass expiry's buffer is not kept for the quiet that follows.
+        if self.pending.capacity() > MAX_PENDING {
+            self.pending = Vec::new();
+        }
+    }
+}
+
+/// Buffered audit bytes past which a line is written out at once, without
+/// waiting for the end of the entry point.
+const MAX_PENDING: usize = 256 * 1024;
+
+impl Audit {
+    fn write(&mut self, line: String) {
+        self.pending.extend_from_slice(line.as_bytes());
+        self.pending.push(b'\n');
+        if self.pending.len() >= MAX_PENDING {
+            AuditSink::flush(self);
+        }
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        AuditSink::flush(self);
     }
 }

@@ -19,7 +19,7 @@ impl Enforcer {
     pub(super) fn destroy_sockets(&mut self, targets: &[SocketRef]) -> Vec<DestroyOutcome> {
         self.per_namespace(
             targets,
-            |ns, batch| ns.diag.destroy(batch),
+            |ns, batch| Ok(ns.destroy(batch)),
             // A namespace that is gone took its sockets with it.
             DestroyOutcome::Gone,
             |e| DestroyOutcome::Failed(e.raw_os_error().unwrap_or(libc::EIO)),

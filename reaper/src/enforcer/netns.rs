@@ -24,7 +24,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use super::diag::SockDiag;
 use super::rst::{self, Rst};
-use crate::kernel::NetnsError;
+use crate::kernel::{DestroyOutcome, NetnsError, SocketRef};
 
 /// Raw IP sockets that put hand-built RSTs into a namespace's stack: one to
 /// a local address is delivered to the local socket, one to a remote
@@ -87,16 +87,28 @@ impl Injector {
 /// The daemon's reach into one network namespace.
 pub struct Netns {
     pub diag: SockDiag,
+    /// One more sock_diag socket per further core (up to three): a mass
+    /// expiry destroys on all of them at once (`diag::destroy_spread`).
+    pub spare_diags: Vec<SockDiag>,
     pub inject: Injector,
 }
 
 impl Netns {
     /// Opens the sockets in the calling thread's namespace.
     pub fn open() -> io::Result<Netns> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Netns {
             diag: SockDiag::open()?,
+            spare_diags: (1..cores.min(4))
+                .map(|_| SockDiag::open())
+                .collect::<io::Result<_>>()?,
             inject: Injector::open()?,
         })
+    }
+
+    /// Destroys `targets`, spread over this namespace's sock_diag sockets.
+    pub fn destroy(&mut self, targets: &[SocketRef]) -> Vec<DestroyOutcome> {
+        super::diag::destroy_spread(&mut self.diag, &mut self.spare_diags, targets)
     }
 }
 

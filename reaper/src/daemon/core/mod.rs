@@ -132,6 +132,7 @@ impl<K: Kernel> Core<K> {
             tracing::error!("announcing flow changes to the packet path: {e}");
         }
         self.kernel.arm_timer(self.schedule.next());
+        self.audit.flush();
     }
 
     /// Applies a reloaded config: ports and grace go to the kernel at once;
