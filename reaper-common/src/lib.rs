@@ -56,7 +56,7 @@ pub mod program_names {
 /// Addresses are kept exactly as the kernel hands them over (network byte
 /// order in memory, IPv4 in the first word), ports in host byte order.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct FlowTuple {
     pub family: u16,
     pub local_port: u16,

@@ -7,6 +7,9 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+
+use hashbrown::HashTable;
 
 use reaper_common::{flow_flags, Flow, FlowTuple, Label, SessionRecord};
 
@@ -70,24 +73,35 @@ impl Names {
     }
 }
 
-/// A session's socket cookies: usually one or two, so a sorted vector (a
-/// B-tree node would cost about 100 bytes for a single cookie).
-#[derive(Default)]
-pub(super) struct Cookies(Vec<u64>);
+/// A small set kept as a sorted vector: a session's socket cookies or
+/// forwarded flows, usually one or two (a hash set costs 48 bytes empty, a
+/// B-tree node about 100 for a single entry).
+pub(super) struct SmallSet<T>(Vec<T>);
 
-impl Cookies {
-    pub fn insert(&mut self, cookie: u64) -> bool {
-        match self.0.binary_search(&cookie) {
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        SmallSet(Vec::new())
+    }
+}
+
+/// A session's socket cookies.
+pub(super) type Cookies = SmallSet<u64>;
+
+impl<T: Ord + Copy> SmallSet<T> {
+    pub fn insert(&mut self, item: T) -> bool {
+        match self.0.binary_search(&item) {
             Ok(_) => false,
             Err(at) => {
-                self.0.insert(at, cookie);
+                // The first entry gets room for one, not the default four.
+                self.0.reserve_exact(1);
+                self.0.insert(at, item);
                 true
             }
         }
     }
 
-    pub fn remove(&mut self, cookie: &u64) -> bool {
-        match self.0.binary_search(cookie) {
+    pub fn remove(&mut self, item: &T) -> bool {
+        match self.0.binary_search(item) {
             Ok(at) => {
                 self.0.remove(at);
                 true
@@ -96,7 +110,7 @@ impl Cookies {
         }
     }
 
-    pub fn iter(&self) -> std::slice::Iter<'_, u64> {
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
         self.0.iter()
     }
 
@@ -104,8 +118,74 @@ impl Cookies {
         self.0.len()
     }
 
-    pub fn to_vec(&self) -> Vec<u64> {
+    pub fn to_vec(&self) -> Vec<T> {
         self.0.clone()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// A list whose first entry is held inline, for lists that are nearly
+/// always one long (a session's `expect` items): no allocation of its own
+/// until a second entry comes, and the same 24 bytes as a `Vec`.
+#[derive(Default)]
+pub(super) enum InlineFirst<T> {
+    #[default]
+    Empty,
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> InlineFirst<T> {
+    pub fn as_slice(&self) -> &[T] {
+        match self {
+            InlineFirst::Empty => &[],
+            InlineFirst::One(item) => std::slice::from_ref(item),
+            InlineFirst::Many(items) => items,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn push(&mut self, item: T) {
+        *self = match std::mem::take(self) {
+            InlineFirst::Empty => InlineFirst::One(item),
+            InlineFirst::One(first) => InlineFirst::Many(vec![first, item]),
+            InlineFirst::Many(mut items) => {
+                items.push(item);
+                InlineFirst::Many(items)
+            }
+        };
+    }
+
+    /// Takes out entry `i`. Panics if there is none, as `Vec::remove`.
+    pub fn remove(&mut self, i: usize) -> T {
+        match std::mem::take(self) {
+            InlineFirst::One(item) if i == 0 => item,
+            InlineFirst::Many(mut items) => {
+                let item = items.remove(i);
+                *self = match items.len() {
+                    0 => InlineFirst::Empty,
+                    1 => InlineFirst::One(items.remove(0)),
+                    _ => InlineFirst::Many(items),
+                };
+                item
+            }
+            _ => panic!("InlineFirst::remove: no entry {i}"),
+        }
+    }
+
+    pub fn pop(&mut self) -> Option<T> {
+        let n = self.len();
+        (n > 0).then(|| self.remove(n - 1))
     }
 }
 
@@ -114,10 +194,10 @@ pub(super) struct Session {
     names: Names,
     pub flows: Cookies,
     /// Forwarded flows (no local socket), by `forwarded_key`.
-    pub forwarded: HashSet<FlowTuple>,
+    pub forwarded: SmallSet<FlowTuple>,
     /// Pre-registered connections not yet seen: each entry is the set of
     /// kernel `PENDING` keys one `expect` item was registered under.
-    pending: Vec<Box<[FlowTuple]>>,
+    pending: InlineFirst<Box<[FlowTuple]>>,
     /// When the next idle check is queued, if any.
     pub idle_check_at: Option<u64>,
 }
@@ -142,7 +222,7 @@ impl Session {
 
     /// Every `PENDING` key the session holds.
     pub fn pending_keys(&self) -> impl Iterator<Item = &FlowTuple> {
-        self.pending.iter().flatten()
+        self.pending.as_slice().iter().flatten()
     }
 
     /// How many `expect` items are still waiting for their connection.
@@ -187,20 +267,59 @@ pub(super) fn claims(key: &FlowTuple, flow: &Flow) -> bool {
     *key == t
 }
 
+/// Hashes the u64 (and u32) keys that the kernel or the daemon assigns:
+/// session ids, socket and namespace cookies, uids. Nobody can choose
+/// them, so nobody can choose collisions, and a multiply is enough where
+/// SipHash cost a third of a lookup. Names and tuples, which requesters
+/// do choose, keep the keyed `RandomState`.
+#[derive(Default)]
+pub(super) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // A folded 128-bit multiply: every input bit reaches the low bits
+        // (the bucket) and the high bits (the table's tag byte).
+        let p = u128::from(self.0 ^ n) * 0x9e37_79b9_7f4a_7c15;
+        self.0 = (p as u64) ^ ((p >> 64) as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
 #[derive(Default)]
 pub(super) struct Index {
     /// Boxed: the table keeps spare buckets, and a bucket should cost a
     /// pointer, not a whole session.
-    sessions: HashMap<u64, Box<Session>>,
-    by_name: HashMap<Box<str>, u64>,
+    sessions: IdMap<u64, Box<Session>>,
+    /// Session ids, found by name: each id is hashed and compared through
+    /// its session's name, so a name is stored once.
+    by_name: HashTable<u64>,
     next_id: u64,
     /// Mirror of the kernel's FLOWS, fed by the ring buffer.
-    flows: HashMap<u64, Flow>,
-    /// (netns cookie, tuple) → socket cookie.
-    by_tuple: HashMap<(u64, FlowTuple), u64>,
+    flows: IdMap<u64, Flow>,
+    /// Socket cookies, found by (netns cookie, tuple): each cookie is
+    /// hashed and compared through its flow, so the table holds 8 bytes
+    /// an entry instead of a 48-byte key.
+    by_tuple: HashTable<u64>,
+    /// The keyed hash of names and (netns, tuple) keys.
+    keyed: RandomState,
     /// Tracked flows per network namespace: the enforcer keeps a socket
     /// open in each namespace that has any.
-    per_netns: HashMap<u64, usize>,
+    per_netns: IdMap<u64, usize>,
     /// `PENDING` keys the daemon registered and has not removed. The kernel
     /// removes a key when a connection claims it, so this is never fewer
     /// than the kernel holds: a grant checked against it fits.
@@ -209,7 +328,12 @@ pub(super) struct Index {
     /// killed flow's grant stays, at its deadline, until collected).
     forwarded_grants: HashSet<FlowTuple>,
     /// What each uid's sessions hold, against its quota.
-    owners: HashMap<u32, OwnerLoad>,
+    owners: IdMap<u32, OwnerLoad>,
+}
+
+/// The key `by_tuple` finds a flow by.
+fn tuple_key(flow: &Flow) -> (u64, FlowTuple) {
+    (flow.netns_cookie, flow.tuple)
 }
 
 /// Live sessions a uid created, and the `expect` items waiting in them.
@@ -238,7 +362,12 @@ impl Index {
     }
 
     pub fn id_of(&self, name: &str) -> Option<u64> {
-        self.by_name.get(name).copied()
+        let sessions = &self.sessions;
+        self.by_name
+            .find(self.keyed.hash_one(name), |id| {
+                sessions.get(id).is_some_and(|s| s.name() == name)
+            })
+            .copied()
     }
 
     pub fn sessions(&self) -> impl Iterator<Item = (u64, &Session)> {
@@ -276,18 +405,32 @@ impl Index {
             &label(record.target.as_str()),
             &label(record.class.as_str()),
         );
-        self.by_name.insert(names.part(0).into(), id);
+        let hash = self.keyed.hash_one(names.part(0));
         self.sessions.insert(
             id,
             Box::new(Session {
                 terms: Terms::of(record),
                 names,
                 flows: Cookies::default(),
-                forwarded: HashSet::new(),
-                pending: Vec::new(),
+                forwarded: SmallSet::default(),
+                pending: InlineFirst::Empty,
                 idle_check_at: None,
             }),
         );
+        // The session is in the table before its id is hashed through it.
+        let (sessions, keyed) = (&self.sessions, &self.keyed);
+        let name = sessions[&id].name();
+        let name_of = |id: &u64| sessions.get(id).map_or("", |s| s.name());
+        match self.by_name.entry(
+            hash,
+            |other| name_of(other) == name,
+            |other| keyed.hash_one(name_of(other)),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = id,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(id);
+            }
+        }
         self.next_id = self.next_id.max(id + 1);
         self.owners
             .entry(record.granted_by_uid)
@@ -314,7 +457,12 @@ impl Index {
     /// them) and its pending keys leave the count.
     pub fn remove_session(&mut self, id: u64) -> Option<Box<Session>> {
         let s = self.sessions.remove(&id)?;
-        self.by_name.remove(s.name());
+        if let Ok(entry) = self
+            .by_name
+            .find_entry(self.keyed.hash_one(s.name()), |other| *other == id)
+        {
+            entry.remove();
+        }
         self.pending_keys -= s.pending_keys().count();
         self.unload(s.terms.granted_by_uid, 1, s.pending.len() as u32);
         Some(s)
@@ -337,6 +485,7 @@ impl Index {
         let s = self.sessions.get_mut(&id)?;
         let i = s
             .pending
+            .as_slice()
             .iter()
             .position(|keys| keys.iter().any(|k| claims(k, flow)))?;
         let keys = s.pending.remove(i);
@@ -412,10 +561,35 @@ impl Index {
 
     /// Adds (or refreshes) a tracked flow; not yet part of its session.
     pub fn insert_flow(&mut self, cookie: u64, flow: Flow) {
-        self.by_tuple
-            .insert((flow.netns_cookie, flow.tuple), cookie);
-        if self.flows.insert(cookie, flow).is_none() {
-            *self.per_netns.entry(flow.netns_cookie).or_default() += 1;
+        match self.flows.insert(cookie, flow) {
+            None => *self.per_netns.entry(flow.netns_cookie).or_default() += 1,
+            Some(old) if tuple_key(&old) != tuple_key(&flow) => {
+                self.unindex_tuple(cookie, &old);
+            }
+            Some(_) => {}
+        }
+        // The flow is in the table before its cookie is hashed through it.
+        let (flows, keyed) = (&self.flows, &self.keyed);
+        let key = tuple_key(&flow);
+        let key_of = |c: &u64| flows.get(c).map(tuple_key);
+        match self.by_tuple.entry(
+            keyed.hash_one(key),
+            |other| key_of(other) == Some(key),
+            |other| keyed.hash_one(key_of(other).unwrap_or_default()),
+        ) {
+            // A newer socket with the same tuple (the old one is closing).
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = cookie,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(cookie);
+            }
+        }
+    }
+
+    /// Takes `cookie` out of the tuple index, if `flow`'s tuple finds it.
+    fn unindex_tuple(&mut self, cookie: u64, flow: &Flow) {
+        let hash = self.keyed.hash_one(tuple_key(flow));
+        if let Ok(entry) = self.by_tuple.find_entry(hash, |other| *other == cookie) {
+            entry.remove();
         }
     }
 
@@ -433,10 +607,7 @@ impl Index {
     /// whether its network namespace has no tracked flow left.
     pub fn remove_flow(&mut self, cookie: u64) -> Option<(Flow, bool)> {
         let flow = self.flows.remove(&cookie)?;
-        let key = (flow.netns_cookie, flow.tuple);
-        if self.by_tuple.get(&key) == Some(&cookie) {
-            self.by_tuple.remove(&key);
-        }
+        self.unindex_tuple(cookie, &flow);
         let mut namespace_empty = false;
         if let Some(count) = self.per_netns.get_mut(&flow.netns_cookie) {
             *count -= 1;
@@ -454,12 +625,108 @@ impl Index {
     /// Cookies of the tracked flows in namespace `netns` recorded under any
     /// of `tuples`, sorted.
     pub fn lookup(&self, netns: u64, tuples: &[FlowTuple]) -> Vec<u64> {
+        let flows = &self.flows;
         let mut found: Vec<u64> = tuples
             .iter()
-            .filter_map(|t| self.by_tuple.get(&(netns, *t)).copied())
+            .filter_map(|t| {
+                let key = (netns, *t);
+                self.by_tuple
+                    .find(self.keyed.hash_one(key), |c| {
+                        flows.get(c).map(tuple_key) == Some(key)
+                    })
+                    .copied()
+            })
             .collect();
         found.sort_unstable();
         found.dedup();
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> SessionRecord {
+        SessionRecord {
+            name: Label::new(name).unwrap(),
+            user: Label::new("u").unwrap(),
+            ..Default::default()
+        }
+    }
+
+    fn flow(session: u64, local_port: u16) -> Flow {
+        Flow {
+            tuple: FlowTuple {
+                family: 2,
+                local_port,
+                remote_port: 40000,
+                ..FlowTuple::default()
+            },
+            netns_cookie: 7,
+            session,
+            ..Flow::default()
+        }
+    }
+
+    #[test]
+    fn inline_first_keeps_order_through_pushes_and_removes() {
+        let mut list = InlineFirst::default();
+        assert_eq!(list.pop(), None);
+        list.push(1);
+        assert!(matches!(list, InlineFirst::One(1)));
+        list.push(2);
+        list.push(3);
+        assert_eq!(list.as_slice(), &[1, 2, 3]);
+        assert_eq!(list.remove(1), 2);
+        assert_eq!(list.as_slice(), &[1, 3]);
+        assert_eq!(list.pop(), Some(3));
+        assert!(matches!(list, InlineFirst::One(1)), "back to inline");
+        assert_eq!(list.remove(0), 1);
+        assert_eq!(list.len(), 0);
+    }
+
+    #[test]
+    fn names_find_their_session_and_leave_with_it() {
+        let mut index = Index::new();
+        for id in 1..=1000 {
+            index.insert_session(id, &record(&format!("s{id}")));
+        }
+        assert_eq!(index.id_of("s1"), Some(1));
+        assert_eq!(index.id_of("s1000"), Some(1000));
+        assert_eq!(index.id_of("s1001"), None);
+        index.remove_session(500);
+        assert_eq!(index.id_of("s500"), None);
+        assert_eq!(index.id_of("s501"), Some(501), "the others stay");
+    }
+
+    #[test]
+    fn tuples_find_the_newest_socket_and_follow_a_changed_tuple() {
+        let mut index = Index::new();
+        index.insert_session(1, &record("a"));
+        let t = |port| flow(1, port).tuple;
+        index.insert_flow(10, flow(1, 5900));
+        index.insert_flow(11, flow(1, 5901));
+        assert_eq!(index.lookup(7, &[t(5900), t(5901)]), vec![10, 11]);
+        assert_eq!(
+            index.lookup(8, &[t(5900)]),
+            Vec::<u64>::new(),
+            "other netns"
+        );
+        // A new socket on the same tuple is the one found; removing the
+        // old one leaves it found.
+        index.insert_flow(12, flow(1, 5900));
+        assert_eq!(index.lookup(7, &[t(5900)]), vec![12]);
+        index.remove_flow(10);
+        assert_eq!(index.lookup(7, &[t(5900)]), vec![12]);
+        // A refreshed flow with another tuple is found by the new one only.
+        index.insert_flow(11, flow(1, 6000));
+        assert_eq!(index.lookup(7, &[t(5901)]), Vec::<u64>::new());
+        assert_eq!(index.lookup(7, &[t(6000)]), vec![11]);
+        let (_, empty) = index.remove_flow(11).unwrap();
+        assert!(!empty, "socket 12 is still in the namespace");
+        let (_, empty) = index.remove_flow(12).unwrap();
+        assert!(empty);
+        assert_eq!(index.lookup(7, &[t(5900), t(6000)]), Vec::<u64>::new());
     }
 }
