@@ -238,7 +238,33 @@ async fn serve_client(
                             .events
                             .watched()
                             .then(|| scope_of(&request.command, caller));
+                        // A batch's refusals are counted and watched one
+                        // by one, each under its own op and names.
+                        let item_scopes: Vec<Option<EventScope>> = match &request.command {
+                            Command::Batch(items) => items
+                                .iter()
+                                .map(|c| scope.is_some().then(|| scope_of(c, caller)))
+                                .collect(),
+                            _ => Vec::new(),
+                        };
                         let outcome = lock(&state).handle(request.command, caller, &fds);
+                        if let Ok(Outcome::Batch(items)) = &outcome {
+                            for ((op, item), scope) in items
+                                .iter()
+                                .zip(item_scopes.into_iter().chain(std::iter::repeat(None)))
+                            {
+                                match item {
+                                    Ok(_) => telemetry.metrics.request(op.name(), "ok"),
+                                    Err(r) => refused(
+                                        &telemetry,
+                                        op.name(),
+                                        &wire::refusal(r.clone()),
+                                        caller,
+                                        scope,
+                                    ),
+                                }
+                            }
+                        }
                         if let Ok(Outcome::Watching(filter)) = outcome {
                             telemetry.metrics.request(op, "ok");
                             let ok =

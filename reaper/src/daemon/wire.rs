@@ -24,6 +24,28 @@ pub fn result(outcome: Outcome) -> Result<Value, Refusal> {
         Outcome::Listed(l) => serde_json::to_value(list_result(l)),
         Outcome::Status(s) => serde_json::to_value(status_result(s)),
         Outcome::Watching(_) => Ok(serde_json::json!({"watching": true})),
+        // Built as a value, not serialized from `BatchResult`: each item's
+        // result is one already, and serializing would copy it.
+        Outcome::Batch(items) => (|| {
+            let results = items
+                .into_iter()
+                .map(|(_, outcome)| {
+                    let mut item = serde_json::Map::with_capacity(2);
+                    match outcome.map_err(refusal).and_then(result) {
+                        Ok(value) => {
+                            item.insert("ok".into(), true.into());
+                            item.insert("result".into(), value);
+                        }
+                        Err(refusal) => {
+                            item.insert("ok".into(), false.into());
+                            item.insert("error".into(), serde_json::to_value(refusal)?);
+                        }
+                    }
+                    Ok(Value::Object(item))
+                })
+                .collect::<Result<Vec<Value>, serde_json::Error>>()?;
+            Ok(serde_json::json!({ "results": results }))
+        })(),
     };
     value.map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))
 }

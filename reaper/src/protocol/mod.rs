@@ -3,7 +3,8 @@
 //! One request per line, one response line per request, in order. Every
 //! request is an object with `"op"`, optionally `"v"` (the protocol
 //! version, which is 1) and `"id"` (any JSON value, echoed back so that a
-//! client may pipeline).
+//! client may pipeline). A `batch` request carries many grants, extends,
+//! touches and revokes in one line and is answered in one line.
 //! The daemon and the CLI both use the types here, so they cannot drift.
 //!
 //! Parsing is strict: unknown fields, wrong types, missing fields and
@@ -27,9 +28,10 @@ mod wire;
 pub use refusal::{Refusal, RefusalCode};
 pub use request::{
     parse_request, Command, ExtendRequest, FlowRef, GrantRequest, Op, Request, RevokeSelector,
+    MAX_BATCH,
 };
 pub use response::{
-    FlowView, GrantResult, KillView, ListResult, Response, RevokeResult, SessionView, StatusResult,
+    BatchItem, BatchResult, FlowView, GrantResult, KillView, ListResult, Response, RevokeResult, SessionView, StatusResult,
 };
 pub use wire::{
     DurationArg, ExtendArgs, FlowSpec, GrantArgs, ListArgs, NetnsRef, RevokeArgs, TouchArgs, WireOp,

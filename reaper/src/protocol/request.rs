@@ -71,10 +71,13 @@ pub enum Op {
     /// Streams events until the client goes away (served by the control
     /// plane itself, not the core).
     Watch,
+    /// Many grants, extends, touches and revokes in one line, answered in
+    /// one line (see `parse_batch`).
+    Batch,
 }
 
 impl Op {
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 8] = [
         Op::Grant,
         Op::Extend,
         Op::Touch,
@@ -82,6 +85,7 @@ impl Op {
         Op::List,
         Op::Status,
         Op::Watch,
+        Op::Batch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +97,7 @@ impl Op {
             Op::List => "list",
             Op::Status => "status",
             Op::Watch => "watch",
+            Op::Batch => "batch",
         }
     }
 
@@ -102,7 +107,10 @@ impl Op {
 
     /// Whether the operation changes grants (and so needs an allowed caller).
     pub fn mutates(self) -> bool {
-        matches!(self, Op::Grant | Op::Extend | Op::Touch | Op::Revoke)
+        matches!(
+            self,
+            Op::Grant | Op::Extend | Op::Touch | Op::Revoke | Op::Batch
+        )
     }
 
     /// "grant, extend, touch, revoke, list, status", for messages.
@@ -121,6 +129,9 @@ pub enum Command {
     Status,
     /// Events of the sessions these filters select (all: none set).
     Watch(ListArgs),
+    /// Requests done in order, each on its own (never another batch, nor
+    /// a list, status or watch).
+    Batch(Vec<Command>),
 }
 
 impl Command {
@@ -133,6 +144,7 @@ impl Command {
             Command::List(_) => Op::List,
             Command::Status => Op::Status,
             Command::Watch(_) => Op::Watch,
+            Command::Batch(_) => Op::Batch,
         }
     }
 
@@ -288,7 +300,59 @@ fn parse_object(mut obj: Map<String, Value>) -> Result<Command, Refusal> {
             let _: EmptyArgs = args(name, body)?;
             Ok(Command::Status)
         }
+        Op::Batch => parse_batch(body),
     }
+}
+
+/// The most requests one `batch` carries. (The line limit keeps a batch of
+/// grants to a few hundred anyway.)
+pub const MAX_BATCH: usize = 1024;
+
+/// `batch`: `{"requests": [request, ...]}`, each request an object as it
+/// would be on its own line, without `id`. The whole batch is refused,
+/// before anything is done, if any request in it cannot be parsed: the
+/// refusal names it by index. Parsed, each is done on its own.
+fn parse_batch(body: Value) -> Result<Command, Refusal> {
+    let Value::Object(mut obj) = body else {
+        unreachable!("parse_object passes an object");
+    };
+    let items = match obj.remove("requests") {
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(bad(format!(
+                "batch.requests must be an array of requests, not {other}"
+            )))
+        }
+        None => return Err(bad("batch: missing \"requests\"")),
+    };
+    if let Some(key) = obj.keys().next() {
+        return Err(bad(format!(
+            "batch: unknown field {key:?} (a batch has only \"requests\")"
+        )));
+    }
+    if items.len() > MAX_BATCH {
+        return Err(bad(format!(
+            "batch.requests holds {} requests; at most {MAX_BATCH}",
+            items.len()
+        )));
+    }
+    let mut commands = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = |r: Refusal| Refusal::new(r.code, format!("batch.requests[{i}]: {}", r.message));
+        let Value::Object(item) = item else {
+            return Err(at(bad("must be a request object")));
+        };
+        let command = parse_object(item).map_err(at)?;
+        let op = command.op();
+        if !op.mutates() || op == Op::Batch {
+            return Err(at(bad(format!(
+                "{} cannot be batched (only grant, extend, touch and revoke)",
+                op.name()
+            ))));
+        }
+        commands.push(command);
+    }
+    Ok(Command::Batch(commands))
 }
 
 #[derive(Deserialize)]
@@ -606,6 +670,53 @@ mod tests {
 
     fn refusal(line: &str) -> Refusal {
         parse_request(line.as_bytes()).unwrap_err().1
+    }
+
+    #[test]
+    fn a_batch_parses_each_request_or_refuses_naming_the_bad_one() {
+        let r = parse_request(
+            br#"{"v":1,"id":3,"op":"batch","requests":[
+                {"op":"grant","session":"s1","user":"alice","target":"vm-1","ttl":"1m",
+                 "expect":[{"local":"127.0.0.1:5900","remote":"127.0.0.1:0"}]},
+                {"op":"extend","session":"s1","ttl":"2m"},
+                {"op":"revoke","user":"bob"}]}"#,
+        )
+        .unwrap();
+        let Command::Batch(items) = r.command else {
+            panic!("not a batch: {r:?}")
+        };
+        let ops: Vec<Op> = items.iter().map(Command::op).collect();
+        assert_eq!(ops, [Op::Grant, Op::Extend, Op::Revoke]);
+        for (line, names) in [
+            (
+                r#"{"op":"batch","requests":[{"op":"touch","session":"s"},{"op":"grant","session":"s"}]}"#,
+                "batch.requests[1]: grant: missing field `user`",
+            ),
+            (
+                r#"{"op":"batch","requests":[{"op":"list"}]}"#,
+                "batch.requests[0]: list cannot be batched",
+            ),
+            (
+                r#"{"op":"batch","requests":[{"op":"batch","requests":[]}]}"#,
+                "batch.requests[0]: batch cannot be batched",
+            ),
+            (
+                r#"{"op":"batch","requests":[{"op":"touch","session":"s","id":1}]}"#,
+                "batch.requests[0]: touch: unknown field `id`",
+            ),
+            (r#"{"op":"batch","requests":[7]}"#, "batch.requests[0]: must be a request object"),
+            (r#"{"op":"batch","requests":{}}"#, "batch.requests must be an array"),
+            (r#"{"op":"batch"}"#, "batch: missing \"requests\""),
+            (r#"{"op":"batch","requests":[],"x":1}"#, "batch: unknown field \"x\""),
+        ] {
+            let r = refusal(line);
+            assert!(r.message.starts_with(names), "{line}: {r}");
+        }
+        let many = format!(
+            r#"{{"op":"batch","requests":[{}]}}"#,
+            vec![r#"{"op":"touch","session":"s"}"#; MAX_BATCH + 1].join(",")
+        );
+        assert!(refusal(&many).message.contains("at most 1024"));
     }
 
     #[test]

@@ -24,12 +24,12 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn ok(id: Option<Value>, result: impl Serialize) -> Response {
+    pub fn ok(id: Option<Value>, result: Value) -> Response {
         Response {
             v: PROTOCOL_VERSION,
             id,
             ok: true,
-            result: Some(serde_json::to_value(result).expect("results serialize")),
+            result: Some(result),
             error: None,
         }
     }
@@ -49,6 +49,22 @@ impl Response {
         s.push('\n');
         s
     }
+}
+
+/// A `batch`'s result: one entry per request, in order, each as the
+/// response to that request alone would have said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchResult {
+    pub results: Vec<BatchItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchItem {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Refusal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,6 +10,7 @@ use reaper_common::FlowTuple;
 use crate::config::Watch;
 use crate::kernel::KillPath;
 use crate::policy::{IdleDirection, Now};
+use crate::protocol::Op;
 
 /// Why a flow was killed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -275,6 +276,8 @@ pub enum Outcome {
     Status(Status),
     /// `watch`: the events this caller may follow.
     Watching(WatchFilter),
+    /// `batch`: each request's own outcome, in order.
+    Batch(Vec<(Op, Result<Outcome, Refused>)>),
 }
 
 /// Which live events a watcher gets: those of the sessions it may `list`

@@ -211,6 +211,37 @@ fn grant_writes_the_session_record_before_any_flow() {
 }
 
 #[test]
+fn a_batch_does_each_request_on_its_own_and_settles_once() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    let mark = h.mark();
+    let line = format!(
+        r#"{{"op":"batch","requests":[{},{},{}]}}"#,
+        grant_line("s1", "alice", "vm-1", "", &[A]),
+        grant_line("s2", "bob", "vm-2", "", &[B]),
+        // Refused: B is s2's now.
+        grant_line("s3", "carol", "vm-3", "", &[B]),
+    );
+    let Outcome::Batch(items) = h.ok(&line) else {
+        panic!("not a batch outcome")
+    };
+    let ok: Vec<bool> = items.iter().map(|(_, r)| r.is_ok()).collect();
+    assert_eq!(ok, [true, true, false], "{items:?}");
+    let (_, Err(conflict)) = &items[2] else {
+        unreachable!()
+    };
+    assert_eq!(conflict.code, Code::FlowConflict, "{conflict:?}");
+    assert_eq!(h.sessions(), ["s1", "s2"]);
+    let publishes = h
+        .writes_since(mark)
+        .iter()
+        .filter(|w| matches!(w, Write::Publish))
+        .count();
+    assert_eq!(publishes, 1, "one settle for the batch");
+}
+
+#[test]
 fn kill_writes_the_deadline_then_destroys_then_removes_the_session() {
     let mut h = harness();
     h.connect(1, A.0, A.1);

@@ -39,6 +39,31 @@ impl<K: Kernel> Core<K> {
         fds: &[OwnedFd],
     ) -> Result<Outcome, Refused> {
         let op = command.op();
+        let outcome = match command {
+            // One settle for the whole batch: one publish of the flow
+            // changes, one timer arm, one audit write.
+            Command::Batch(commands) => Ok(Outcome::Batch(
+                commands
+                    .into_iter()
+                    .map(|c| (c.op(), self.perform(c, caller, fds)))
+                    .collect(),
+            )),
+            command => self.perform(command, caller, fds),
+        };
+        if op.mutates() {
+            self.settle();
+        }
+        outcome
+    }
+
+    /// One operation, after the access check; the caller settles.
+    fn perform(
+        &mut self,
+        command: Command,
+        caller: Caller,
+        fds: &[OwnedFd],
+    ) -> Result<Outcome, Refused> {
+        let op = command.op();
         if op.mutates() && !self.config.access.allows(caller.uid, caller.gid) {
             // Who else is allowed is not the caller's business.
             return refuse(
@@ -51,7 +76,7 @@ impl<K: Kernel> Core<K> {
                 ),
             );
         }
-        let outcome = match command {
+        match command {
             Command::Grant(g) => self.grant(g, caller, fds).map(Outcome::Granted),
             Command::Extend(e) => self.extend(e, caller).map(Outcome::Granted),
             Command::Touch(session) => self.touch(&session, caller).map(Outcome::Granted),
@@ -59,11 +84,9 @@ impl<K: Kernel> Core<K> {
             Command::List(l) => Ok(Outcome::Listed(self.list(&l, caller))),
             Command::Status => Ok(Outcome::Status(self.status())),
             Command::Watch(w) => Ok(Outcome::Watching(self.watch(w, caller))),
-        };
-        if op.mutates() {
-            self.settle();
+            // The parser never nests batches.
+            Command::Batch(_) => refuse(Code::BadValue, "a batch cannot hold a batch"),
         }
-        outcome
     }
 
     /// The id of the session called `name`.
