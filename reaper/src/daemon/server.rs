@@ -20,7 +20,9 @@ use super::metrics::Metrics;
 use super::shared::{lock, Shared, Telemetry};
 use super::wire;
 use crate::config::Config;
-use crate::protocol::{parse_request, Command, Refusal, RefusalCode, Response, MAX_LINE_BYTES};
+use crate::protocol::{
+    parse_request, Answer, Command, Refusal, RefusalCode, Response, MAX_LINE_BYTES,
+};
 use crate::throttle::Throttle;
 use crate::timefmt;
 
@@ -267,26 +269,26 @@ async fn serve_client(
                         }
                         if let Ok(Outcome::Watching(filter)) = outcome {
                             telemetry.metrics.request(op, "ok");
-                            let ok =
-                                Response::ok(request.id, serde_json::json!({"watching": true}));
-                            conn.queue(&ok.to_line());
+                            let watching = Answer::Watching { watching: true };
+                            conn.queue(&Response::ok_line(request.id.as_ref(), &watching));
                             stream_events(conn, filter, &telemetry).await;
                             return;
                         }
-                        match outcome.map_err(wire::refusal).and_then(wire::result) {
-                            Ok(result) => {
+                        match outcome {
+                            Ok(outcome) => {
                                 telemetry.metrics.request(op, "ok");
-                                Response::ok(request.id, result)
+                                Response::ok_line(request.id.as_ref(), &wire::result(outcome))
                             }
-                            Err(refusal) => {
+                            Err(r) => {
+                                let refusal = wire::refusal(r);
                                 refused(&telemetry, op, &refusal, caller, scope);
-                                Response::refused(request.id, refusal)
+                                Response::refused(request.id, refusal).to_line()
                             }
                         }
                     }
                     Err((id, refusal)) => {
                         refused(&telemetry, "invalid", &refusal, caller, None);
-                        Response::refused(id, refusal)
+                        Response::refused(id, refusal).to_line()
                     }
                 }
             }
@@ -334,7 +336,7 @@ async fn serve_client(
                 return;
             }
         };
-        conn.queue(&response.to_line());
+        conn.queue(&response);
         // A client that pipelines gets the answers to one read's worth of
         // requests (16 KiB) in one write; nobody waits for a request that
         // has not arrived, and the queue never holds more than that.

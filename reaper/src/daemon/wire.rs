@@ -4,50 +4,42 @@
 
 #![forbid(unsafe_code)]
 
-use serde_json::Value;
-
 use super::core::model::{
     Code, FlowSnapshot, Granted, Kill, Listing, Outcome, Refused, Revoked, SessionSnapshot, Status,
 };
 use crate::protocol::{
-    FlowView, GrantResult, KillView, ListResult, Refusal, RefusalCode, RevokeResult, SessionView,
-    StatusResult, PROTOCOL_VERSION,
+    Answer, BatchItem, FlowView, GrantResult, KillView, ListResult, Refusal, RefusalCode,
+    RevokeResult, SessionView, StatusResult, PROTOCOL_VERSION,
 };
 use crate::timefmt;
 use crate::tuple;
 
-/// An operation's result as the response's `result` value.
-pub fn result(outcome: Outcome) -> Result<Value, Refusal> {
-    let value = match outcome {
-        Outcome::Granted(g) => serde_json::to_value(grant_result(g)),
-        Outcome::Revoked(r) => serde_json::to_value(revoke_result(r)),
-        Outcome::Listed(l) => serde_json::to_value(list_result(l)),
-        Outcome::Status(s) => serde_json::to_value(status_result(s)),
-        Outcome::Watching(_) => Ok(serde_json::json!({"watching": true})),
-        // Built as a value, not serialized from `BatchResult`: each item's
-        // result is one already, and serializing would copy it.
-        Outcome::Batch(items) => (|| {
-            let results = items
+/// An operation's result as the response's `result`.
+pub fn result(outcome: Outcome) -> Answer {
+    match outcome {
+        Outcome::Granted(g) => Answer::Granted(grant_result(g)),
+        Outcome::Revoked(r) => Answer::Revoked(revoke_result(r)),
+        Outcome::Listed(l) => Answer::Listed(list_result(l)),
+        Outcome::Status(s) => Answer::Status(status_result(s)),
+        Outcome::Watching(_) => Answer::Watching { watching: true },
+        Outcome::Batch(items) => Answer::Batch {
+            results: items
                 .into_iter()
-                .map(|(_, outcome)| {
-                    let mut item = serde_json::Map::with_capacity(2);
-                    match outcome.map_err(refusal).and_then(result) {
-                        Ok(value) => {
-                            item.insert("ok".into(), true.into());
-                            item.insert("result".into(), value);
-                        }
-                        Err(refusal) => {
-                            item.insert("ok".into(), false.into());
-                            item.insert("error".into(), serde_json::to_value(refusal)?);
-                        }
-                    }
-                    Ok(Value::Object(item))
+                .map(|(_, outcome)| match outcome {
+                    Ok(o) => BatchItem {
+                        ok: true,
+                        result: Some(result(o)),
+                        error: None,
+                    },
+                    Err(r) => BatchItem {
+                        ok: false,
+                        result: None,
+                        error: Some(refusal(r)),
+                    },
                 })
-                .collect::<Result<Vec<Value>, serde_json::Error>>()?;
-            Ok(serde_json::json!({ "results": results }))
-        })(),
-    };
-    value.map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))
+                .collect(),
+        },
+    }
 }
 
 pub fn refusal(refused: Refused) -> Refusal {

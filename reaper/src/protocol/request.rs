@@ -704,10 +704,19 @@ mod tests {
                 r#"{"op":"batch","requests":[{"op":"touch","session":"s","id":1}]}"#,
                 "batch.requests[0]: touch: unknown field `id`",
             ),
-            (r#"{"op":"batch","requests":[7]}"#, "batch.requests[0]: must be a request object"),
-            (r#"{"op":"batch","requests":{}}"#, "batch.requests must be an array"),
+            (
+                r#"{"op":"batch","requests":[7]}"#,
+                "batch.requests[0]: must be a request object",
+            ),
+            (
+                r#"{"op":"batch","requests":{}}"#,
+                "batch.requests must be an array",
+            ),
             (r#"{"op":"batch"}"#, "batch: missing \"requests\""),
-            (r#"{"op":"batch","requests":[],"x":1}"#, "batch: unknown field \"x\""),
+            (
+                r#"{"op":"batch","requests":[],"x":1}"#,
+                "batch: unknown field \"x\"",
+            ),
         ] {
             let r = refusal(line);
             assert!(r.message.starts_with(names), "{line}: {r}");
