@@ -48,7 +48,7 @@ impl<K: Kernel> Core<K> {
                 }
                 Due::IdleCheck(id) => {
                     if let Some(s) = self.index.session_mut(id) {
-                        s.idle_check_at = None;
+                        s.clear_idle_check();
                         idle_checks.push(id);
                     }
                 }

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::num::NonZeroU64;
 
 use hashbrown::HashTable;
 
@@ -73,14 +74,15 @@ impl Names {
     }
 }
 
-/// A small set kept as a sorted vector: a session's socket cookies or
+/// A small set kept as a sorted boxed slice: a session's socket cookies or
 /// forwarded flows, usually one or two (a hash set costs 48 bytes empty, a
-/// B-tree node about 100 for a single entry).
-pub(super) struct SmallSet<T>(Vec<T>);
+/// `Vec` 24, this 16). Each insert or remove reallocates: the sets are
+/// small, and a sorted insert moves the tail anyway.
+pub(super) struct SmallSet<T>(Box<[T]>);
 
 impl<T> Default for SmallSet<T> {
     fn default() -> Self {
-        SmallSet(Vec::new())
+        SmallSet(Box::new([]))
     }
 }
 
@@ -92,9 +94,9 @@ impl<T: Ord + Copy> SmallSet<T> {
         match self.0.binary_search(&item) {
             Ok(_) => false,
             Err(at) => {
-                // The first entry gets room for one, not the default four.
-                self.0.reserve_exact(1);
-                self.0.insert(at, item);
+                let mut items = std::mem::take(&mut self.0).into_vec();
+                items.insert(at, item);
+                self.0 = items.into_boxed_slice();
                 true
             }
         }
@@ -103,7 +105,9 @@ impl<T: Ord + Copy> SmallSet<T> {
     pub fn remove(&mut self, item: &T) -> bool {
         match self.0.binary_search(item) {
             Ok(at) => {
-                self.0.remove(at);
+                let mut items = std::mem::take(&mut self.0).into_vec();
+                items.remove(at);
+                self.0 = items.into_boxed_slice();
                 true
             }
             Err(_) => false,
@@ -119,7 +123,7 @@ impl<T: Ord + Copy> SmallSet<T> {
     }
 
     pub fn to_vec(&self) -> Vec<T> {
-        self.0.clone()
+        self.0.to_vec()
     }
 }
 
@@ -190,6 +194,8 @@ impl<T> InlineFirst<T> {
 }
 
 pub(super) struct Session {
+    /// The session's id: the session table finds a session through it.
+    id: u64,
     pub terms: Terms,
     names: Names,
     pub flows: Cookies,
@@ -198,8 +204,8 @@ pub(super) struct Session {
     /// Pre-registered connections not yet seen: each entry is the set of
     /// kernel `PENDING` keys one `expect` item was registered under.
     pending: InlineFirst<Box<[FlowTuple]>>,
-    /// When the next idle check is queued, if any.
-    pub idle_check_at: Option<u64>,
+    /// When the next idle check is queued, if any (8 bytes, not 16).
+    idle_check_at: Option<NonZeroU64>,
 }
 
 impl Session {
@@ -214,6 +220,23 @@ impl Session {
     }
     pub fn class(&self) -> &str {
         self.names.part(3)
+    }
+
+    /// When the next idle check is queued, if any.
+    pub fn idle_check_at(&self) -> Option<u64> {
+        self.idle_check_at.map(NonZeroU64::get)
+    }
+
+    /// Notes the idle check queued at `at` (a boot time, so never 0);
+    /// returns the one it replaces.
+    pub fn set_idle_check(&mut self, at: u64) -> Option<u64> {
+        let old = self.idle_check_at();
+        self.idle_check_at = NonZeroU64::new(at);
+        old
+    }
+
+    pub fn clear_idle_check(&mut self) {
+        self.idle_check_at = None;
     }
 
     pub fn idle_direction(&self) -> IdleDirection {
@@ -300,11 +323,57 @@ impl Hasher for IdHasher {
 
 type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
+fn id_hash(id: u64) -> u64 {
+    BuildHasherDefault::<IdHasher>::default().hash_one(id)
+}
+
+/// Sessions by id. Each is boxed and holds its own id, so the table costs
+/// a pointer a bucket (an id-keyed map cost twice that; the box's size
+/// class has room for the id).
+#[derive(Default)]
+struct SessionTable(HashTable<Box<Session>>);
+
+impl SessionTable {
+    fn get(&self, id: &u64) -> Option<&Session> {
+        self.0.find(id_hash(*id), |s| s.id == *id).map(|s| &**s)
+    }
+
+    fn get_mut(&mut self, id: &u64) -> Option<&mut Session> {
+        self.0
+            .find_mut(id_hash(*id), |s| s.id == *id)
+            .map(|s| &mut **s)
+    }
+
+    /// Adds `session`, replacing any with its id.
+    fn insert(&mut self, session: Box<Session>) {
+        let id = session.id;
+        match self.0.entry(id_hash(id), |s| s.id == id, |s| id_hash(s.id)) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = session,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(session);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &u64) -> Option<Box<Session>> {
+        let entry = self.0.find_entry(id_hash(*id), |s| s.id == *id).ok()?;
+        Some(entry.remove().0)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Session> {
+        self.0.iter().map(|s| &**s)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Index {
     /// Boxed: the table keeps spare buckets, and a bucket should cost a
     /// pointer, not a whole session.
-    sessions: IdMap<u64, Box<Session>>,
+    sessions: SessionTable,
     /// Session ids, found by name: each id is hashed and compared through
     /// its session's name, so a name is stored once.
     by_name: HashTable<u64>,
@@ -354,11 +423,11 @@ impl Index {
     // --- sessions
 
     pub fn session(&self, id: u64) -> Option<&Session> {
-        self.sessions.get(&id).map(|s| &**s)
+        self.sessions.get(&id)
     }
 
     pub fn session_mut(&mut self, id: u64) -> Option<&mut Session> {
-        self.sessions.get_mut(&id).map(|s| &mut **s)
+        self.sessions.get_mut(&id)
     }
 
     pub fn id_of(&self, name: &str) -> Option<u64> {
@@ -371,7 +440,7 @@ impl Index {
     }
 
     pub fn sessions(&self) -> impl Iterator<Item = (u64, &Session)> {
-        self.sessions.iter().map(|(id, s)| (*id, &**s))
+        self.sessions.iter().map(|s| (s.id, s))
     }
 
     pub fn session_count(&self) -> usize {
@@ -383,8 +452,8 @@ impl Index {
         let mut ids: Vec<u64> = self
             .sessions
             .iter()
-            .filter(|(_, s)| keep(s))
-            .map(|(id, _)| *id)
+            .filter(|s| keep(s))
+            .map(|s| s.id)
             .collect();
         ids.sort_unstable();
         ids
@@ -406,20 +475,18 @@ impl Index {
             &label(record.class.as_str()),
         );
         let hash = self.keyed.hash_one(names.part(0));
-        self.sessions.insert(
+        self.sessions.insert(Box::new(Session {
             id,
-            Box::new(Session {
-                terms: Terms::of(record),
-                names,
-                flows: Cookies::default(),
-                forwarded: SmallSet::default(),
-                pending: InlineFirst::Empty,
-                idle_check_at: None,
-            }),
-        );
+            terms: Terms::of(record),
+            names,
+            flows: Cookies::default(),
+            forwarded: SmallSet::default(),
+            pending: InlineFirst::Empty,
+            idle_check_at: None,
+        }));
         // The session is in the table before its id is hashed through it.
         let (sessions, keyed) = (&self.sessions, &self.keyed);
-        let name = sessions[&id].name();
+        let name = sessions.get(&id).expect("just inserted").name();
         let name_of = |id: &u64| sessions.get(id).map_or("", |s| s.name());
         match self.by_name.entry(
             hash,
@@ -552,7 +619,7 @@ impl Index {
     }
 
     pub fn granted_flow_count(&self) -> usize {
-        self.sessions.values().map(|s| s.flows.len()).sum()
+        self.sessions.iter().map(|s| s.flows.len()).sum()
     }
 
     pub fn flows(&self) -> impl Iterator<Item = (u64, Flow)> + '_ {

@@ -23,18 +23,51 @@ pub(super) enum Due {
     ForwardGc,
 }
 
+/// Bits of a packed `Due` that hold its id (the top three say which kind).
+const ID_BITS: u32 = 61;
+
+impl Due {
+    /// The entry in 8 bytes instead of 16 (a schedule holds one per
+    /// session). Kinds and ids sort as the enum does: by kind, then id.
+    /// Ids are session and check ids the daemon counts from 1, and socket
+    /// cookies the kernel counts from 1: none comes near 2^61.
+    fn pack(self) -> u64 {
+        let (kind, id) = match self {
+            Due::Deadline(id) => (0, id),
+            Due::IdleCheck(id) => (1, id),
+            Due::Fence(cookie) => (2, cookie),
+            Due::RstCheck(id) => (3, id),
+            Due::ForwardGc => (4, 0),
+        };
+        assert!(id < 1 << ID_BITS, "schedule id {id} out of range");
+        (kind << ID_BITS) | id
+    }
+
+    fn unpack(packed: u64) -> Due {
+        let id = packed & ((1 << ID_BITS) - 1);
+        match packed >> ID_BITS {
+            0 => Due::Deadline(id),
+            1 => Due::IdleCheck(id),
+            2 => Due::Fence(id),
+            3 => Due::RstCheck(id),
+            _ => Due::ForwardGc,
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Schedule {
-    queue: BTreeSet<(u64, Due)>,
+    /// (when, packed `Due`).
+    queue: BTreeSet<(u64, u64)>,
 }
 
 impl Schedule {
     pub fn push(&mut self, at: u64, due: Due) {
-        self.queue.insert((at, due));
+        self.queue.insert((at, due.pack()));
     }
 
     pub fn cancel(&mut self, at: u64, due: Due) {
-        self.queue.remove(&(at, due));
+        self.queue.remove(&(at, due.pack()));
     }
 
     /// Moves an entry from `old` to `new`.
@@ -49,7 +82,9 @@ impl Schedule {
         if at > now {
             return None;
         }
-        self.queue.pop_first()
+        self.queue
+            .pop_first()
+            .map(|(at, packed)| (at, Due::unpack(packed)))
     }
 
     /// When the earliest entry is due: what the timer is armed for.
@@ -59,10 +94,12 @@ impl Schedule {
 
     /// Session ids in deadline order.
     pub fn deadlines(&self) -> impl Iterator<Item = u64> + '_ {
-        self.queue.iter().filter_map(|(_, due)| match due {
-            Due::Deadline(id) => Some(*id),
-            _ => None,
-        })
+        self.queue
+            .iter()
+            .filter_map(|(_, packed)| match Due::unpack(*packed) {
+                Due::Deadline(id) => Some(id),
+                _ => None,
+            })
     }
 }
 
@@ -83,5 +120,23 @@ mod tests {
         assert_eq!(s.pop_due(15), Some((5, Due::Deadline(1))));
         s.cancel(20, Due::IdleCheck(1));
         assert_eq!(s.next(), None);
+    }
+
+    #[test]
+    fn packed_entries_come_back_as_they_went_in_and_sort_as_the_enum() {
+        let dues = [
+            Due::Deadline(1),
+            Due::Deadline((1 << ID_BITS) - 1),
+            Due::IdleCheck(7),
+            Due::Fence(u64::from(u32::MAX) + 5),
+            Due::RstCheck(3),
+            Due::ForwardGc,
+        ];
+        for due in dues {
+            assert_eq!(Due::unpack(due.pack()), due);
+        }
+        for pair in dues.windows(2) {
+            assert_eq!(pair[0].cmp(&pair[1]), pair[0].pack().cmp(&pair[1].pack()));
+        }
     }
 }

@@ -40,7 +40,7 @@ impl<K: Kernel> Core<K> {
             return;
         };
         self.schedule.cancel(s.terms.deadline_ns, Due::Deadline(id));
-        if let Some(at) = s.idle_check_at {
+        if let Some(at) = s.idle_check_at() {
             self.schedule.cancel(at, Due::IdleCheck(id));
         }
         for key in s.pending_keys() {
@@ -102,10 +102,12 @@ impl<K: Kernel> Core<K> {
 
     /// Queues (or moves) a session's idle check.
     pub(super) fn queue_idle_check(&mut self, id: u64, at: u64) {
+        // Boot time 0 is never now; the index keeps the time as non-zero.
+        let at = at.max(1);
         let Some(session) = self.index.session_mut(id) else {
             return;
         };
-        if let Some(old) = session.idle_check_at.replace(at) {
+        if let Some(old) = session.set_idle_check(at) {
             self.schedule.cancel(old, Due::IdleCheck(id));
         }
         self.schedule.push(at, Due::IdleCheck(id));
