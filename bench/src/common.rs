@@ -55,6 +55,25 @@ pub fn rfc3339_in(in_ns: u64) -> String {
 /// Waits until every stream has ended (EOF or reset) and returns, for each,
 /// the boot time at which it was seen to end (None: still open at timeout).
 pub fn wait_all_ended(streams: &[TcpStream], timeout: Duration) -> Vec<Option<u64>> {
+    wait_ended(streams, timeout, None)
+}
+
+/// Like `wait_all_ended`, for streams held long before anything ends (a
+/// helper holding its share while the others connect): waits up to `cap`
+/// for the first end, then up to `after_first` more for the rest.
+pub fn wait_all_ended_after_first(
+    streams: &[TcpStream],
+    cap: Duration,
+    after_first: Duration,
+) -> Vec<Option<u64>> {
+    wait_ended(streams, cap, Some(after_first))
+}
+
+fn wait_ended(
+    streams: &[TcpStream],
+    timeout: Duration,
+    after_first: Option<Duration>,
+) -> Vec<Option<u64>> {
     use std::os::fd::AsRawFd;
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     assert!(ep >= 0);
@@ -67,7 +86,8 @@ pub fn wait_all_ended(streams: &[TcpStream], timeout: Duration) -> Vec<Option<u6
     }
     let mut ended: Vec<Option<u64>> = vec![None; streams.len()];
     let mut left = streams.len();
-    let end = Instant::now() + timeout;
+    let mut end = Instant::now() + timeout;
+    let mut first_seen = false;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let mut buf = [0u8; 4096];
     while left > 0 && Instant::now() < end {
@@ -84,6 +104,10 @@ pub fn wait_all_ended(streams: &[TcpStream], timeout: Duration) -> Vec<Option<u6
             if r <= 0 {
                 ended[i] = Some(now);
                 left -= 1;
+                if let (false, Some(more)) = (first_seen, after_first) {
+                    first_seen = true;
+                    end = Instant::now() + more;
+                }
                 unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
             }
         }

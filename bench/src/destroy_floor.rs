@@ -68,9 +68,11 @@ fn encode(buf: &mut Vec<u8>, seq: u32, local: u16, remote: u16) {
     buf.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
 }
 
-/// Destroys each batch and waits for its acks; returns how many acked 0.
-fn destroy_all(fd: &OwnedFd, batches: &[Vec<u8>]) -> usize {
+/// Destroys each batch and waits for its acks; returns how many acked 0,
+/// and the errno of each that did not.
+fn destroy_all(fd: &OwnedFd, batches: &[Vec<u8>]) -> (usize, Vec<i32>) {
     let mut destroyed = 0;
+    let mut refused = Vec::new();
     let mut rbuf = vec![0u8; 256 * 1024];
     for batch in batches {
         let mut expected = batch.len() / MSG_LEN;
@@ -106,19 +108,23 @@ fn destroy_all(fd: &OwnedFd, batches: &[Vec<u8>]) -> usize {
             while data.len() >= 20 {
                 let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
                 let error = i32::from_ne_bytes(data[16..20].try_into().unwrap());
-                destroyed += usize::from(error == 0);
+                match error {
+                    0 => destroyed += 1,
+                    e => refused.push(-e),
+                }
                 expected -= 1;
                 data = &data[len.max(20).min(data.len())..];
             }
         }
     }
-    destroyed
+    (destroyed, refused)
 }
 
 /// Destroys the server ends of `flows` ((server port, client port), all on
 /// loopback) with `threads` threads, each its own share. Returns the boot
-/// time at which the first request was sent and how many were destroyed.
-pub fn destroy_floor(flows: &[(u16, u16)], threads: usize) -> (u64, usize) {
+/// time at which the first request was sent, how many were destroyed, and
+/// the errnos of those the kernel refused.
+pub fn destroy_floor(flows: &[(u16, u16)], threads: usize) -> (u64, usize, Vec<i32>) {
     let share = flows.len().div_ceil(threads);
     let work: Vec<(OwnedFd, Vec<Vec<u8>>)> = flows
         .chunks(share)
@@ -137,12 +143,18 @@ pub fn destroy_floor(flows: &[(u16, u16)], threads: usize) -> (u64, usize) {
         })
         .collect();
     let start = boot_ns();
-    let destroyed = std::thread::scope(|s| {
+    let (destroyed, refused) = std::thread::scope(|s| {
         let handles: Vec<_> = work
             .iter()
             .map(|(fd, batches)| s.spawn(move || destroy_all(fd, batches)))
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
+        handles
+            .into_iter()
+            .fold((0, Vec::new()), |(n, mut errs), h| {
+                let (d, e) = h.join().unwrap();
+                errs.extend(e);
+                (n + d, errs)
+            })
     });
-    (start, destroyed)
+    (start, destroyed, refused)
 }

@@ -36,7 +36,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // Helper processes of the mass-expiry benchmark (spawned by itself).
     match args.first().map(String::as_str) {
-        Some("--hold-server") => hold_server(args[1].parse().unwrap()),
+        Some("--hold-server") => hold_server(args[1].parse().unwrap(), args[2].parse().unwrap()),
         Some("--hold-clients") => hold_clients(args[1].parse().unwrap(), args[2].parse().unwrap()),
         _ => {}
     }

@@ -62,12 +62,28 @@ pub fn mass_expiry_reaper(n: usize) -> (Vec<f64>, u64) {
 
 /// Benchmark 2, floor: the same flows destroyed by a bare batched
 /// SOCK_DESTROY loop on `threads` threads, timed from its first request.
-pub fn mass_expiry_floor(n: usize, threads: usize) -> Vec<f64> {
+/// Returns the lateness of each flow the loop did reset, and the errnos of
+/// those the kernel refused to destroy. (About one run in three at 100k,
+/// one socket is refused; reaper, which checks that no flow stays open,
+/// has not shown it.)
+pub fn mass_expiry_floor(n: usize, threads: usize) -> (Vec<f64>, Vec<i32>) {
     let mut sb = Sandbox::new(&format!("bench-floor-{n}-{threads}"));
     let held = hold_flows(&mut sb, n);
-    let (start, destroyed) = destroy_floor(&held.flows, threads);
-    assert_eq!(destroyed, n, "the floor loop did not destroy every flow");
-    lateness_ms(&vec![start; n], &held.ended())
+    let (start, destroyed, refused) = destroy_floor(&held.flows, threads);
+    assert_eq!(
+        destroyed + refused.len(),
+        n,
+        "the floor loop lost an answer"
+    );
+    let mut late = lateness_ms(&vec![start; n], &held.ended());
+    let open = late.iter().filter(|l| l.is_infinite()).count();
+    assert_eq!(
+        open,
+        refused.len(),
+        "a destroyed flow's client saw no reset"
+    );
+    late.truncate(n - open);
+    (late, refused)
 }
 
 /// Benchmark 2, baseline: the same flows killed by `ss -K` with a filter
@@ -101,6 +117,7 @@ pub fn mass_expiry(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Ve
         let (mut reaper_curve, mut ss_curve, mut floor_curve) =
             (Vec::new(), Vec::new(), Vec::new());
         let mut ss_missed = Vec::new();
+        let mut floor_refused: Vec<i32> = Vec::new();
         // Alternating runs: drift on the machine affects all alike.
         for _ in 0..runs {
             let (late, kib) = mass_expiry_reaper(n);
@@ -113,11 +130,8 @@ pub fn mass_expiry(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Ve
             rss.push(kib as f64 / 1024.0);
             reaper_curve = late;
             for (threads, into) in [(1, &mut floor1), (cores, &mut floor_cores)] {
-                let late = mass_expiry_floor(n, threads);
-                assert!(
-                    late.iter().all(|l| l.is_finite()),
-                    "the floor left flows open"
-                );
+                let (late, refused) = mass_expiry_floor(n, threads);
+                floor_refused.extend(refused);
                 into.push(*late.last().unwrap());
                 if threads == cores {
                     floor_curve = late;
@@ -152,9 +166,17 @@ pub fn mass_expiry(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Ve
             what: format!("mass expiry: {n} flows, one deadline, until every client saw its reset"),
             reaper: reaper.show("ms", 1),
             baseline: format!(
-                "bare SOCK_DESTROY loop: 1 thread {}, {cores} threads {}",
+                "bare SOCK_DESTROY loop: 1 thread {}, {cores} threads {}{}",
                 floor1.show("ms", 1),
-                floor_cores.show("ms", 1)
+                floor_cores.show("ms", 1),
+                if floor_refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (the kernel refused {} destroy(s) over the runs, errnos {floor_refused:?}: timed without them)",
+                        floor_refused.len()
+                    )
+                }
             ),
             ratio: format!("{over_floor:.2}× the better floor"),
             goal: if n >= 100_000 {
