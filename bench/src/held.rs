@@ -69,6 +69,20 @@ pub struct HeldFlows {
     holders: Vec<BufReader<std::process::ChildStdout>>,
 }
 
+/// A sandbox whose daemon watches the holders' ports (5900-5999) with
+/// tables sized for `n` flows, and `n` held flows in it.
+pub fn daemon_with_held_flows(name: &str, n: usize) -> (Sandbox, HeldFlows) {
+    let mut sb = Sandbox::new(name);
+    sb.write_config(&format!(
+        "max_ttl = \"1d\"\nmax_flows = {}\nmax_sessions = {}\n[[watch]]\nports = \"5900-5999\"\nside = \"local\"\n",
+        (n * 2).max(1024),
+        (n * 2).max(1024)
+    ));
+    sb.start_daemon();
+    let held = hold_flows(&mut sb, n);
+    (sb, held)
+}
+
 pub fn hold_flows(sb: &mut Sandbox, n: usize) -> HeldFlows {
     let me = std::env::current_exe().unwrap();
     let procs = n.div_ceil(FLOWS_PER_HOLDER);

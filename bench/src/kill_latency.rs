@@ -11,7 +11,7 @@ use reaper_tests::{boot_ns, Conn, Sandbox};
 use serde_json::json;
 
 use crate::common::*;
-use crate::held::hold_flows;
+use crate::held::daemon_with_held_flows;
 use crate::report::*;
 
 /// The time to live of flow `i` of `n`: deadlines spread over 3 s from 1 s.
@@ -56,14 +56,7 @@ pub fn kill_latency_reaper(n: usize) -> Vec<f64> {
 /// deadlines spread over 10 s from 1 s after each grant. Each flow's
 /// lateness is measured against the deadline its answer gave.
 pub fn kill_latency_at_scale(n: usize) -> Vec<f64> {
-    let mut sb = Sandbox::new(&format!("bench-kill-scale-{n}"));
-    sb.write_config(&format!(
-        "max_ttl = \"1d\"\nmax_flows = {}\nmax_sessions = {}\n[[watch]]\nports = \"5900-5999\"\nside = \"local\"\n",
-        (n * 2).max(1024),
-        (n * 2).max(1024)
-    ));
-    sb.start_daemon();
-    let held = hold_flows(&mut sb, n);
+    let (sb, held) = daemon_with_held_flows(&format!("bench-kill-scale-{n}"), n);
     let lines: Vec<String> = held
         .flows
         .chunks(200)

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::common::*;
 use crate::destroy_floor::destroy_floor;
-use crate::held::hold_flows;
+use crate::held::{daemon_with_held_flows, hold_flows};
 use crate::memory::rss_kib;
 use crate::report::*;
 
@@ -16,14 +16,7 @@ use crate::report::*;
 /// Returns (each client's reset time minus the deadline in ms, daemon RSS
 /// in KiB with all of them granted).
 pub fn mass_expiry_reaper(n: usize) -> (Vec<f64>, u64) {
-    let mut sb = Sandbox::new(&format!("bench-mass-{n}"));
-    sb.write_config(&format!(
-        "max_ttl = \"1d\"\nmax_flows = {}\nmax_sessions = {}\n[[watch]]\nports = \"5900-5999\"\nside = \"local\"\n",
-        (n * 2).max(1024),
-        (n * 2).max(1024)
-    ));
-    sb.start_daemon();
-    let held = hold_flows(&mut sb, n);
+    let (sb, held) = daemon_with_held_flows(&format!("bench-mass-{n}"), n);
     // Long enough to grant them all first (checked below).
     let expires_at = rfc3339_in(2_000_000_000 + n as u64 * 100_000);
     let requests = held
