@@ -323,6 +323,23 @@ impl Hasher for IdHasher {
 
 type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
+/// Puts `value` in `table` under `hash`, in place of the entry `same`
+/// finds, if any. (`rehash` hashes an entry when the table grows.)
+fn put<T>(
+    table: &mut HashTable<T>,
+    hash: u64,
+    value: T,
+    same: impl FnMut(&T) -> bool,
+    rehash: impl Fn(&T) -> u64,
+) {
+    match table.entry(hash, same, rehash) {
+        hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = value,
+        hashbrown::hash_table::Entry::Vacant(e) => {
+            e.insert(value);
+        }
+    }
+}
+
 fn id_hash(id: u64) -> u64 {
     BuildHasherDefault::<IdHasher>::default().hash_one(id)
 }
@@ -347,12 +364,13 @@ impl SessionTable {
     /// Adds `session`, replacing any with its id.
     fn insert(&mut self, session: Box<Session>) {
         let id = session.id;
-        match self.0.entry(id_hash(id), |s| s.id == id, |s| id_hash(s.id)) {
-            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = session,
-            hashbrown::hash_table::Entry::Vacant(e) => {
-                e.insert(session);
-            }
-        }
+        put(
+            &mut self.0,
+            id_hash(id),
+            session,
+            |s| s.id == id,
+            |s| id_hash(s.id),
+        );
     }
 
     fn remove(&mut self, id: &u64) -> Option<Box<Session>> {
@@ -371,8 +389,6 @@ impl SessionTable {
 
 #[derive(Default)]
 pub(super) struct Index {
-    /// Boxed: the table keeps spare buckets, and a bucket should cost a
-    /// pointer, not a whole session.
     sessions: SessionTable,
     /// Session ids, found by name: each id is hashed and compared through
     /// its session's name, so a name is stored once.
@@ -488,16 +504,13 @@ impl Index {
         let (sessions, keyed) = (&self.sessions, &self.keyed);
         let name = sessions.get(&id).expect("just inserted").name();
         let name_of = |id: &u64| sessions.get(id).map_or("", |s| s.name());
-        match self.by_name.entry(
+        put(
+            &mut self.by_name,
             hash,
+            id,
             |other| name_of(other) == name,
             |other| keyed.hash_one(name_of(other)),
-        ) {
-            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = id,
-            hashbrown::hash_table::Entry::Vacant(e) => {
-                e.insert(id);
-            }
-        }
+        );
         self.next_id = self.next_id.max(id + 1);
         self.owners
             .entry(record.granted_by_uid)
@@ -639,17 +652,15 @@ impl Index {
         let (flows, keyed) = (&self.flows, &self.keyed);
         let key = tuple_key(&flow);
         let key_of = |c: &u64| flows.get(c).map(tuple_key);
-        match self.by_tuple.entry(
+        // A newer socket with the same tuple (the old one is closing)
+        // takes its place.
+        put(
+            &mut self.by_tuple,
             keyed.hash_one(key),
+            cookie,
             |other| key_of(other) == Some(key),
             |other| keyed.hash_one(key_of(other).unwrap_or_default()),
-        ) {
-            // A newer socket with the same tuple (the old one is closing).
-            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = cookie,
-            hashbrown::hash_table::Entry::Vacant(e) => {
-                e.insert(cookie);
-            }
-        }
+        );
     }
 
     /// Takes `cookie` out of the tuple index, if `flow`'s tuple finds it.
