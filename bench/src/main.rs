@@ -41,12 +41,12 @@ fn main() {
         _ => {}
     }
     const USAGE: &str =
-        "usage: reaper-bench [--quick] [--out DIR] [--only kill|mass|datapath|control|memory]";
+        "usage: reaper-bench [--quick] [--out DIR] [--only kill|mass|datapath|control|memory] [--size N]";
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
             "--quick" => i += 1,
-            "--out" | "--only" if i + 1 < args.len() => i += 2,
+            "--out" | "--only" | "--size" if i + 1 < args.len() => i += 2,
             other => {
                 eprintln!("reaper-bench: unexpected argument {other:?}\n{USAGE}");
                 std::process::exit(2);
@@ -74,6 +74,16 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    // --size N: one mass-expiry run of N flows (with --only, for profiling).
+    let size: Option<usize> = args
+        .iter()
+        .position(|a| a == "--size")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse().expect("--size takes a number of flows"));
+    if size.is_some() && only.is_none() {
+        eprintln!("reaper-bench: --size needs --only (it is for profiling)\n{USAGE}");
+        std::process::exit(2);
+    }
     let mut rows = Vec::new();
     let mut latency_plots = Vec::new();
     let mut kill_plots = Vec::new();
@@ -84,7 +94,7 @@ fn main() {
     let mut mass_plots = Vec::new();
     if wanted("mass") {
         eprintln!("reaper-bench: mass expiry");
-        mass_expiry(&mut rows, quick, &mut mass_plots);
+        mass_expiry(&mut rows, quick, size, &mut mass_plots);
     }
     if wanted("datapath") {
         eprintln!("reaper-bench: data path");

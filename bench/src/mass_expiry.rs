@@ -100,9 +100,18 @@ pub fn mass_expiry_ss(n: usize) -> Vec<f64> {
     lateness_ms(&vec![start; n], &held.ended())
 }
 
-pub fn mass_expiry(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, Vec<f64>)>) {
-    let sizes: &[usize] = if quick { &[2_000] } else { &[10_000, 100_000] };
-    let runs = if quick { 1 } else { 3 };
+pub fn mass_expiry(
+    rows: &mut Vec<Row>,
+    quick: bool,
+    size: Option<usize>,
+    plots: &mut Vec<(String, Vec<f64>)>,
+) {
+    let sizes: &[usize] = match (&size, quick) {
+        (Some(n), _) => std::slice::from_ref(n),
+        (None, true) => &[2_000],
+        (None, false) => &[10_000, 100_000],
+    };
+    let runs = if quick || size.is_some() { 1 } else { 3 };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for &n in sizes {
         let (mut reaper, mut ss, mut rss) = (Vec::new(), Vec::new(), Vec::new());
