@@ -197,10 +197,6 @@ impl<T: Ord + Copy> SmallSet<T> {
     pub fn len(&self) -> usize {
         self.0.len()
     }
-
-    pub fn to_vec(&self) -> Vec<T> {
-        self.0.to_vec()
-    }
 }
 
 impl<'a, T> IntoIterator for &'a SmallSet<T> {
