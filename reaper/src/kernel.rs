@@ -140,6 +140,12 @@ pub trait Kernel {
     fn sessions(&self) -> Vec<(u64, SessionRecord)>;
     fn put_session(&mut self, id: u64, record: &SessionRecord) -> Result<bool>;
     fn remove_session(&mut self, id: u64);
+    /// Removes many session records at once.
+    fn remove_sessions(&mut self, ids: &[u64]) {
+        for id in ids {
+            self.remove_session(*id);
+        }
+    }
 
     // --- PENDING: grants for connections to come
     fn pending(&self) -> Vec<(FlowTuple, PendingGrant)>;

@@ -128,6 +128,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         config.audit_file.as_deref(),
         telemetry.metrics.clone(),
         telemetry.events.clone(),
+        telemetry.audit.clone(),
     )?;
     let listener = socket_file::bind_control_socket(&config)?;
     let metrics_listener = match config.metrics_listen {

@@ -339,9 +339,13 @@ async fn serve_client(
         conn.queue(&response);
         // A client that pipelines gets the answers to one read's worth of
         // requests (16 KiB) in one write; nobody waits for a request that
-        // has not arrived, and the queue never holds more than that.
-        if !conn.has_line() && conn.flush().await.is_err() {
-            return;
+        // has not arrived, and the queue never holds more than that. The
+        // answers go once the audit lines of what they did are written.
+        if !conn.has_line() {
+            telemetry.audit.written().await;
+            if conn.flush().await.is_err() {
+                return;
+            }
         }
     }
 }

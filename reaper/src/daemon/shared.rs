@@ -7,6 +7,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::audit::AuditProgress;
 use super::core::Core;
 use super::events::EventBus;
 use super::metrics::Metrics;
@@ -21,10 +22,12 @@ pub(super) fn lock(state: &Shared) -> MutexGuard<'_, Core<Enforcer>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub(super) struct Telemetry {
     pub metrics: Arc<Metrics>,
     pub events: EventBus,
+    /// How far the audit writer has got (answers wait for their lines).
+    pub audit: Arc<AuditProgress>,
     /// Programs attached and control socket listening.
     pub ready: Arc<AtomicBool>,
 }

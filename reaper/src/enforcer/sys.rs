@@ -45,3 +45,48 @@ pub fn set_option<T>(
     }
     Ok(())
 }
+
+/// `BPF_MAP_DELETE_BATCH` (kernel 5.6+).
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The batch part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Deletes `keys` from the map in one `bpf(2)` call. Returns how many were
+/// processed before an error (the kernel stops at the first key it cannot
+/// delete, `ENOENT` for one that is not there) and that error, if any.
+pub fn delete_batch<K>(map: BorrowedFd<'_>, keys: &[K]) -> (usize, Option<io::Error>) {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed; keys
+    // points at `count` keys of the map's key size (the caller's K), which
+    // the kernel only reads; it writes back `count`, in attr.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    let done = (attr.count as usize).min(keys.len());
+    if rc < 0 {
+        return (done, Some(io::Error::last_os_error()));
+    }
+    (keys.len(), None)
+}

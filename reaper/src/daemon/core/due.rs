@@ -61,6 +61,7 @@ impl<K: Kernel> Core<K> {
                 }
             }
         }
+        let tk = std::time::Instant::now();
         if !expired.is_empty() {
             self.kill(
                 Victims::Sessions(&expired),
@@ -81,7 +82,9 @@ impl<K: Kernel> Core<K> {
                 self.kill(victims, Cause::own(Reason::Unauthorized, Some(grace_end)));
             }
         }
+        let tk1 = tk.elapsed();
         self.settle();
+        if expired.len() > 1000 { eprintln!("TIMING kill {:?} settle {:?}", tk1, tk.elapsed() - tk1); }
     }
 
     /// Reads the kernel's activity for the sessions' sockets; ends the idle

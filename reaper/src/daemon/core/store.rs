@@ -36,17 +36,27 @@ impl<K: Kernel> Core<K> {
     /// Removes a session whose flows are dead or gone: its schedule
     /// entries, its pre-registrations, and its record last.
     pub(super) fn forget_session(&mut self, id: u64) {
-        let Some(s) = self.index.remove_session(id) else {
-            return;
-        };
-        self.schedule.cancel(s.terms.deadline_ns, Due::Deadline(id));
-        if let Some(at) = s.idle_check_at() {
-            self.schedule.cancel(at, Due::IdleCheck(id));
+        self.forget_sessions(&[id]);
+    }
+
+    /// `forget_session` for many, their kernel records removed together
+    /// at the end.
+    pub(super) fn forget_sessions(&mut self, ids: &[u64]) {
+        let mut forgotten = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let Some(s) = self.index.remove_session(id) else {
+                continue;
+            };
+            self.schedule.cancel(s.terms.deadline_ns, Due::Deadline(id));
+            if let Some(at) = s.idle_check_at() {
+                self.schedule.cancel(at, Due::IdleCheck(id));
+            }
+            for key in s.pending_keys() {
+                self.kernel.remove_pending(key);
+            }
+            forgotten.push(id);
         }
-        for key in s.pending_keys() {
-            self.kernel.remove_pending(key);
-        }
-        self.kernel.remove_session(id);
+        self.kernel.remove_sessions(&forgotten);
     }
 
     /// Moves a session's deadline: its record, then each flow's, forwarded
