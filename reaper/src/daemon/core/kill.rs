@@ -77,17 +77,14 @@ impl<K: Kernel> Core<K> {
                 owner.cloned(),
             ),
         };
-        let t0 = std::time::Instant::now();
         let mut kills = self.kill_local(&cookies, cause, owner.as_ref());
         kills.extend(self.kill_forwarded(&forwarded, cause, owner.as_ref()));
-        let t1 = t0.elapsed();
         if tracing::enabled!(tracing::Level::DEBUG) {
             for s in ended.iter().filter_map(|id| self.index.session(*id)) {
                 debug!(session = %s.name(), reason = cause.reason.name(), "session ended");
             }
         }
         self.forget_sessions(ended);
-        if cookies.len() > 1000 { eprintln!("TIMING local+fwd {:?} forget {:?}", t1, t0.elapsed() - t1); }
         kills
     }
 
@@ -138,7 +135,6 @@ impl<K: Kernel> Core<K> {
             })
             .collect();
         let path = self.kernel.kill_path();
-        let tp = std::time::Instant::now();
         let outcomes = if targets.is_empty() {
             Vec::new()
         } else {
@@ -155,7 +151,6 @@ impl<K: Kernel> Core<K> {
             }
         };
         let done = self.kernel.now();
-        let td = tp.elapsed();
         let mut kills = Vec::with_capacity(targets.len() + gone.len());
         for ((cookie, flow), outcome) in targets.into_iter().zip(outcomes) {
             let result = match outcome {
@@ -188,7 +183,6 @@ impl<K: Kernel> Core<K> {
                 self.untrack_flow(cookie);
             }
         }
-        if cookies.len() > 1000 { eprintln!("TIMING destroy {:?} records {:?}", td, tp.elapsed() - td); }
         kills
     }
 
