@@ -242,6 +242,43 @@ fn a_batch_does_each_request_on_its_own_and_settles_once() {
 }
 
 #[test]
+fn a_due_deadline_is_run_before_the_next_request_is_answered() {
+    // The timer's wake-up waits behind requests the daemon is busy with;
+    // each request (and each of a batch's) runs what fell due meanwhile.
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"10s""#, &[A]));
+    h.ok(&grant_line("s2", "bob", "vm-2", r#","ttl":"1h""#, &[B]));
+    h.fake().advance(10 * NS_PER_SEC);
+    assert_eq!(h.sessions(), ["s2"], "the list that came first saw it gone");
+    let kills = h.audit.take();
+    assert_eq!(kills.len(), 1, "{kills:?}");
+    assert_eq!((kills[0].cookie, kills[0].reason), (1, Reason::Expired));
+
+    h.connect(3, A.0, "127.0.0.1:40003");
+    h.ok(&grant_line(
+        "s3",
+        "carol",
+        "vm-3",
+        r#","ttl":"10s""#,
+        &[(A.0, "127.0.0.1:40003")],
+    ));
+    h.fake().advance(10 * NS_PER_SEC);
+    let batch = r#"{"op":"batch","requests":[{"op":"touch","session":"s2"},{"op":"touch","session":"s3"}]}"#;
+    let Outcome::Batch(answers) = h.ok(batch) else {
+        panic!("a batch answers Batch")
+    };
+    assert!(answers[0].1.is_ok());
+    assert_eq!(
+        answers[1].1.as_ref().unwrap_err().code,
+        Code::NoSuchSession,
+        "s3 expired after the first request of the batch"
+    );
+    assert_eq!(h.audit.take()[0].cookie, 3);
+}
+
+#[test]
 fn kill_writes_the_deadline_then_destroys_then_removes_the_session() {
     let mut h = harness();
     h.connect(1, A.0, A.1);

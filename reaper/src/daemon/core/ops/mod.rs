@@ -45,10 +45,16 @@ impl<K: Kernel> Core<K> {
             Command::Batch(commands) => Ok(Outcome::Batch(
                 commands
                     .into_iter()
-                    .map(|c| (c.op(), self.perform(c, caller, fds)))
+                    .map(|c| {
+                        self.run_due_if_due();
+                        (c.op(), self.perform(c, caller, fds))
+                    })
                     .collect(),
             )),
-            command => self.perform(command, caller, fds),
+            command => {
+                self.run_due_if_due();
+                self.perform(command, caller, fds)
+            }
         };
         if op.mutates() {
             self.settle();
