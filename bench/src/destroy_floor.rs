@@ -158,3 +158,44 @@ pub fn destroy_floor(flows: &[(u16, u16)], threads: usize) -> (u64, usize, Vec<i
     });
     (start, destroyed, refused)
 }
+
+/// The floor under kill latency at scale: the server end of each of
+/// `flows` destroyed at its own deadline (`deadlines`, boot times, in the
+/// flows' order) by a bare loop, no daemon: sleep until the next deadline,
+/// then one batch of requests for every flow due by then. Returns the
+/// errnos of the destroys the kernel refused.
+pub fn destroy_at_deadlines(flows: &[(u16, u16)], deadlines: &[u64]) -> Vec<i32> {
+    let fd = netlink_socket();
+    let mut order: Vec<usize> = (0..flows.len()).collect();
+    order.sort_by_key(|&i| deadlines[i]);
+    let mut refused = Vec::new();
+    let mut next = 0;
+    let mut buf = Vec::with_capacity(BATCH * MSG_LEN);
+    while next < order.len() {
+        let at = deadlines[order[next]];
+        let ts = libc::timespec {
+            tv_sec: (at / 1_000_000_000) as libc::time_t,
+            tv_nsec: (at % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: ts lives for the call; no remainder is asked for.
+        unsafe {
+            libc::clock_nanosleep(
+                libc::CLOCK_BOOTTIME,
+                libc::TIMER_ABSTIME,
+                &ts,
+                std::ptr::null_mut(),
+            )
+        };
+        let now = boot_ns();
+        buf.clear();
+        let mut seq = 0;
+        while next < order.len() && deadlines[order[next]] <= now && seq < BATCH as u32 {
+            let (server, client) = flows[order[next]];
+            encode(&mut buf, seq, server, client);
+            seq += 1;
+            next += 1;
+        }
+        refused.extend(destroy_all(&fd, std::slice::from_ref(&buf)).1);
+    }
+    refused
+}

@@ -74,7 +74,8 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
-    // --size N: one mass-expiry run of N flows (with --only, for profiling).
+    // --size N: one run of N flows of the mass-expiry or the at-scale kill
+    // latency benchmark (with --only, for profiling).
     let size: Option<usize> = args
         .iter()
         .position(|a| a == "--size")
@@ -89,7 +90,7 @@ fn main() {
     let mut kill_plots = Vec::new();
     if wanted("kill") {
         eprintln!("reaper-bench: kill latency");
-        kill_latency(&mut rows, quick, &mut kill_plots);
+        kill_latency(&mut rows, quick, size, &mut kill_plots);
     }
     let mut mass_plots = Vec::new();
     if wanted("mass") {
