@@ -113,6 +113,10 @@ pub trait Kernel {
     /// Returns once the clock reaches `at` if the timer fired early for it;
     /// at once otherwise (never before `at` when it waits).
     fn wait_until(&self, at: u64);
+    /// Says whether what follows is a kill (the deadlines' run) that must
+    /// not queue behind other work: the thread runs at real-time priority
+    /// while it is, if so configured. Returns what it was.
+    fn set_urgent(&mut self, urgent: bool) -> bool;
 
     // --- where the enforcer stands
     fn kill_path(&self) -> KillPath;

@@ -8,8 +8,8 @@
 //!   daemon and by the CLI); `error`, the set-up error every layer returns;
 //! * `kernel`: the seam, everything the daemon core asks of the kernel;
 //! * `daemon::core`: what happens to sessions and flows, behind the seam;
-//! * `clock` and `enforcer`: the real kernel side of the seam (programs,
-//!   maps, kill mechanics, timers);
+//! * `clock`, `priority` and `enforcer`: the real kernel side of the seam
+//!   (programs, maps, kill mechanics, timers, the thread's scheduling);
 //! * `daemon`: the control plane around the core (socket, the wire adapter,
 //!   audit trail, metrics, live events, systemd notify, tasks) and the
 //!   wiring; `logging`, its operational log;
@@ -29,6 +29,7 @@ pub mod fuzzing;
 pub mod kernel;
 pub mod logging;
 pub mod policy;
+pub mod priority;
 pub mod protocol;
 pub mod throttle;
 pub mod timefmt;

@@ -100,6 +100,7 @@ pub fn effective(config: &Config) -> String {
     let _ = writeln!(w, "max_clients = {}", c.max_clients);
     let _ = writeln!(w, "max_clients_per_uid = {}", c.max_clients_per_uid);
     let _ = writeln!(w, "nice = {}", c.nice);
+    let _ = writeln!(w, "realtime_priority = {}", c.realtime_priority);
     let _ = writeln!(
         w,
         "client_timeout = {}",

@@ -24,6 +24,10 @@ pub const DEFAULT_MAX_CLIENTS: u32 = 4096;
 /// The daemon's default nice value: ahead of ordinary work (0), so that a
 /// busy machine, or a user flooding it, does not make kills late.
 pub const DEFAULT_NICE: i32 = -10;
+/// The SCHED_FIFO priority the daemon waits for deadlines and kills at
+/// (`crate::priority`): low among real-time threads, above every ordinary
+/// one.
+pub const DEFAULT_REALTIME_PRIORITY: u8 = 10;
 /// Each control connection holds a descriptor; the daemon raises its soft
 /// limit to the hard one, commonly 20000 or more where it runs.
 pub const MAX_CLIENTS_LIMIT: u32 = 16_384;
@@ -91,6 +95,9 @@ pub struct Config {
     pub max_clients_per_uid: usize,
     /// The daemon's nice value: kills must not wait behind other work.
     pub nice: i32,
+    /// SCHED_FIFO priority for the deadlines' wake-up and kills (1-99); 0
+    /// keeps the daemon ordinary.
+    pub realtime_priority: u8,
     /// How long a client may take to finish a request line it started, or
     /// to take a response.
     pub client_timeout: std::time::Duration,
@@ -159,6 +166,7 @@ struct RawConfig {
     max_clients: Option<u32>,
     max_clients_per_uid: Option<u32>,
     nice: Option<i32>,
+    realtime_priority: Option<u8>,
     client_timeout: Option<String>,
     log_format: Option<LogFormat>,
     metrics: Option<RawMetrics>,
@@ -456,6 +464,12 @@ impl Config {
         if !(-20..=19).contains(&nice) {
             return Err(format!("nice: {nice} is outside -20..=19"));
         }
+        let realtime_priority = raw.realtime_priority.unwrap_or(DEFAULT_REALTIME_PRIORITY);
+        if realtime_priority > 99 {
+            return Err(format!(
+                "realtime_priority: {realtime_priority} is outside 0..=99 (0 is off)"
+            ));
+        }
         let access = access_of(
             raw.access.unwrap_or_default(),
             &classes,
@@ -497,6 +511,7 @@ impl Config {
             max_clients: max_clients as usize,
             max_clients_per_uid: max_clients_per_uid as usize,
             nice,
+            realtime_priority,
             client_timeout: std::time::Duration::from_nanos(client_timeout_ns),
             log_format: raw.log_format.unwrap_or_default(),
             metrics_listen,
@@ -549,6 +564,7 @@ impl Config {
         self.max_clients = running.max_clients;
         self.max_clients_per_uid = running.max_clients_per_uid;
         self.nice = running.nice;
+        self.realtime_priority = running.realtime_priority;
         self.client_timeout = running.client_timeout;
         self.log_format = running.log_format;
         self.metrics_listen = running.metrics_listen;

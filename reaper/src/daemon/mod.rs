@@ -40,6 +40,7 @@ use crate::clock::WallClockWatch;
 use crate::config::Config;
 use crate::enforcer::{lock_pin_path, Enforcer, Started};
 use crate::error::{Error, Result};
+use crate::priority::Ordinary;
 use audit::Audit;
 use shared::{Shared, Telemetry};
 
@@ -90,6 +91,26 @@ fn set_priority(nice: i32) {
             "could not set the daemon's priority ({}); kills may be late on a busy machine",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// Raises the daemon's thread to SCHED_FIFO `priority` for the deadlines'
+/// wake-up and kills (see `crate::priority`), after every other thread is
+/// started. Refused, the daemon runs on at its nice value, and says so.
+fn set_realtime(priority: u8) {
+    if priority == 0 {
+        return;
+    }
+    match crate::priority::enable(priority) {
+        Ok(()) => info!(
+            priority,
+            "deadlines are waited for and killed at real-time priority (SCHED_FIFO)"
+        ),
+        Err(e) => tracing::warn!(
+            priority,
+            "could not run kills at real-time priority ({e}; needs CAP_SYS_NICE, and systemd's \
+             RestrictRealtime=no); kills may be late on a busy machine"
+        ),
     }
 }
 
@@ -153,12 +174,17 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         ),
     }
     tokio::spawn(tasks::run_timer(state.clone(), timer_fd));
-    tokio::spawn(tasks::read_events(state.clone(), events_fd));
+    // Anyone's connections make flow events: handled at ordinary priority.
+    tokio::spawn(Ordinary::new(tasks::read_events(state.clone(), events_fd)));
     if let Some(log) = kernel_log {
         tokio::spawn(tasks::read_kernel_log(log));
     }
     if let Some(listener) = metrics_listener {
-        tokio::spawn(health::serve(listener, state.clone(), telemetry.clone()));
+        tokio::spawn(Ordinary::new(health::serve(
+            listener,
+            state.clone(),
+            telemetry.clone(),
+        )));
     }
     tokio::spawn(notify::run_watchdog(state.clone()));
     tokio::spawn(tasks::keep_kill_path_warm(state.clone()));
@@ -188,14 +214,16 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     telemetry
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
+    set_realtime(config.realtime_priority);
     notify::ready();
-    let accept = server::accept_loop(
+    // Accepting is callers' work too: ordinary priority.
+    let accept = Ordinary::new(server::accept_loop(
         listener,
         state.clone(),
         &config,
         open_files,
         telemetry.clone(),
-    );
+    ));
     tokio::pin!(accept);
     loop {
         tokio::select! {

@@ -65,13 +65,15 @@ pub(super) async fn accept_loop(
             Ok(slot) => {
                 let conn =
                     Connection::new(stream, config.client_timeout, privileged, budget.clone());
-                tokio::spawn(serve_client(
+                // A caller's requests are served at ordinary priority,
+                // whoever the caller (crate::priority says why).
+                tokio::spawn(crate::priority::Ordinary::new(serve_client(
                     state.clone(),
                     conn,
                     caller,
                     slot,
                     telemetry.clone(),
-                ));
+                )));
             }
             Err(why) => refuse_busy(stream, caller, &why, &mut busy),
         }
@@ -233,6 +235,11 @@ async fn serve_client(
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
+                // This task's poll runs read, parse, handle and answer in
+                // one go while lines keep coming: the timer's wake-up waits
+                // behind it, so what fell due is run here (and before the
+                // request, and before the answer).
+                lock(&state).run_due_if_due();
                 match parse_request(&line) {
                     Ok(request) => {
                         let op = request.command.op().name();
@@ -274,6 +281,7 @@ async fn serve_client(
                             stream_events(conn, filter, &telemetry).await;
                             return;
                         }
+                        lock(&state).run_due_if_due();
                         match outcome {
                             Ok(outcome) => {
                                 telemetry.metrics.request(op, "ok");

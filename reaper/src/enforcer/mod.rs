@@ -181,6 +181,10 @@ impl Kernel for Enforcer {
         crate::clock::DeadlineTimer::wait_until(at);
     }
 
+    fn set_urgent(&mut self, urgent: bool) -> bool {
+        crate::priority::set_urgent(urgent)
+    }
+
     fn kill_path(&self) -> KillPath {
         self.kill_path
     }

@@ -73,6 +73,10 @@ pub struct FakeKernel {
     pub lost: u64,
     /// What `flow_holders` says.
     pub holders: Vec<(u32, u64)>,
+    /// Whether the core said its work is a kill (`set_urgent`), and how
+    /// many destroys it made while so.
+    pub urgent: bool,
+    pub urgent_destroys: usize,
     /// Flow writes since the last publish.
     dirty: bool,
 }
@@ -105,6 +109,8 @@ impl FakeKernel {
             queued: Vec::new(),
             lost: 0,
             holders: Vec::new(),
+            urgent: false,
+            urgent_destroys: 0,
             dirty: false,
         }
     }
@@ -206,6 +212,10 @@ impl Kernel for FakeKernel {
 
     /// The fake's clock moves only when a test moves it.
     fn wait_until(&self, _at: u64) {}
+
+    fn set_urgent(&mut self, urgent: bool) -> bool {
+        std::mem::replace(&mut self.urgent, urgent)
+    }
 
     fn arm_timer(&mut self, at: Option<u64>) {
         self.timer = at;
@@ -365,6 +375,7 @@ impl Kernel for FakeKernel {
     /// A destroy closes the socket: like the kernel, its entry goes (the
     /// Closed event is the test's to deliver, if it wants).
     fn destroy(&mut self, sockets: &[SocketRef]) -> Vec<DestroyOutcome> {
+        self.urgent_destroys += usize::from(self.urgent);
         self.log
             .push(Write::Destroy(sockets.iter().map(|s| s.cookie).collect()));
         sockets

@@ -279,6 +279,28 @@ fn a_due_deadline_is_run_before_the_next_request_is_answered() {
 }
 
 #[test]
+fn deadlines_are_killed_urgent_and_requests_are_not() {
+    // The deadlines' run asks for real-time priority, whether the timer or
+    // a request ran it; a revoke (a caller's work) does not.
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line("s1", "alice", "vm-1", r#","ttl":"10s""#, &[A]));
+    h.ok(&grant_line("s2", "bob", "vm-2", r#","ttl":"1h""#, &[B]));
+    h.fake().advance(10 * NS_PER_SEC);
+    h.sessions();
+    assert_eq!(h.fake().urgent_destroys, 1, "the expiry destroyed urgent");
+    assert!(!h.fake().urgent, "and the request after it is not urgent");
+    h.ok(r#"{"op":"revoke","user":"bob"}"#);
+    assert_eq!(h.audit.take().len(), 2, "both killed");
+    assert_eq!(
+        h.fake().urgent_destroys,
+        1,
+        "the revoke's destroy is not urgent"
+    );
+}
+
+#[test]
 fn kill_writes_the_deadline_then_destroys_then_removes_the_session() {
     let mut h = harness();
     h.connect(1, A.0, A.1);
