@@ -15,8 +15,6 @@
 //! not a deadline; so a perf-buffer path could never be the one missing
 //! piece, and is not carried.
 
-use std::io;
-
 use aya::maps::MapType;
 use aya::programs::ProgramType;
 use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper};
@@ -220,20 +218,11 @@ fn tcx_supported() -> (Option<bool>, Option<String>) {
         attach_type: BPF_TCX_INGRESS,
         ..Default::default()
     };
-    // SAFETY: the attr is a live, zero-padded struct of the size passed;
-    // with no id buffers the kernel only writes `count` and `revision`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut query as *mut Query,
-            std::mem::size_of::<Query>() as u32,
-        )
-    };
-    if rc == 0 {
+    // SAFETY: the query part of bpf_attr, zero-padded; with no id buffers
+    // the kernel only writes `count` and `revision`.
+    let Err(e) = (unsafe { super::sys::bpf(BPF_PROG_QUERY, &mut query) }) else {
         return (Some(true), None);
-    }
-    let e = io::Error::last_os_error();
+    };
     match e.raw_os_error() {
         Some(libc::EINVAL) => (Some(false), None),
         _ => (None, Some(format!("BPF_PROG_QUERY: {e}"))),

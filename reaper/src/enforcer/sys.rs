@@ -1,5 +1,5 @@
-//! The few raw socket calls the enforcer makes, with their unsafety in one
-//! place.
+//! The few raw socket and `bpf(2)` calls the enforcer makes, with their
+//! unsafety in one place.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -46,6 +46,29 @@ pub fn set_option<T>(
     Ok(())
 }
 
+/// `bpf(2)` command `cmd` with `attr`, the part of `union bpf_attr` that
+/// command reads (the kernel zero-checks the rest up to the size passed).
+///
+/// # Safety
+/// `attr` must be laid out as the kernel's `bpf_attr` for `cmd`, and every
+/// pointer in it must be valid for what the kernel reads or writes there.
+pub unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: attr is live and of the size passed; the rest is the
+    // caller's promise.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut A,
+            std::mem::size_of::<A>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `BPF_MAP_DELETE_BATCH` (kernel 5.6+).
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -73,20 +96,11 @@ pub fn delete_batch<K>(map: BorrowedFd<'_>, keys: &[K]) -> (usize, Option<io::Er
         map_fd: map.as_raw_fd() as u32,
         ..BatchAttr::default()
     };
-    // SAFETY: attr is a valid bpf_attr prefix of the size passed; keys
-    // points at `count` keys of the map's key size (the caller's K), which
-    // the kernel only reads; it writes back `count`, in attr.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    let done = (attr.count as usize).min(keys.len());
-    if rc < 0 {
-        return (done, Some(io::Error::last_os_error()));
+    // SAFETY: attr is the batch part of bpf_attr; keys points at `count`
+    // keys of the map's key size (the caller's K), which the kernel only
+    // reads; it writes back `count`, in attr.
+    match unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) } {
+        Ok(()) => (keys.len(), None),
+        Err(e) => ((attr.count as usize).min(keys.len()), Some(e)),
     }
-    (keys.len(), None)
 }
