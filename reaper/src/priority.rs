@@ -1,37 +1,29 @@
-//! The daemon thread's scheduling class: real-time (SCHED_FIFO) while it
-//! waits for a deadline and while it kills, ordinary while it does what
-//! others can cause.
+//! The daemon thread's scheduling class: real-time (SCHED_FIFO) for the
+//! deadlines' run, ordinary (at its nice value) for everything else.
 //!
-//! Why real-time at all: a thread of ordinary class woken by its timer
-//! queues behind whatever else runs, and on a busy 2-core machine that
-//! wait, not the kill, was most of a late kill (100k live flows: kill
-//! lateness p99 2.3-5.3 ms at nice -10, 1.5 ms at SCHED_FIFO; the thread's
-//! CPU time around a slow destroy was 0.1 ms of a 4.5 ms wall).
+//! Why real-time: on a busy 2-core machine the thread was preempted in the
+//! middle of a kill (100k live flows: a slow destroy took 4.5 ms of wall
+//! time and 0.1 ms of CPU time). The timer fires 0.5 ms before a deadline,
+//! and the rest is spun out at real-time priority, so the wake-up itself
+//! has that much slack at the ordinary class.
 //!
-//! Why not always: a caller's requests, the flow events of anyone's
-//! connections and the metrics endpoint are work others decide the amount
-//! of. A local user flooding them must not get a real-time core, so that
-//! work is polled through [`Ordinary`], which drops the thread to its
-//! ordinary class (its nice value kept) for each poll and raises it again
-//! after; a kill that comes due in the middle of it (the core runs due
-//! deadlines before each request) is raised for its own length by
-//! [`urgent`]. What stays real-time is the wake-up and what privileged
-//! callers scheduled: deadlines, fence ends, idle checks.
+//! Why only then: raised for good, the thread served callers' requests,
+//! flow events and `/metrics` at real-time priority too, work others decide
+//! the amount of (a local user flooding requests must not get a real-time
+//! core); and dropping it to ordinary around each of those polls cost two
+//! syscalls and a preemption each, which halved lock-step grants. Deadlines
+//! are what privileged callers scheduled, and their run is bounded by them.
 //!
 //! The state is the calling thread's: the daemon is one thread, and
-//! `SCHED_RESET_ON_FORK` keeps every thread it starts (the audit writer,
-//! tokio's blocking pool) and every process ordinary.
+//! `SCHED_RESET_ON_FORK` keeps anything it starts ordinary.
 
 use std::cell::Cell;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Never raised (the default, `realtime_priority = 0`, or refused).
     Off,
-    /// Raised to `priority`; `urgent` says whether it is now.
+    /// Allowed up to `priority`; `urgent` says whether it is raised now.
     On { priority: u8, urgent: bool },
 }
 
@@ -39,14 +31,15 @@ thread_local! {
     static STATE: Cell<State> = const { Cell::new(State::Off) };
 }
 
-/// Raises the calling thread to SCHED_FIFO at `priority` (1-99), for good
-/// unless [`Ordinary`] lowers it for a while.
+/// Lets [`set_urgent`] raise the calling thread to SCHED_FIFO at
+/// `priority` (1-99). Tried once here, so that a refusal is told at start.
 pub fn enable(priority: u8) -> std::io::Result<()> {
     set_class(Some(priority))?;
+    set_class(None)?;
     STATE.with(|s| {
         s.set(State::On {
             priority,
-            urgent: true,
+            urgent: false,
         })
     });
     Ok(())
@@ -62,9 +55,9 @@ pub fn set_urgent(urgent: bool) -> bool {
             urgent: was,
         } => {
             if was != urgent {
-                // Lowering needs no privilege; raising again is what
-                // `enable` was allowed to do. A refusal leaves the thread
-                // as it was, which the state then says.
+                // Raising is what `enable` was allowed to do; lowering
+                // needs no privilege. A refusal leaves the thread as it
+                // was, which the state then says.
                 if set_class(urgent.then_some(priority)).is_ok() {
                     s.set(State::On { priority, urgent });
                 }
@@ -101,27 +94,6 @@ fn set_class(fifo: Option<u8>) -> std::io::Result<()> {
     }
 }
 
-/// A future polled at the thread's ordinary class: for work whose amount
-/// others decide (see the module's header).
-pub struct Ordinary<F>(Pin<Box<F>>);
-
-impl<F: Future> Ordinary<F> {
-    pub fn new(work: F) -> Ordinary<F> {
-        Ordinary(Box::pin(work))
-    }
-}
-
-impl<F: Future> Future for Ordinary<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let was = set_urgent(false);
-        let r = self.0.as_mut().poll(cx);
-        set_urgent(was);
-        r
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,7 +117,7 @@ mod tests {
     }
 
     #[test]
-    fn urgent_and_ordinary_nest_and_restore() {
+    fn urgent_raises_for_its_length_and_nests() {
         std::thread::spawn(|| {
             if enable(1).is_err() {
                 // Not allowed here (no CAP_SYS_NICE, no RLIMIT_RTPRIO):
@@ -155,17 +127,23 @@ mod tests {
                 assert_eq!(policy(), libc::SCHED_OTHER);
                 return;
             }
-            assert_eq!(policy(), libc::SCHED_FIFO);
-            let was = set_urgent(false);
-            assert!(was);
-            assert_eq!(policy(), libc::SCHED_OTHER);
-            assert_eq!(urgent(policy), libc::SCHED_FIFO, "a kill inside is raised");
-            assert_eq!(policy(), libc::SCHED_OTHER, "and lowered after");
-            set_urgent(was);
-            assert_eq!(policy(), libc::SCHED_FIFO);
-            // A thread started now is ordinary.
-            let child = std::thread::spawn(policy).join().unwrap();
-            assert_eq!(child, libc::SCHED_OTHER);
+            assert_eq!(policy(), libc::SCHED_OTHER, "enabled is not raised");
+            let inside = urgent(|| {
+                // A thread started while raised is ordinary.
+                let child = std::thread::spawn(policy).join().unwrap();
+                (policy(), urgent(policy), policy(), child)
+            });
+            assert_eq!(
+                inside,
+                (
+                    libc::SCHED_FIFO,
+                    libc::SCHED_FIFO,
+                    libc::SCHED_FIFO,
+                    libc::SCHED_OTHER
+                ),
+                "raised, still raised after a nested run, children ordinary"
+            );
+            assert_eq!(policy(), libc::SCHED_OTHER, "lowered after");
         })
         .join()
         .unwrap();

@@ -40,7 +40,6 @@ use crate::clock::WallClockWatch;
 use crate::config::Config;
 use crate::enforcer::{lock_pin_path, Enforcer, Started};
 use crate::error::{Error, Result};
-use crate::priority::Ordinary;
 use audit::Audit;
 use shared::{Shared, Telemetry};
 
@@ -94,9 +93,9 @@ fn set_priority(nice: i32) {
     }
 }
 
-/// Raises the daemon's thread to SCHED_FIFO `priority` for the deadlines'
-/// wake-up and kills (see `crate::priority`), after every other thread is
-/// started. Refused, the daemon runs on at its nice value, and says so.
+/// Lets the daemon's thread run the deadlines at SCHED_FIFO `priority`
+/// (see `crate::priority`). Refused, the daemon runs them at its nice
+/// value, and says so.
 fn set_realtime(priority: u8) {
     if priority == 0 {
         return;
@@ -104,7 +103,7 @@ fn set_realtime(priority: u8) {
     match crate::priority::enable(priority) {
         Ok(()) => info!(
             priority,
-            "deadlines are waited for and killed at real-time priority (SCHED_FIFO)"
+            "deadlines are run at real-time priority (SCHED_FIFO)"
         ),
         Err(e) => tracing::warn!(
             priority,
@@ -174,17 +173,12 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         ),
     }
     tokio::spawn(tasks::run_timer(state.clone(), timer_fd));
-    // Anyone's connections make flow events: handled at ordinary priority.
-    tokio::spawn(Ordinary::new(tasks::read_events(state.clone(), events_fd)));
+    tokio::spawn(tasks::read_events(state.clone(), events_fd));
     if let Some(log) = kernel_log {
         tokio::spawn(tasks::read_kernel_log(log));
     }
     if let Some(listener) = metrics_listener {
-        tokio::spawn(Ordinary::new(health::serve(
-            listener,
-            state.clone(),
-            telemetry.clone(),
-        )));
+        tokio::spawn(health::serve(listener, state.clone(), telemetry.clone()));
     }
     tokio::spawn(notify::run_watchdog(state.clone()));
     tokio::spawn(tasks::keep_kill_path_warm(state.clone()));
@@ -216,14 +210,13 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         .store(true, std::sync::atomic::Ordering::Relaxed);
     set_realtime(config.realtime_priority);
     notify::ready();
-    // Accepting is callers' work too: ordinary priority.
-    let accept = Ordinary::new(server::accept_loop(
+    let accept = server::accept_loop(
         listener,
         state.clone(),
         &config,
         open_files,
         telemetry.clone(),
-    ));
+    );
     tokio::pin!(accept);
     loop {
         tokio::select! {

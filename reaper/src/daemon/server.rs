@@ -65,15 +65,13 @@ pub(super) async fn accept_loop(
             Ok(slot) => {
                 let conn =
                     Connection::new(stream, config.client_timeout, privileged, budget.clone());
-                // A caller's requests are served at ordinary priority,
-                // whoever the caller (crate::priority says why).
-                tokio::spawn(crate::priority::Ordinary::new(serve_client(
+                tokio::spawn(serve_client(
                     state.clone(),
                     conn,
                     caller,
                     slot,
                     telemetry.clone(),
-                )));
+                ));
             }
             Err(why) => refuse_busy(stream, caller, &why, &mut busy),
         }
