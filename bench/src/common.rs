@@ -52,34 +52,58 @@ pub fn rfc3339_in(in_ns: u64) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// Waits until every stream has ended (EOF or reset) and returns, for each,
-/// the boot time at which it was seen to end (None: still open at timeout).
-pub fn wait_all_ended(streams: &[TcpStream], timeout: Duration) -> Vec<Option<u64>> {
-    wait_ended(streams, timeout, None)
+/// Waits, on a thread of its own started now, until every stream has
+/// ended (EOF or reset), and returns for each the boot time at which it
+/// was seen to end (None: still open at timeout). For flows that may
+/// end while the benchmark is still granting (or setting up) others,
+/// whose end must be timed when it comes, not when the benchmark is done.
+pub fn observe_ends(
+    streams: &[TcpStream],
+    timeout: Duration,
+) -> std::thread::JoinHandle<Vec<Option<u64>>> {
+    let clones: Vec<TcpStream> = streams.iter().map(|s| s.try_clone().unwrap()).collect();
+    // It must not read: the benchmark still reads answers on these streams.
+    std::thread::spawn(move || wait_ended(&clones, timeout, None, Reading::Never))
 }
 
-/// Like `wait_all_ended`, for streams held long before anything ends (a
-/// helper holding its share while the others connect): waits up to `cap`
-/// for the first end, then up to `after_first` more for the rest.
+/// Like `observe_ends`, on the calling thread and reading, for streams
+/// held long before anything ends (a helper holding its share while the
+/// others connect): waits up to `cap` for the first end, then up to
+/// `after_first` more for the rest.
 pub fn wait_all_ended_after_first(
     streams: &[TcpStream],
     cap: Duration,
     after_first: Duration,
 ) -> Vec<Option<u64>> {
-    wait_ended(streams, cap, Some(after_first))
+    wait_ended(streams, cap, Some(after_first), Reading::Drain)
+}
+
+/// How `wait_ended` tells an end from data.
+#[derive(Clone, Copy, PartialEq)]
+enum Reading {
+    /// Reads (and discards) whatever arrives; an end is a read of 0 or an error.
+    Drain,
+    /// Never reads: an end is the peer's FIN (EPOLLRDHUP) or a reset
+    /// (EPOLLERR/EPOLLHUP), for streams someone else reads.
+    Never,
 }
 
 fn wait_ended(
     streams: &[TcpStream],
     timeout: Duration,
     after_first: Option<Duration>,
+    reading: Reading,
 ) -> Vec<Option<u64>> {
     use std::os::fd::AsRawFd;
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     assert!(ep >= 0);
+    let interest = match reading {
+        Reading::Drain => libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLERR,
+        Reading::Never => libc::EPOLLRDHUP | libc::EPOLLERR,
+    };
     for (i, s) in streams.iter().enumerate() {
         let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLERR) as u32,
+            events: interest as u32,
             u64: i as u64,
         };
         unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) };
@@ -99,9 +123,16 @@ fn wait_ended(
                 continue;
             }
             let fd = streams[i].as_raw_fd();
-            let r =
-                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if r <= 0 {
+            let is_end = match reading {
+                Reading::Never => true,
+                Reading::Drain => {
+                    let r = unsafe {
+                        libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                    };
+                    r <= 0
+                }
+            };
+            if is_end {
                 ended[i] = Some(now);
                 left -= 1;
                 if let (false, Some(more)) = (first_seen, after_first) {

@@ -29,6 +29,12 @@ pub fn kill_latency_reaper(n: usize) -> Vec<f64> {
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
     let flows: Vec<Conn> = (0..n).map(|_| Conn::connect("127.0.0.1:5900")).collect();
+    let streams: Vec<TcpStream> = flows
+        .iter()
+        .map(|f| f.stream.try_clone().unwrap())
+        .collect();
+    // The first deadlines may come before the last grant is made.
+    let observer = observe_ends(&streams, Duration::from_secs(30));
     let stream = UnixStream::connect(&sb.socket).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
@@ -47,8 +53,8 @@ pub fn kill_latency_reaper(n: usize) -> Vec<f64> {
                 .expect("granted"),
         );
     }
-    let streams: Vec<TcpStream> = flows.into_iter().map(|f| f.stream).collect();
-    let ended = wait_all_ended(&streams, Duration::from_secs(30));
+    let ended = observer.join().unwrap();
+    drop((flows, streams));
     lateness_ms(&deadlines, &ended)
 }
 
@@ -137,10 +143,14 @@ pub fn kill_latency_proxy(n: usize, mode: &str) -> Vec<f64> {
         out.read_line(&mut ready).unwrap();
         assert_eq!(ready.trim(), "ready");
     }
-    let mut streams = Vec::with_capacity(n);
+    let mut streams: Vec<TcpStream> = (0..n)
+        .map(|i| TcpStream::connect(("127.0.0.1", 6000 + (i % procs) as u16)).unwrap())
+        .collect();
+    // As for reaper: ends are timed as they come, while deadlines are
+    // still being set.
+    let observer = observe_ends(&streams, Duration::from_secs(30));
     let mut deadlines = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut s = TcpStream::connect(("127.0.0.1", 6000 + (i % procs) as u16)).unwrap();
+    for (i, s) in streams.iter_mut().enumerate() {
         let ttl = spread_ttl_ms(i, n);
         s.write_all(format!("{ttl}\n").as_bytes()).unwrap();
         let mut ok = [0u8; 3];
@@ -148,9 +158,9 @@ pub fn kill_latency_proxy(n: usize, mode: &str) -> Vec<f64> {
         // The proxy set its deadline before answering: counting from the
         // answer flatters the baseline, never reaper.
         deadlines.push(boot_ns() + ttl * 1_000_000);
-        streams.push(s);
     }
-    let ended = wait_all_ended(&streams, Duration::from_secs(30));
+    let ended = observer.join().unwrap();
+    drop(streams);
     lateness_ms(&deadlines, &ended)
 }
 
