@@ -52,18 +52,24 @@ pub fn rfc3339_in(in_ns: u64) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// Waits, on a thread of its own started now, until every stream has
-/// ended (EOF or reset), and returns for each the boot time at which it
-/// was seen to end (None: still open at timeout). For flows that may
-/// end while the benchmark is still granting (or setting up) others,
-/// whose end must be timed when it comes, not when the benchmark is done.
-pub fn observe_ends(
-    streams: &[TcpStream],
+/// Runs `meanwhile` while another thread waits until every stream has
+/// ended (EOF or reset), and returns `meanwhile`'s result and, for each
+/// stream, the boot time at which it was seen to end (None: still open at
+/// timeout). For flows that may end while the benchmark is still granting
+/// (or setting up) others, whose end must be timed when it comes, not when
+/// the benchmark is done. The watcher borrows the streams (no clones: at
+/// 10k flows the descriptors are near the process's limit) and never reads
+/// them: `meanwhile` still reads answers on them.
+pub fn observe_ends<S: std::os::fd::AsFd + Sync, R: Send>(
+    streams: &[S],
     timeout: Duration,
-) -> std::thread::JoinHandle<Vec<Option<u64>>> {
-    let clones: Vec<TcpStream> = streams.iter().map(|s| s.try_clone().unwrap()).collect();
-    // It must not read: the benchmark still reads answers on these streams.
-    std::thread::spawn(move || wait_ended(&clones, timeout, None, Reading::Never))
+    meanwhile: impl FnOnce() -> R + Send,
+) -> (R, Vec<Option<u64>>) {
+    std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| wait_ended(streams, timeout, None, Reading::Never));
+        let result = meanwhile();
+        (result, watcher.join().unwrap())
+    })
 }
 
 /// Like `observe_ends`, on the calling thread and reading, for streams
@@ -88,8 +94,8 @@ enum Reading {
     Never,
 }
 
-fn wait_ended(
-    streams: &[TcpStream],
+fn wait_ended<S: std::os::fd::AsFd>(
+    streams: &[S],
     timeout: Duration,
     after_first: Option<Duration>,
     reading: Reading,
@@ -106,7 +112,7 @@ fn wait_ended(
             events: interest as u32,
             u64: i as u64,
         };
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) };
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_fd().as_raw_fd(), &mut ev) };
     }
     let mut ended: Vec<Option<u64>> = vec![None; streams.len()];
     let mut left = streams.len();
@@ -122,7 +128,7 @@ fn wait_ended(
             if ended[i].is_some() {
                 continue;
             }
-            let fd = streams[i].as_raw_fd();
+            let fd = streams[i].as_fd().as_raw_fd();
             let is_end = match reading {
                 Reading::Never => true,
                 Reading::Drain => {

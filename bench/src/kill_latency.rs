@@ -29,32 +29,30 @@ pub fn kill_latency_reaper(n: usize) -> Vec<f64> {
     sb.start_daemon();
     sb.peer(&["127.0.0.1:5900"]);
     let flows: Vec<Conn> = (0..n).map(|_| Conn::connect("127.0.0.1:5900")).collect();
-    let streams: Vec<TcpStream> = flows
-        .iter()
-        .map(|f| f.stream.try_clone().unwrap())
-        .collect();
-    // The first deadlines may come before the last grant is made.
-    let observer = observe_ends(&streams, Duration::from_secs(30));
+    let streams: Vec<&TcpStream> = flows.iter().map(|f| &f.stream).collect();
     let stream = UnixStream::connect(&sb.socket).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
-    let mut deadlines = Vec::with_capacity(n);
-    let mut line = String::new();
-    for (i, f) in flows.iter().enumerate() {
-        let req = json!({"op": "grant", "session": format!("k{i}"), "user": "u", "target": format!("t{i}"),
-                         "ttl": format!("{}ms", spread_ttl_ms(i, n)), "flows": [f.spec()]});
-        writer.write_all(format!("{req}\n").as_bytes()).unwrap();
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        deadlines.push(
-            v["result"]["session"]["deadline_boot_ns"]
-                .as_u64()
-                .expect("granted"),
-        );
-    }
-    let ended = observer.join().unwrap();
-    drop((flows, streams));
+    // The first deadlines may come before the last grant is made.
+    let (deadlines, ended) = observe_ends(&streams, Duration::from_secs(30), || {
+        let mut line = String::new();
+        let mut deadlines = Vec::with_capacity(n);
+        for (i, f) in flows.iter().enumerate() {
+            let req = json!({"op": "grant", "session": format!("k{i}"), "user": "u", "target": format!("t{i}"),
+                             "ttl": format!("{}ms", spread_ttl_ms(i, n)), "flows": [f.spec()]});
+            writer.write_all(format!("{req}\n").as_bytes()).unwrap();
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            deadlines.push(
+                v["result"]["session"]["deadline_boot_ns"]
+                    .as_u64()
+                    .expect("granted"),
+            );
+        }
+        deadlines
+    });
+    drop(flows);
     lateness_ms(&deadlines, &ended)
 }
 
@@ -143,23 +141,24 @@ pub fn kill_latency_proxy(n: usize, mode: &str) -> Vec<f64> {
         out.read_line(&mut ready).unwrap();
         assert_eq!(ready.trim(), "ready");
     }
-    let mut streams: Vec<TcpStream> = (0..n)
+    let streams: Vec<TcpStream> = (0..n)
         .map(|i| TcpStream::connect(("127.0.0.1", 6000 + (i % procs) as u16)).unwrap())
         .collect();
     // As for reaper: ends are timed as they come, while deadlines are
     // still being set.
-    let observer = observe_ends(&streams, Duration::from_secs(30));
-    let mut deadlines = Vec::with_capacity(n);
-    for (i, s) in streams.iter_mut().enumerate() {
-        let ttl = spread_ttl_ms(i, n);
-        s.write_all(format!("{ttl}\n").as_bytes()).unwrap();
-        let mut ok = [0u8; 3];
-        s.read_exact(&mut ok).unwrap();
-        // The proxy set its deadline before answering: counting from the
-        // answer flatters the baseline, never reaper.
-        deadlines.push(boot_ns() + ttl * 1_000_000);
-    }
-    let ended = observer.join().unwrap();
+    let (deadlines, ended) = observe_ends(&streams, Duration::from_secs(30), || {
+        let mut deadlines = Vec::with_capacity(n);
+        for (i, mut s) in streams.iter().enumerate() {
+            let ttl = spread_ttl_ms(i, n);
+            s.write_all(format!("{ttl}\n").as_bytes()).unwrap();
+            let mut ok = [0u8; 3];
+            s.read_exact(&mut ok).unwrap();
+            // The proxy set its deadline before answering: counting from
+            // the answer flatters the baseline, never reaper.
+            deadlines.push(boot_ns() + ttl * 1_000_000);
+        }
+        deadlines
+    });
     drop(streams);
     lateness_ms(&deadlines, &ended)
 }
