@@ -5,7 +5,8 @@
 //! * pure: `timefmt` (times and durations as text), `tuple` (flow tuples
 //!   and addresses), `throttle` (repeated warnings), `policy` (the rules),
 //!   `config` (the file), `protocol` (the control protocol, spoken by the
-//!   daemon and by the CLI); `error`, the set-up error every layer returns;
+//!   daemon and by the CLI), `fleet::record` (what nodes keep in etcd);
+//!   `error`, the set-up error every layer returns;
 //! * `kernel`: the seam, everything the daemon core asks of the kernel;
 //! * `daemon::core`: what happens to sessions and flows, behind the seam;
 //! * `clock`, `priority` and `enforcer`: the real kernel side of the seam
@@ -13,6 +14,8 @@
 //! * `daemon`: the control plane around the core (socket, the wire adapter,
 //!   audit trail, metrics, live events, systemd notify, tasks) and the
 //!   wiring; `logging`, its operational log;
+//! * `fleet::etcd`: the etcd client, the daemon's and the CLI's way to the
+//!   fleet;
 //! * `client`: the Rust client of the protocol; `cli`: the `reaper`
 //!   command, built on it.
 //!
@@ -25,6 +28,7 @@ pub mod config;
 pub mod daemon;
 pub mod enforcer;
 pub mod error;
+pub mod fleet;
 pub mod fuzzing;
 pub mod kernel;
 pub mod logging;

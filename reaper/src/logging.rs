@@ -70,15 +70,31 @@ pub fn init(default: LevelFilter, format: LogFormat) {
         .with_max_level(level)
         .with_target(false)
         .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The etcd client's HTTP/2 and gRPC layers log every frame at debug:
+    // they get info at most, whatever REAPER_LOG says.
+    let quiet = |level: LevelFilter| {
+        let deps = level.min(LevelFilter::INFO);
+        tracing_subscriber::filter::Targets::new()
+            .with_default(level)
+            .with_targets(
+                ["h2", "hyper", "hyper_util", "tonic", "tower", "rustls"].map(|t| (t, deps)),
+            )
+    };
     match (format, journal) {
-        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Json, _) => builder.json().finish().with(quiet(level)).init(),
         (LogFormat::Text, true) => {
             let format = tracing_subscriber::fmt::format()
                 .with_target(false)
                 .without_time();
-            builder.event_format(Prioritized(format)).init()
+            builder
+                .event_format(Prioritized(format))
+                .finish()
+                .with(quiet(level))
+                .init()
         }
-        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Text, false) => builder.finish().with(quiet(level)).init(),
     }
 }
 

@@ -54,19 +54,23 @@ impl Drop for Cgroup {
             Path::new(CGROUP_ROOT).join("cgroup.procs"),
             std::process::id().to_string(),
         );
-        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
-        // Killed processes leave the cgroup once they are reaped (orphans
-        // by whoever adopted them): wait for it to be empty, at most 5 s.
-        for _ in 0..1000 {
-            let events =
-                std::fs::read_to_string(self.path.join("cgroup.events")).unwrap_or_default();
-            if !events.lines().any(|l| l == "populated 1") {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let _ = std::fs::remove_dir(&self.path);
+        kill_and_remove(&self.path);
     }
+}
+
+/// Kills whatever is left in the cgroup at `path` and removes it.
+pub fn kill_and_remove(path: &Path) {
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    // Killed processes leave the cgroup once they are reaped (orphans by
+    // whoever adopted them): wait for it to be empty, at most 5 s.
+    for _ in 0..1000 {
+        let events = std::fs::read_to_string(path.join("cgroup.events")).unwrap_or_default();
+        if !events.lines().any(|l| l == "populated 1") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = std::fs::remove_dir(path);
 }
 
 /// A pin directory under bpffs (mounted if it is not), for a daemon's

@@ -16,6 +16,7 @@
 
 mod conn;
 mod daemon;
+pub mod fleet;
 pub mod flood;
 mod guards;
 mod peer;

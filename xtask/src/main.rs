@@ -46,6 +46,16 @@ const APT_PACKAGES: &[&str] = &[
     // The OpenSSH integration: Debian's real sshd and ssh.
     "openssh-server",
     "openssh-client",
+    // The fleet: etcd-client's build runs protoc (with the well-known
+    // types of libprotobuf-dev); the fleet tests start
+    // their own etcd members (never the packaged etcd.service), compact
+    // with etcdctl, make certificates with openssl, cut links with nft.
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "etcd-server",
+    "etcd-client",
+    "openssl",
+    "nftables",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -623,6 +633,12 @@ fn run_bench(args: &[String], out: &Path) -> Result<(), String> {
 /// Removes a dead run's cgroup, killing first what the run left in it (a
 /// daemon or peer orphaned when the run was killed).
 fn remove_cgroup(path: &Path) -> std::io::Result<()> {
+    // Children first (a fleet test's nodes are cgroups inside its own).
+    for child in std::fs::read_dir(path)?.flatten() {
+        if child.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&child.path())?;
+        }
+    }
     let procs = path.join("cgroup.procs");
     let occupied = || std::fs::read_to_string(&procs).is_ok_and(|p| !p.trim().is_empty());
     if occupied() {

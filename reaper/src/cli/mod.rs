@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+mod fleet;
 mod pam;
 mod service;
 mod top;
@@ -59,8 +60,11 @@ pub enum CliCommand {
     Extend(ExtendCmd),
     /// Report real user activity for a session (resets its idle timer).
     Touch(TouchCmd),
-    /// End sessions (or one flow) now.
+    /// End sessions (or one flow) now; with --fleet, on every node.
     Revoke(RevokeCmd),
+    /// Lift a fleet-wide revocation of a user or target (its lock), so
+    /// that nodes grant it again.
+    Unlock(UnlockCmd),
     /// Show sessions, their flows and their time left.
     List(ListCmd),
     /// Show the daemon's state and kernel counters.
@@ -226,8 +230,32 @@ pub struct RevokeCmd {
     /// The network namespace of --flow (name, path or pid).
     #[arg(long, requires = "flow", value_parser = parse_netns)]
     pub netns: Option<NetnsRef>,
+    /// Revoke on every node of the fleet: written to etcd (the config's
+    /// [fleet]), where each node applies it; a user or target stays
+    /// locked out until `reaper unlock` or max_ttl.
+    #[arg(long, conflicts_with = "flow")]
+    pub fleet: bool,
+    /// The config whose [fleet] (and max_ttl) --fleet uses.
+    #[arg(long, requires = "fleet", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
     #[command(flatten)]
     pub client: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("lock").required(true).multiple(false)))]
+pub struct UnlockCmd {
+    #[arg(long, group = "lock")]
+    pub session: Option<String>,
+    #[arg(long, group = "lock")]
+    pub class: Option<String>,
+    #[arg(long, group = "lock")]
+    pub user: Option<String>,
+    #[arg(long, group = "lock")]
+    pub target: Option<String>,
+    /// The config whose [fleet] to use.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -314,6 +342,16 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
             }),
         ),
         CliCommand::Touch(t) => (t.client, WireOp::Touch(TouchArgs { session: t.session })),
+        CliCommand::Revoke(r) if r.fleet => {
+            let (selector, value) = fleet::selector_of(r.session, r.class, r.user, r.target)
+                .expect("clap requires one selector, and --fleet excludes --flow");
+            return fleet::revoke(&r.config, selector, &value);
+        }
+        CliCommand::Unlock(u) => {
+            let (selector, value) = fleet::selector_of(u.session, u.class, u.user, u.target)
+                .expect("clap requires one selector");
+            return fleet::unlock(&u.config, selector, &value);
+        }
         CliCommand::Revoke(r) => (
             r.client,
             WireOp::Revoke(RevokeArgs {
@@ -421,6 +459,32 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
             println!("config     loaded {} time(s)", s.config_loads);
             if let Some(e) = s.last_reload_error {
                 println!("           last reload refused: {e}");
+            }
+            if let Some(f) = s.fleet {
+                let state = if f.connected {
+                    "connected"
+                } else {
+                    "NOT connected"
+                };
+                let lag = f
+                    .last_lag_ms
+                    .map(|l| format!(", last lag {l:.1} ms"))
+                    .unwrap_or_default();
+                println!(
+                    "fleet      node {}, {state} for {}, applied revision {}{lag}",
+                    f.node,
+                    timefmt::format_duration(f.state_for_ms * timefmt::NS_PER_MS),
+                    f.applied_revision
+                );
+                if !f.locks.is_empty() {
+                    println!("           locks: {}", f.locks.join(", "));
+                }
+                if f.bad_records > 0 {
+                    println!("           {} bad record(s) refused", f.bad_records);
+                }
+                if let Some(e) = f.last_error {
+                    println!("           last error: {e}");
+                }
             }
             for (name, value) in s.counters {
                 println!("kernel     {name} = {value}");
@@ -600,6 +664,31 @@ pub fn features() -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::table;
+
+    #[test]
+    fn fleet_revoke_and_unlock_parse_and_refuse_what_they_must() {
+        use clap::Parser;
+        let parse = |args: &[&str]| super::Cli::try_parse_from([&["reaper"], args].concat());
+        for ok in [
+            &[
+                "revoke", "--fleet", "--user", "alice", "--config", "/c.toml",
+            ][..],
+            &["revoke", "--fleet", "--class", "vnc"],
+            &["revoke", "--user", "alice"],
+            &["unlock", "--target", "vm-1", "--config", "/c.toml"],
+        ] {
+            assert!(parse(ok).is_ok(), "{ok:?}: {:?}", parse(ok).err());
+        }
+        for bad in [
+            &["revoke", "--fleet", "--flow", "127.0.0.1:1,127.0.0.1:2"][..],
+            &["revoke", "--fleet", "--user", "a", "--target", "b"],
+            &["revoke", "--user", "a", "--config", "/c.toml"],
+            &["unlock", "--config", "/c.toml"],
+            &["unlock", "--user", "a", "--class", "b"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
 
     #[test]
     fn columns_align_by_display_width() {

@@ -154,6 +154,29 @@ pub fn effective(config: &Config) -> String {
     let listen = c.metrics_listen.map(|a| a.to_string()).unwrap_or_default();
     let _ = writeln!(w, "listen = {}", quoted(&listen));
 
+    if let Some(f) = &c.fleet {
+        let _ = writeln!(w, "\n[fleet]");
+        let _ = writeln!(w, "endpoints = {}", quoted_list(&f.endpoints));
+        let path = |p: &Option<std::path::PathBuf>| {
+            quoted(
+                &p.as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            )
+        };
+        let _ = writeln!(w, "ca_file = {}", path(&f.ca_file));
+        let _ = writeln!(w, "cert_file = {}", path(&f.cert_file));
+        let _ = writeln!(w, "key_file = {}", path(&f.key_file));
+        let _ = writeln!(w, "node = {}", quoted(f.node.as_deref().unwrap_or("")));
+        let _ = writeln!(w, "prefix = {}", quoted(&f.prefix));
+        let _ = writeln!(
+            w,
+            "node_lease = {}",
+            quoted(&format_duration(f.node_lease_ns))
+        );
+        let _ = writeln!(w, "state_file = {}", path(&Some(f.state_file.clone())));
+    }
+
     for class in c.classes.values() {
         let _ = writeln!(w, "\n[classes.{}]", class.name);
         if let Some(ttl) = class.ttl_ns {
@@ -193,6 +216,14 @@ mod tests {
         let again = Config::from_toml(&printed)
             .unwrap_or_else(|e| panic!("effective config does not load: {e}\n{printed}"));
         assert_eq!(again, config, "{printed}");
+    }
+
+    #[test]
+    fn a_fleet_prints_and_loads_back() {
+        round_trip(
+            "[fleet]\nendpoints = [\"https://198.18.0.1:2379\", \"https://198.18.0.2:2379\"]\nca_file = \"/etc/reaper/ca.pem\"\ncert_file = \"/etc/reaper/node.pem\"\nkey_file = \"/etc/reaper/node.key\"\nnode = \"compute-1\"\nprefix = \"/cloud/reaper/\"\n",
+        );
+        round_trip("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\n");
     }
 
     #[test]

@@ -105,7 +105,34 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The fleet this node belongs to (`[fleet]`); `None`: alone.
+    pub fleet: Option<Fleet>,
 }
+
+/// `[fleet]`: the etcd cluster the nodes share, and this node's name in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// `http://host:port` or `https://host:port`, one per member.
+    pub endpoints: Vec<String>,
+    /// The CA that signed the members' certificates (https endpoints).
+    pub ca_file: Option<PathBuf>,
+    /// This node's client certificate and key, for members that ask for one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// `None`: the host name, read when the fleet is joined.
+    pub node: Option<String>,
+    /// Where every key lives, normalised (`/reaper`).
+    pub prefix: String,
+    /// The node's liveness lease: a node etcd has not heard from for this
+    /// long is gone.
+    pub node_lease_ns: u64,
+    /// Where the last applied revision is kept across restarts.
+    pub state_file: PathBuf,
+}
+
+pub const DEFAULT_FLEET_PREFIX: &str = "/reaper";
+pub const DEFAULT_NODE_LEASE: &str = "10s";
+pub const DEFAULT_FLEET_STATE_FILE: &str = "/var/lib/reaper/fleet.state";
 
 /// The operational log's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -170,6 +197,21 @@ struct RawConfig {
     client_timeout: Option<String>,
     log_format: Option<LogFormat>,
     metrics: Option<RawMetrics>,
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    node: Option<String>,
+    prefix: Option<String>,
+    node_lease: Option<String>,
+    state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -485,6 +527,7 @@ impl Config {
                 )
             })?),
         };
+        let fleet = raw.fleet.map(fleet_of).transpose()?;
         let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         Ok(Config {
             socket: non_empty(raw.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
@@ -515,6 +558,7 @@ impl Config {
             client_timeout: std::time::Duration::from_nanos(client_timeout_ns),
             log_format: raw.log_format.unwrap_or_default(),
             metrics_listen,
+            fleet,
         })
     }
 
@@ -568,6 +612,7 @@ impl Config {
         self.client_timeout = running.client_timeout;
         self.log_format = running.log_format;
         self.metrics_listen = running.metrics_listen;
+        self.fleet = running.fleet.clone();
     }
 
     /// Keys that differ from `new` but only take effect at a restart (the
@@ -607,6 +652,7 @@ impl Config {
         check(self.client_timeout != new.client_timeout, "client_timeout");
         check(self.log_format != new.log_format, "log_format");
         check(self.metrics_listen != new.metrics_listen, "metrics.listen");
+        check(self.fleet != new.fleet, "fleet");
         keys
     }
 }
@@ -717,6 +763,81 @@ fn port_ranges(key: &str, list: Vec<RawWatch>) -> Result<Vec<Watch>, String> {
             })
         })
         .collect()
+}
+
+/// `[fleet]`, checked: what a node needs to join, or an error naming the key.
+fn fleet_of(raw: RawFleet) -> Result<Fleet, String> {
+    if raw.endpoints.is_empty() {
+        return Err("fleet.endpoints: name at least one etcd member (\"http://host:2379\")".into());
+    }
+    let mut tls = false;
+    for (i, e) in raw.endpoints.iter().enumerate() {
+        let rest = if let Some(rest) = e.strip_prefix("https://") {
+            tls = true;
+            rest
+        } else if let Some(rest) = e.strip_prefix("http://") {
+            rest
+        } else {
+            return Err(format!(
+                "fleet.endpoints[{i}]: {e:?} must start with http:// or https://"
+            ));
+        };
+        let port_ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok || rest.contains('/') {
+            return Err(format!(
+                "fleet.endpoints[{i}]: {e:?} is not scheme://host:port"
+            ));
+        }
+    }
+    if tls && raw.endpoints.iter().any(|e| e.starts_with("http://")) {
+        return Err("fleet.endpoints: mixes http:// and https:// members".into());
+    }
+    let path = |key: &str, p: Option<PathBuf>| -> Result<Option<PathBuf>, String> {
+        match p.filter(|p| !p.as_os_str().is_empty()) {
+            Some(p) if !p.is_absolute() => Err(format!(
+                "fleet.{key}: {} is not an absolute path",
+                p.display()
+            )),
+            p => Ok(p),
+        }
+    };
+    let ca_file = path("ca_file", raw.ca_file)?;
+    let cert_file = path("cert_file", raw.cert_file)?;
+    let key_file = path("key_file", raw.key_file)?;
+    if cert_file.is_some() != key_file.is_some() {
+        return Err("fleet.cert_file and fleet.key_file go together: set both or neither".into());
+    }
+    if !tls && (ca_file.is_some() || cert_file.is_some()) {
+        return Err("fleet.ca_file, cert_file and key_file need https:// endpoints".into());
+    }
+    let node = raw.node.filter(|n| !n.is_empty());
+    if let Some(node) = &node {
+        crate::fleet::record::check_node(node).map_err(|e| format!("fleet.node: {e}"))?;
+    }
+    let prefix = crate::fleet::record::normalise_prefix(
+        raw.prefix.as_deref().unwrap_or(DEFAULT_FLEET_PREFIX),
+    )
+    .map_err(|e| format!("fleet.prefix: {e}"))?;
+    let node_lease_ns =
+        timefmt::parse_duration(raw.node_lease.as_deref().unwrap_or(DEFAULT_NODE_LEASE))
+            .map_err(|e| format!("fleet.node_lease: {e}"))?;
+    if !(2 * timefmt::NS_PER_SEC..=3_600 * timefmt::NS_PER_SEC).contains(&node_lease_ns) {
+        return Err("fleet.node_lease: must be between 2s and 1h".into());
+    }
+    let state_file =
+        path("state_file", raw.state_file)?.unwrap_or_else(|| DEFAULT_FLEET_STATE_FILE.into());
+    Ok(Fleet {
+        endpoints: raw.endpoints,
+        ca_file,
+        cert_file,
+        key_file,
+        node,
+        prefix,
+        node_lease_ns,
+        state_file,
+    })
 }
 
 fn class_of(name: String, raw: RawClass, global_max_ttl_ns: u64) -> Result<Class, String> {
@@ -956,6 +1077,44 @@ mod tests {
             (
                 "[[access.scope]]\nuids = [1]\nrevoke_all = true",
                 "revoke_all",
+            ),
+            ("[fleet]", "fleet.endpoints"),
+            ("[fleet]\nendpoints = [\"etcd:2379\"]", "fleet.endpoints[0]"),
+            (
+                "[fleet]\nendpoints = [\"http://etcd\"]",
+                "fleet.endpoints[0]",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://a:1\", \"https://b:1\"]",
+                "fleet.endpoints: mixes",
+            ),
+            (
+                "[fleet]\nendpoints = [\"https://a:1\"]\ncert_file = \"/c.pem\"",
+                "fleet.cert_file and fleet.key_file",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://a:1\"]\nca_file = \"/ca.pem\"",
+                "need https://",
+            ),
+            (
+                "[fleet]\nendpoints = [\"https://a:1\"]\nca_file = \"ca.pem\"",
+                "fleet.ca_file",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://a:1\"]\nnode = \"a b\"",
+                "fleet.node",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://a:1\"]\nprefix = \"x\"",
+                "fleet.prefix",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://a:1\"]\nnode_lease = \"1s\"",
+                "fleet.node_lease",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://a:1\"]\ngrace = \"1s\"",
+                "grace",
             ),
         ] {
             let e = Config::from_toml(text).unwrap_err();

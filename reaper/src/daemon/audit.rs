@@ -62,6 +62,9 @@ struct KillEvent<'a> {
     by_uid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     by_pid: Option<u32>,
+    /// The fleet node that asked, when it is not this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by_node: Option<&'a str>,
     /// The uid whose grant made the session.
     #[serde(skip_serializing_if = "Option::is_none")]
     granted_by_uid: Option<u32>,
@@ -87,6 +90,7 @@ fn write_line(out: &mut Vec<u8>, kill: &Kill) {
         acknowledged: kill.acknowledged,
         by_uid: kill.by.map(|c| c.uid),
         by_pid: kill.by.map(|c| c.pid),
+        by_node: kill.by_node.as_deref(),
         granted_by_uid: kill.owner.granted_by_uid,
     };
     serde_json::to_writer(out, &event).expect("audit events serialize");
@@ -119,6 +123,9 @@ struct ChangeEvent<'a> {
     granted_by_uid: u32,
     by_uid: u32,
     by_pid: u32,
+    /// The fleet node that asked, when it is not this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by_node: Option<&'a str>,
 }
 
 /// The audit line of a change (without the newline).
@@ -144,6 +151,7 @@ pub fn change_line(change: &Change<'_>) -> String {
         granted_by_uid: s.granted_by_uid,
         by_uid: change.by.uid,
         by_pid: change.by.pid,
+        by_node: change.by_node,
     };
     serde_json::to_string(&event).expect("audit events serialize")
 }
@@ -434,6 +442,7 @@ mod tests {
         Kill {
             reason: Reason::Expired,
             by: None,
+            by_node: None,
             owner: Owner {
                 session: "s\"1".into(),
                 user: "alice".into(),

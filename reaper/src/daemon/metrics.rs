@@ -400,6 +400,7 @@ mod tests {
             classes: Vec::new(),
             config_loads: 1,
             last_reload_error: None,
+            fleet: None,
         };
         let page = m.render(&status);
         assert!(page.contains("reaper_kill_lateness_seconds_bucket{le=\"0.0001\"} 2\n"));

@@ -18,6 +18,7 @@ mod audit;
 pub(crate) mod connection;
 pub mod core;
 mod events;
+mod fleet;
 mod health;
 mod metrics;
 mod notify;
@@ -136,6 +137,11 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     // daemon on this socket, or on these pins (whose lock is then held for
     // the daemon's life).
     socket_file::refuse_if_listening(&config)?;
+    // A node that cannot name itself cannot join its fleet: refused here.
+    let fleet_node = match &config.fleet {
+        Some(f) => Some(crate::fleet::node_name(f.node.as_deref()).map_err(Error::Setup)?),
+        None => None,
+    };
     let _pin_lock = lock_pin_path(&config.pin_path)?;
     let Started {
         enforcer,
@@ -182,6 +188,9 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     }
     tokio::spawn(notify::run_watchdog(state.clone()));
     tokio::spawn(tasks::keep_kill_path_warm(state.clone()));
+    if let (Some(fleet), Some(node)) = (config.fleet.clone(), fleet_node) {
+        tokio::spawn(fleet::run(state.clone(), fleet, node));
+    }
     if !config.forward_interfaces.is_empty() {
         let watch = crate::enforcer::links::LinkWatch::open()
             .map_err(Error::io("watching link events (for [forward] interfaces)"))?;

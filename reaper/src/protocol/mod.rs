@@ -31,8 +31,8 @@ pub use request::{
     MAX_BATCH,
 };
 pub use response::{
-    Answer, BatchItem, FlowView, GrantResult, KillView, ListResult, Response, RevokeResult,
-    SessionView, StatusResult,
+    Answer, BatchItem, FleetStatus, FlowView, GrantResult, KillView, ListResult, Response,
+    RevokeResult, SessionView, StatusResult,
 };
 pub use wire::{
     DurationArg, ExtendArgs, FlowSpec, GrantArgs, ListArgs, NetnsRef, RevokeArgs, TouchArgs, WireOp,

@@ -50,6 +50,9 @@ pub enum RefusalCode {
     /// The caller's uid holds as many sessions, or pre-registered
     /// connections, as its quota (`[access]`) allows.
     QuotaExceeded,
+    /// The grant's user or target is revoked fleet-wide: a lock stands
+    /// until it is lifted or expires; the message names who asked, where.
+    Locked,
     /// The daemon already serves `max_clients` control connections.
     Busy,
     /// A request line was left unfinished for `client_timeout`.
@@ -79,6 +82,7 @@ impl RefusalCode {
             RefusalCode::TableFull => "table_full",
             RefusalCode::FlowTableExhausted => "flow_table_exhausted",
             RefusalCode::QuotaExceeded => "quota_exceeded",
+            RefusalCode::Locked => "locked",
             RefusalCode::Busy => "busy",
             RefusalCode::TimedOut => "timed_out",
             RefusalCode::Internal => "internal",

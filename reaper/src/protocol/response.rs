@@ -189,6 +189,34 @@ pub struct StatusResult {
     /// Why the last reload was refused, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reload_error: Option<String>,
+    /// The fleet, for a node configured with `[fleet]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Box<FleetStatus>>,
+}
+
+/// A node's view of its fleet (`status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub node: String,
+    pub endpoints: Vec<String>,
+    /// Whether the node is connected to etcd and watching now.
+    pub connected: bool,
+    /// How long it has been connected (or not).
+    pub state_for_ms: u64,
+    /// Every fleet change up to this etcd revision is applied here.
+    pub applied_revision: i64,
+    /// From the ask to the apply here, for the last revocation applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_lag_ms: Option<f64>,
+    /// Standing locks, `user=alice`, `target=vm-1`.
+    pub locks: Vec<String>,
+    /// Records refused as malformed since start.
+    pub bad_records: u64,
+    /// Full lists of the revocations (at start, after a compaction or an
+    /// outage).
+    pub relists: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[cfg(test)]

@@ -77,11 +77,12 @@ impl<K: Kernel> Core<K> {
                 owner.cloned(),
             ),
         };
-        let mut kills = self.kill_local(&cookies, cause, owner.as_ref());
-        kills.extend(self.kill_forwarded(&forwarded, cause, owner.as_ref()));
+        let reason = cause.reason;
+        let mut kills = self.kill_local(&cookies, &cause, owner.as_ref());
+        kills.extend(self.kill_forwarded(&forwarded, &cause, owner.as_ref()));
         if tracing::enabled!(tracing::Level::DEBUG) {
             for s in ended.iter().filter_map(|id| self.index.session(*id)) {
-                debug!(session = %s.name(), reason = cause.reason.name(), "session ended");
+                debug!(session = %s.name(), reason = reason.name(), "session ended");
             }
         }
         self.forget_sessions(ended);
@@ -101,7 +102,7 @@ impl<K: Kernel> Core<K> {
         }
     }
 
-    fn kill_local(&mut self, cookies: &[u64], cause: Cause, owner: Option<&Owner>) -> Vec<Kill> {
+    fn kill_local(&mut self, cookies: &[u64], cause: &Cause, owner: Option<&Owner>) -> Vec<Kill> {
         let due = cause.due;
         let now = self.kernel.now().boot_ns;
         let mut targets: Vec<(u64, Flow)> = Vec::with_capacity(cookies.len());
@@ -190,7 +191,7 @@ impl<K: Kernel> Core<K> {
     #[allow(clippy::too_many_arguments)]
     fn record_kill(
         &mut self,
-        cause: Cause,
+        cause: &Cause,
         cookie: u64,
         flow: &Flow,
         path: KillPath,
@@ -202,6 +203,7 @@ impl<K: Kernel> Core<K> {
         let kill = Kill {
             reason: cause.reason,
             by: cause.by,
+            by_node: cause.by_node.clone(),
             owner: self.owner_of(flow.session, owner),
             cookie,
             tuple: flow.tuple,
@@ -222,10 +224,15 @@ impl<K: Kernel> Core<K> {
     fn kill_forwarded(
         &mut self,
         keys: &[FlowTuple],
-        cause: Cause,
+        cause: &Cause,
         owner: Option<&Owner>,
     ) -> Vec<Kill> {
-        let Cause { reason, due, by } = cause;
+        let Cause {
+            reason,
+            due,
+            by,
+            ref by_node,
+        } = *cause;
         let mut kills = Vec::with_capacity(keys.len());
         for key in keys {
             let now = self.kernel.now().boot_ns;
@@ -252,6 +259,7 @@ impl<K: Kernel> Core<K> {
             let kill = Kill {
                 reason,
                 by,
+                by_node: by_node.clone(),
                 owner: kill_owner,
                 cookie: 0,
                 tuple: *key,

@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 mod due;
+pub mod fleet;
 mod index;
 mod kill;
 pub mod model;
@@ -71,6 +72,8 @@ pub struct Core<K: Kernel> {
     /// instant is shown as the same wall-clock time for the daemon's life,
     /// instead of jittering with each pair of clock reads.
     wall_offset_ns: i128,
+    /// Fleet revocations applied here, and the locks standing.
+    fleet: fleet::FleetState,
 }
 
 impl<K: Kernel> Core<K> {
@@ -90,6 +93,7 @@ impl<K: Kernel> Core<K> {
             events_lost_seen: 0,
             table_full: Throttle::new(std::time::Duration::from_secs(10)),
             wall_offset_ns: now.unix_ns - now.boot_ns as i128,
+            fleet: fleet::FleetState::default(),
         }
     }
 

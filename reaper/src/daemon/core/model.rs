@@ -4,6 +4,7 @@
 //! the handlers know the wire's shape.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use reaper_common::FlowTuple;
 
@@ -97,13 +98,16 @@ pub struct Caller {
 
 /// Why a kill happens, when it became due, and who asked for it (`None`:
 /// the daemon itself, at a deadline, an idle check, a fence end).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cause {
     pub reason: Reason,
     /// When the kill became due (None: each flow's own deadline), from
     /// which lateness is measured.
     pub due: Option<u64>,
     pub by: Option<Caller>,
+    /// The fleet node that asked (a revocation written to etcd there);
+    /// `None`: this node.
+    pub by_node: Option<Arc<str>>,
 }
 
 impl Cause {
@@ -113,6 +117,7 @@ impl Cause {
             reason,
             due,
             by: None,
+            by_node: None,
         }
     }
 
@@ -122,6 +127,15 @@ impl Cause {
             reason,
             due: Some(now),
             by: Some(by),
+            by_node: None,
+        }
+    }
+
+    /// A kill a fleet revocation from `node` asked for at `now`.
+    pub fn fleet(reason: Reason, now: u64, by: Caller, node: Arc<str>) -> Cause {
+        Cause {
+            by_node: Some(node),
+            ..Cause::asked(reason, now, by)
         }
     }
 }
@@ -133,6 +147,8 @@ pub struct Kill {
     pub reason: Reason,
     /// Who asked for it (revoke, a refused or evicting grant).
     pub by: Option<Caller>,
+    /// The fleet node it was asked on, if not this one.
+    pub by_node: Option<Arc<str>>,
     pub owner: Owner,
     /// 0 for a forwarded flow (no local socket).
     pub cookie: u64,
@@ -175,6 +191,8 @@ impl ChangeKind {
 pub struct Change<'a> {
     pub kind: ChangeKind,
     pub by: Caller,
+    /// The fleet node it was asked on, if not this one.
+    pub by_node: Option<&'a str>,
     pub at_unix_ns: i128,
     pub session: &'a SessionSnapshot,
 }
@@ -264,6 +282,7 @@ pub struct Status {
     pub classes: Vec<String>,
     pub config_loads: u64,
     pub last_reload_error: Option<String>,
+    pub fleet: Option<crate::protocol::FleetStatus>,
 }
 
 /// What an operation produced.
@@ -338,6 +357,8 @@ pub enum Code {
     /// The caller's uid holds as many sessions or pre-registrations as its
     /// quota allows.
     QuotaExceeded,
+    /// The user or target is revoked fleet-wide (a lock stands).
+    Locked,
     Internal,
 }
 

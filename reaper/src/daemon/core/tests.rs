@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex};
 use reaper_common::{FlowTuple, Forwarded, Label, PendingGrant, SessionRecord};
 
 use super::fake::{FakeKernel, Write, OWN_NETNS};
+use super::fleet::Applying;
 use super::model::{
     AuditSink, Change, ChangeKind, Code, Kill, KillResult, Outcome, Reason, Refused,
 };
 use super::{Caller, Core};
 use crate::config::Config;
+use crate::fleet::record::{Revocation, Selector};
 use crate::kernel::SocketInfo;
 use crate::protocol::parse_request;
 use crate::timefmt::{NS_PER_MS, NS_PER_SEC};
@@ -1291,4 +1293,96 @@ fn a_watched_flow_left_untracked_by_a_full_share_is_refused_naming_the_holder() 
         &[("127.0.0.1:5901", "127.0.0.1:40001")],
     );
     refused_changes_nothing(&mut h, PROXY, &line, Code::NoSuchFlow);
+}
+
+// --- fleet revocations
+
+fn revocation(selector: Selector, value: &str, at_unix_ns: i128) -> Revocation {
+    Revocation::new(selector, value, "node-c", 0, at_unix_ns as i64)
+}
+
+#[test]
+fn a_fleet_lock_ends_matching_sessions_and_refuses_grants_until_lifted() {
+    let mut h = harness();
+    h.core
+        .fleet_joined("node-a", &["http://198.18.0.1:2379".into()], 0);
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line("s1", "alice", "vm-1", "", &[A]));
+    h.ok(&grant_line("s2", "bob", "vm-2", "", &[B]));
+    h.audit.take_changes();
+    let now = crate::kernel::Kernel::now(&h.core.kernel).unix_ns;
+    let kills = h
+        .core
+        .fleet_revoked(&revocation(Selector::User, "alice", now), 10, Applying::Now);
+    assert_eq!(kills.len(), 1, "{kills:?}");
+    assert_eq!(kills[0].owner.session, "s1");
+    assert_eq!(kills[0].by_node.as_deref(), Some("node-c"));
+    let changes = h.audit.take_changes();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].0, ChangeKind::Revoked);
+    assert_eq!(h.sessions(), ["s2"], "bob's session is not touched");
+    assert_eq!(h.audit.take().len(), 1, "the kill is audited");
+
+    // Locked: a new grant for alice is refused, on any flow, and changes
+    // nothing; the message names the node that asked.
+    h.connect(3, "127.0.0.1:5900", "127.0.0.1:40003");
+    let line = grant_line(
+        "s3",
+        "alice",
+        "vm-3",
+        "",
+        &[("127.0.0.1:5900", "127.0.0.1:40003")],
+    );
+    let r = refused_changes_nothing(&mut h, ROOT, &line, Code::Locked);
+    assert!(r.message.contains("node-c"), "{}", r.message);
+    let status = h.core.status().fleet.expect("a fleet status");
+    assert_eq!(status.locks, ["user=alice"]);
+    assert_eq!(status.applied_revision, 10);
+
+    // Lifted: granted again.
+    h.core
+        .fleet_lifted(Selector::User, "alice", 11, Applying::Now);
+    h.ok(&line);
+    assert_eq!(h.sessions(), ["s2", "s3"]);
+}
+
+#[test]
+fn a_one_off_or_replayed_revocation_spares_sessions_granted_after_it() {
+    let mut h = harness();
+    let before = crate::kernel::Kernel::now(&h.core.kernel).unix_ns;
+    h.fake().advance(NS_PER_SEC);
+    h.connect(1, A.0, A.1);
+    h.ok(&grant_line("s1", "alice", "vm-1", "", &[A]));
+    // Asked before s1 was granted: a class revocation, or a lock replayed
+    // from history the list no longer holds, leaves it alone.
+    let class = revocation(Selector::Class, "default", before);
+    assert!(h.core.fleet_revoked(&class, 5, Applying::Now).is_empty());
+    let lock = revocation(Selector::User, "alice", before);
+    assert!(h
+        .core
+        .fleet_revoked(&lock, 6, Applying::Replayed)
+        .is_empty());
+    assert_eq!(h.sessions(), ["s1"]);
+    assert!(
+        h.core.status().fleet.is_none(),
+        "no fleet joined, none shown"
+    );
+    // A standing lock ends it whenever it was granted.
+    assert_eq!(h.core.fleet_revoked(&lock, 7, Applying::Now).len(), 1);
+    assert!(h.sessions().is_empty());
+}
+
+#[test]
+fn a_list_makes_the_locks_exactly_those_standing() {
+    let mut h = harness();
+    let now = crate::kernel::Kernel::now(&h.core.kernel).unix_ns;
+    h.core
+        .fleet_revoked(&revocation(Selector::User, "gone", now), 3, Applying::Now);
+    let standing = [(revocation(Selector::Target, "vm-9", now), 4)];
+    h.core.fleet_listed(&standing, 9);
+    h.core.fleet_joined("node-a", &[], 9);
+    let status = h.core.status().fleet.unwrap();
+    assert_eq!(status.locks, ["target=vm-9"]);
+    assert_eq!(h.core.fleet_applied_revision(), 9);
 }

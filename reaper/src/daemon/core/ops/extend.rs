@@ -59,6 +59,7 @@ impl<K: Kernel> Core<K> {
         self.audit.change(&Change {
             kind: ChangeKind::Extended,
             by: caller,
+            by_node: None,
             at_unix_ns: now.unix_ns,
             session: &granted.session,
         });

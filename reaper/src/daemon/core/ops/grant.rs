@@ -69,6 +69,7 @@ impl<K: Kernel> Core<K> {
     ) -> Result<Granted, Refused> {
         let now = self.kernel.now();
         // Checks: nothing is written until every one has passed.
+        self.check_unlocked(&g.user, &g.target)?;
         let (cookies, forwarded) = self.resolve(&g.flows, fds, caller)?;
         let existing = self.index.id_of(&g.session);
         self.check_flows_free(&cookies, &forwarded, existing, now)?;
@@ -151,6 +152,7 @@ impl<K: Kernel> Core<K> {
         self.audit.change(&Change {
             kind,
             by: caller,
+            by_node: None,
             at_unix_ns: now.unix_ns,
             session: &session,
         });

@@ -188,7 +188,11 @@ impl<K: Kernel> Core<K> {
     }
 
     /// A session as it stands now.
-    fn snapshot(&self, id: u64, now: crate::policy::Now) -> SessionSnapshot {
+    pub(in crate::daemon::core) fn snapshot(
+        &self,
+        id: u64,
+        now: crate::policy::Now,
+    ) -> SessionSnapshot {
         let s = self.index.session(id).expect("caller checked");
         let path = self.kernel.kill_path();
         let mut flows: Vec<FlowSnapshot> = s

@@ -98,6 +98,7 @@ impl<K: Kernel> Core<K> {
             self.audit.change(&Change {
                 kind: ChangeKind::Revoked,
                 by: caller,
+                by_node: None,
                 at_unix_ns: wall.unix_ns,
                 session: &snapshot,
             });

@@ -1,0 +1,341 @@
+//! The fleet: revocations written on one node (or by `reaper revoke
+//! --fleet` anywhere) reach every node through a real 3-member etcd
+//! cluster; nodes are network namespaces with their own cgroup, pins,
+//! socket and real daemon (`reaper_tests::fleet`).
+
+use std::time::Duration;
+
+use reaper_tests::fleet::{ended_within, Fleet};
+use reaper_tests::{bound, Conn};
+use serde_json::{json, Value};
+
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+
+/// Grants `conn` (a hub client of node `i`'s port 5900) as session
+/// `session` of `user` on node `i`.
+fn grant(fleet: &Fleet, i: usize, session: &str, user: &str, conn: &Conn) -> Value {
+    fleet.nodes[i].ok(json!({"op": "grant", "session": session, "user": user,
+        "target": format!("vm-{session}"), "ttl": "10m", "flows": [conn.spec()]}))
+}
+
+fn revoke_fleet(fleet: &Fleet, from: usize, selector: &str, value: &str) -> i64 {
+    let out = fleet.nodes[from].cli(&["revoke", "--fleet", &format!("--{selector}"), value]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "revoke --fleet: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "revoked user "x" fleet-wide at revision N: ..."
+    said.split("at revision ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {said:?}"))
+}
+
+fn unix_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
+}
+
+#[test]
+fn a_user_revoked_on_one_node_ends_on_every_node_and_nothing_else() {
+    let mut fleet = Fleet::new("fleet-revoke-user", 3, false);
+    for i in [A, B] {
+        fleet.nodes[i].server(5900);
+    }
+    fleet.start_all("");
+    let mut alice_a = fleet.connect(A, 5900);
+    let mut alice_b = fleet.connect(B, 5900);
+    let mut bob_a = fleet.connect(A, 5900);
+    let mut bob_b = fleet.connect(B, 5900);
+    grant(&fleet, A, "alice-a", "alice", &alice_a);
+    grant(&fleet, B, "alice-b", "alice", &alice_b);
+    grant(&fleet, A, "bob-a", "bob", &bob_a);
+    grant(&fleet, B, "bob-b", "bob", &bob_b);
+
+    let revision = revoke_fleet(&fleet, C, "user", "alice");
+    for (conn, node) in [(&mut alice_a, "A"), (&mut alice_b, "B")] {
+        assert!(
+            ended_within(&mut conn.stream, Duration::from_secs(5)),
+            "alice's flow on {node} outlived the fleet revocation"
+        );
+    }
+    for i in [A, B] {
+        fleet.nodes[i].wait_applied(revision, Duration::from_secs(5));
+    }
+    bob_a.echo().expect("bob's flow on A lives");
+    bob_b.echo().expect("bob's flow on B lives");
+
+    // The audit trail names the node that asked.
+    let trail = fleet.nodes[A].audit();
+    let revoke = trail
+        .iter()
+        .find(|e| e["event"] == "revoke" && e["session"] == "alice-a")
+        .expect("a revoke event on A");
+    assert_eq!(revoke["by_node"], "node-c");
+    let kill = trail
+        .iter()
+        .find(|e| e["event"] == "kill" && e["session"] == "alice-a")
+        .expect("a kill event on A");
+    assert_eq!(kill["reason"], "revoked");
+    assert_eq!(kill["by_node"], "node-c");
+
+    // A lock: no node grants alice now, and says who locked her.
+    let again = fleet.connect(B, 5900);
+    let refused = fleet.nodes[B].request(json!({"op": "grant", "session": "alice-2",
+        "user": "alice", "target": "vm-9", "ttl": "10m", "flows": [again.spec()]}));
+    assert_eq!(refused["error"]["code"], "locked", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("node-c"), "{message}");
+    let status = fleet.nodes[B].fleet_status();
+    assert_eq!(status["locks"], json!(["user=alice"]), "{status}");
+
+    // Lifted: grants of alice stand again.
+    let out = fleet.nodes[C].cli(&["unlock", "--user", "alice"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let end = std::time::Instant::now() + bound(Duration::from_secs(5));
+    loop {
+        let r = fleet.nodes[B].request(json!({"op": "grant", "session": "alice-2",
+            "user": "alice", "target": "vm-9", "ttl": "10m", "flows": [again.spec()]}));
+        if r["ok"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "alice still locked: {r}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // Propagation: 100 revokes, each of a user with a flow on A and on B,
+    // from the instant the revocation was asked on C to both resets.
+    let mut lateness_ms = Vec::new();
+    for round in 0..100 {
+        let user = format!("u{round}");
+        let mut on_a = fleet.connect(A, 5900);
+        let mut on_b = fleet.connect(B, 5900);
+        grant(&fleet, A, &format!("{user}-a"), &user, &on_a);
+        grant(&fleet, B, &format!("{user}-b"), &user, &on_b);
+        let revision = revoke_fleet(&fleet, C, "user", &user);
+        let mut ended_at = Vec::new();
+        for conn in [&mut on_a, &mut on_b] {
+            assert!(ended_within(&mut conn.stream, Duration::from_secs(5)));
+            ended_at.push(unix_ns());
+        }
+        // When it was asked: the record's own time, as etcd holds it.
+        let record = fleet.etcd.ctl(&[
+            "get",
+            &format!("/reaper-test/revocations/user/{user}"),
+            "--print-value-only",
+        ]);
+        let record: Value = serde_json::from_slice(&record.stdout).expect("the record");
+        let asked = record["at_unix_ns"].as_i64().unwrap() as i128;
+        let last = ended_at.into_iter().max().unwrap();
+        lateness_ms.push((last - asked) as f64 / 1e6);
+        assert!(revision > 0);
+    }
+    lateness_ms.sort_by(f64::total_cmp);
+    let p50 = lateness_ms[49];
+    let p99 = lateness_ms[98];
+    let max = lateness_ms[99];
+    println!(
+        "revoke --user propagation, asked on C to both resets on A and B (100 revokes): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+    );
+    assert!(
+        max < reaper_tests::bound_ms(1000.0),
+        "a revocation took {max:.1} ms to end its flows"
+    );
+}
+
+#[test]
+fn a_restarted_node_applies_what_was_revoked_meanwhile_and_relists_after_compaction() {
+    let mut fleet = Fleet::new("fleet-restart", 3, false);
+    fleet.nodes[A].server(5900);
+    fleet.start_all("");
+    let mut conns: Vec<Conn> = (0..5).map(|_| fleet.connect(A, 5900)).collect();
+    for (i, c) in conns.iter().enumerate() {
+        grant(&fleet, A, &format!("s{i}"), &format!("r{i}"), c);
+    }
+
+    fleet.nodes[A].stop_daemon(libc::SIGKILL);
+    revoke_fleet(&fleet, C, "user", "r0");
+    revoke_fleet(&fleet, B, "session", "s1");
+    // Revoked and lifted again while A was down: A must still end it.
+    revoke_fleet(&fleet, C, "user", "r2");
+    let out = fleet.nodes[C].cli(&["unlock", "--user", "r2"]);
+    assert!(out.status.success());
+    fleet.nodes[A].start_daemon();
+    fleet.nodes[A].wait_connected(Duration::from_secs(20));
+    for (i, conn) in conns.iter_mut().take(3).enumerate() {
+        assert!(
+            ended_within(&mut conn.stream, Duration::from_secs(5)),
+            "s{i}, revoked while its node was down, outlived the restart"
+        );
+    }
+    conns[3].echo().expect("s3 was never revoked");
+    // In the order they were asked.
+    let order: Vec<String> = fleet.nodes[A]
+        .audit()
+        .iter()
+        .filter(|e| e["event"] == "revoke")
+        .map(|e| e["session"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(order, ["s0", "s1", "s2"]);
+    // r2 is unlocked: its lock is not standing.
+    assert_eq!(fleet.nodes[A].fleet_status()["locks"], json!(["user=r0"]));
+
+    // Down again; a revocation, then the history compacted past it: the
+    // node cannot replay, so it lists, and still ends s3.
+    fleet.nodes[A].stop_daemon(libc::SIGKILL);
+    revoke_fleet(&fleet, C, "user", "r3");
+    fleet.etcd.compact();
+    fleet.nodes[A].start_daemon();
+    fleet.nodes[A].wait_connected(Duration::from_secs(20));
+    assert!(
+        ended_within(&mut conns[3].stream, Duration::from_secs(5)),
+        "s3 outlived a restart across a compaction"
+    );
+    conns[4].echo().expect("s4 was never revoked");
+    // The watch from where it left off is refused (compacted): it lists
+    // again, says so, and is connected after.
+    let end = std::time::Instant::now() + bound(Duration::from_secs(10));
+    while !fleet.nodes[A].log().contains("compacted") {
+        assert!(
+            std::time::Instant::now() < end,
+            "the node never said it re-listed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fleet.nodes[A].wait_connected(Duration::from_secs(10));
+    let status = fleet.nodes[A].fleet_status();
+    assert!(status["relists"].as_u64().unwrap() >= 2, "{status}");
+    assert_eq!(status["locks"], json!(["user=r0", "user=r3"]), "{status}");
+}
+
+#[test]
+fn revocations_go_on_through_the_other_members_when_one_dies() {
+    let mut fleet = Fleet::new("fleet-member-dies", 3, false);
+    for i in [A, B] {
+        fleet.nodes[i].server(5900);
+    }
+    fleet.start_all("");
+    fleet.etcd.kill_member(0);
+    let mut a = fleet.connect(A, 5900);
+    let mut b = fleet.connect(B, 5900);
+    // Grants go on: they are local.
+    grant(&fleet, A, "x-a", "x", &a);
+    grant(&fleet, B, "x-b", "x", &b);
+    revoke_fleet(&fleet, C, "user", "x");
+    for (conn, node) in [(&mut a, "A"), (&mut b, "B")] {
+        assert!(
+            ended_within(&mut conn.stream, Duration::from_secs(10)),
+            "a revocation issued with a member down never reached {node}"
+        );
+    }
+    fleet.etcd.restart_member(0);
+}
+
+#[test]
+fn revocations_issued_during_a_partition_are_applied_after_it_heals() {
+    let mut fleet = Fleet::new("fleet-partition", 3, false);
+    fleet.nodes[B].server(5900);
+    fleet.start_all("");
+    let mut conn = fleet.connect(B, 5900);
+    grant(&fleet, B, "p-b", "p", &conn);
+    // Cut B off from etcd (not from its clients: only the members' ports).
+    let netns = fleet.nodes[B].netns.clone();
+    let nft = |rules: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(rules.as_bytes())?;
+                child.wait()
+            })
+            .expect("run nft");
+        assert!(out.success(), "nft {rules}");
+    };
+    nft("table inet cut {\n chain out {\n  type filter hook output priority 0;\n  tcp dport 2379-2384 drop\n }\n}\n");
+    let end = std::time::Instant::now() + bound(Duration::from_secs(15));
+    while fleet.nodes[B].fleet_status()["connected"] == true {
+        assert!(
+            std::time::Instant::now() < end,
+            "B never noticed the partition"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    revoke_fleet(&fleet, A, "user", "p");
+    assert!(
+        !ended_within(&mut conn.stream, Duration::from_millis(500)),
+        "B cannot have heard of the revocation while cut off"
+    );
+    nft("delete table inet cut\n");
+    let healed = std::time::Instant::now();
+    assert!(
+        ended_within(&mut conn.stream, Duration::from_secs(1)),
+        "a revocation issued during the partition was not applied within 1 s of healing"
+    );
+    println!(
+        "applied {:.0} ms after the partition healed",
+        healed.elapsed().as_secs_f64() * 1e3
+    );
+}
+
+#[test]
+fn tls_nodes_need_a_certificate_the_cluster_trusts() {
+    let mut fleet = Fleet::new("fleet-tls", 2, true);
+    fleet.nodes[A].server(5900);
+    let certs = fleet.etcd.certs().unwrap();
+    let (ca, cert, key) = (
+        certs.ca.clone(),
+        certs.client_cert.clone(),
+        certs.client_key.clone(),
+    );
+    let (rogue_cert, rogue_key) = (certs.rogue_cert.clone(), certs.rogue_key.clone());
+    let endpoints = fleet.etcd.endpoints_from(1);
+    fleet.nodes[A].write_config(&endpoints, Some((&ca, &cert, &key)), "");
+    fleet.nodes[A].start_daemon();
+    fleet.nodes[A].wait_connected(Duration::from_secs(20));
+    let endpoints = fleet.etcd.endpoints_from(2);
+    fleet.nodes[B].write_config(&endpoints, Some((&ca, &rogue_cert, &rogue_key)), "");
+    fleet.nodes[B].start_daemon();
+
+    // The node with a certificate the CA did not sign is refused, and
+    // says so in its status and its log.
+    let end = std::time::Instant::now() + bound(Duration::from_secs(20));
+    let error = loop {
+        let status = fleet.nodes[B].fleet_status();
+        assert_ne!(status["connected"], true, "a rogue certificate was let in");
+        if let Some(e) = status["last_error"].as_str() {
+            break e.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no error reported: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!("the rogue node says: {error}");
+    assert!(error.contains("etcd"), "{error}");
+    assert!(fleet.nodes[B].log().contains(&error[..20.min(error.len())]));
+
+    // The trusted node works over TLS.
+    let mut conn = fleet.connect(A, 5900);
+    grant(&fleet, A, "t-a", "t", &conn);
+    let out = fleet.nodes[B].cli(&["revoke", "--fleet", "--user", "t"]);
+    assert!(
+        !out.status.success(),
+        "the rogue certificate wrote a revocation"
+    );
+    revoke_fleet(&fleet, A, "user", "t");
+    assert!(ended_within(&mut conn.stream, Duration::from_secs(5)));
+}
