@@ -48,9 +48,21 @@ pub(super) fn bind_control_socket(config: &Config) -> Result<UnixListener> {
     }
     check_directory(dir, config.socket_dir_group)?;
     remove_dead_socket(path, config)?;
-    let listener = bind_private(path)?;
+    let socket = bind_private(path)?;
     set_access(path, config)?;
-    Ok(listener)
+    // Listening only now: no one connects before the socket has its mode
+    // and group (a proxy in the group would otherwise be refused at start).
+    // SAFETY: a bound stream socket we own.
+    if unsafe { libc::listen(socket.as_raw_fd(), libc::SOMAXCONN) } != 0 {
+        return Err(Error::io(format!("listening on {}", path.display()))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let listener = std::os::unix::net::UnixListener::from(socket);
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(listener))
+        .map_err(Error::io(format!("listening on {}", path.display())))
 }
 
 /// Why `dir` (and its ancestors) may not hold the socket, if it may not.
@@ -129,14 +141,48 @@ fn remove_dead_socket(path: &Path, config: &Config) -> Result<()> {
     std::fs::remove_file(path).map_err(Error::io(format!("removing stale {}", path.display())))
 }
 
-/// Binds `path` so that it is born `0600` (the runtime has one thread, so
-/// the process-wide umask is ours for the call).
-fn bind_private(path: &Path) -> Result<UnixListener> {
-    // SAFETY: umask only swaps the process's mask.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    unsafe { libc::umask(old) };
-    bound.map_err(Error::io(format!("binding {}", path.display())))
+/// A stream socket bound to `path`, not yet listening, born `0600` (the
+/// runtime has one thread, so the process-wide umask is ours for the call).
+fn bind_private(path: &Path) -> Result<OwnedFd> {
+    let failed = |what: &str| Error::io(format!("{what} {}", path.display()));
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(Error::Setup(format!(
+            "{}: not a socket path (too long, or a NUL byte)",
+            path.display()
+        )));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the result is checked and owned.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(failed("making a socket for")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a descriptor we just made.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: umask only swaps the process's mask; addr is a filled
+    // sockaddr_un of the size passed.
+    let rc = unsafe {
+        let old = libc::umask(0o177);
+        let rc = libc::bind(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        );
+        libc::umask(old);
+        rc
+    };
+    if rc != 0 {
+        return Err(failed("binding")(std::io::Error::last_os_error()));
+    }
+    Ok(socket)
 }
 
 /// Gives the socket its group and mode through a descriptor opened without
