@@ -1,4 +1,4 @@
-//! `reaper-bench [--quick] [--out DIR] [--only kill|mass|datapath|control|memory]`:
+//! `reaper-bench [--quick] [--out DIR] [--only kill|mass|datapath|control|memory|fleet]`:
 //! reaper's benchmarks, each against
 //! a baseline measured in the same run, in the same kind of sandbox as the
 //! integration tests (own netns and cgroup, the real daemon). Writes
@@ -15,6 +15,7 @@ mod common;
 mod control_plane;
 mod data_path;
 mod destroy_floor;
+mod fleet;
 mod floor;
 mod held;
 mod kill_latency;
@@ -109,6 +110,10 @@ fn main() {
     if wanted("memory") {
         eprintln!("reaper-bench: memory");
         memory(&mut rows, quick);
+    }
+    if wanted("fleet") {
+        eprintln!("reaper-bench: fleet");
+        fleet::fleet(&mut rows, quick);
     }
     if only.is_some() {
         for r in &rows {

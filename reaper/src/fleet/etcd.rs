@@ -113,17 +113,33 @@ pub async fn publish(
     revocation: &Revocation,
     lease_ns: u64,
 ) -> Result<i64, String> {
+    let lease = revocation_lease(client, lease_ns).await?;
+    put_revocation(client, prefix, revocation, lease).await
+}
+
+/// A lease of `lease_ns` (at least 5 s) for a revocation.
+pub async fn revocation_lease(client: &mut Client, lease_ns: u64) -> Result<i64, String> {
     let ttl = i64::try_from(lease_ns.div_ceil(1_000_000_000).max(5)).unwrap_or(i64::MAX);
     let lease = client
         .lease_grant(ttl, None)
         .await
         .map_err(|e| describe("lease grant", &e))?;
+    Ok(lease.id())
+}
+
+/// Writes `revocation` under `lease`; returns the revision.
+pub async fn put_revocation(
+    client: &mut Client,
+    prefix: &str,
+    revocation: &Revocation,
+    lease: i64,
+) -> Result<i64, String> {
     let key = record::revocation_key(prefix, revocation.selector, &revocation.value);
     let put = client
         .put(
             key,
             revocation.encode(),
-            Some(PutOptions::new().with_lease(lease.id())),
+            Some(PutOptions::new().with_lease(lease)),
         )
         .await
         .map_err(|e| describe("put", &e))?;

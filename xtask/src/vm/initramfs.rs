@@ -43,6 +43,10 @@ pub(super) const SKIPS: &[(&str, &str)] = &[
         "service::top",
         "needs tmux, which the initramfs does not carry",
     ),
+    (
+        "fleet::",
+        "needs etcd, etcdctl, openssl, nft and nsenter, which the initramfs does not carry (the host runs it)",
+    ),
 ];
 
 /// Tests `--quick` leaves out: long under software emulation, and about
