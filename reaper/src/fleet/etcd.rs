@@ -213,6 +213,8 @@ pub async fn watch(client: &mut Client, prefix: &str, from: i64) -> Result<Watch
 
 /// What the next watch response says.
 pub enum Watched {
+    /// Changes in revision order, and the revision up to which the
+    /// history is delivered (0: the answer does not say).
     Changes(Vec<Change>, i64),
     /// The history from the watch's start is compacted away: re-list.
     Compacted(i64),
@@ -235,6 +237,12 @@ pub async fn next(stream: &mut WatchStream, prefix: &str) -> Watched {
             "etcd cancelled the watch: {}",
             response.cancel_reason()
         ));
+    }
+    if response.created() && response.events().is_empty() {
+        // The watch's creation: its header revision is the store's now, not
+        // how far the history it replays has been delivered (that comes
+        // after), so it says nothing of what is applied.
+        return Watched::Changes(Vec::new(), 0);
     }
     let revision = response.header().map_or(0, |h| h.revision());
     let changes = response
