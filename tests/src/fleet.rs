@@ -451,33 +451,28 @@ impl Node {
 
     /// Waits until the node is connected to etcd.
     pub fn wait_connected(&self, timeout: Duration) {
-        let end = Instant::now() + bound(timeout);
-        loop {
-            let status = self.fleet_status();
-            if status["connected"] == true {
-                return;
-            }
-            assert!(
-                Instant::now() < end,
-                "node {} never connected: {status}\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_fleet(timeout, "connected", |s| s["connected"] == true);
     }
 
     /// Waits until the node has applied `revision`.
     pub fn wait_applied(&self, revision: i64, timeout: Duration) {
+        self.wait_fleet(timeout, &format!("applied revision {revision}"), |s| {
+            s["applied_revision"].as_i64().unwrap_or(0) >= revision
+        });
+    }
+
+    /// Waits until the node's fleet status satisfies `done`; the panic
+    /// names `what` it waited for, with the last status and the log.
+    fn wait_fleet(&self, timeout: Duration, what: &str, done: impl Fn(&Value) -> bool) {
         let end = Instant::now() + bound(timeout);
         loop {
             let status = self.fleet_status();
-            if status["applied_revision"].as_i64().unwrap_or(0) >= revision {
+            if done(&status) {
                 return;
             }
             assert!(
                 Instant::now() < end,
-                "node {} never applied revision {revision}: {status}\n{}",
+                "node {} never {what}: {status}\n{}",
                 self.name,
                 self.log()
             );

@@ -31,7 +31,9 @@ pub(super) struct FleetState {
     joined: Option<(String, Vec<String>)>,
     /// Standing locks (user and target revocations), with the revision
     /// they were written at.
-    locks: BTreeMap<(Selector, String), (Revocation, i64)>,
+    /// Keyed by selector, then value, so that a grant looks its names up
+    /// without making a key.
+    locks: BTreeMap<Selector, BTreeMap<String, (Revocation, i64)>>,
     applied_revision: i64,
     /// How long the last applied revocation took from being asked to
     /// being applied here (wall clocks of two nodes: as good as NTP).
@@ -121,13 +123,14 @@ impl<K: Kernel> Core<K> {
         revision: i64,
         applying: Applying,
     ) {
-        if applying == Applying::Now
+        let lifted = applying == Applying::Now
             && self
                 .fleet
                 .locks
-                .remove(&(selector, value.to_owned()))
-                .is_some()
-        {
+                .get_mut(&selector)
+                .and_then(|values| values.remove(value))
+                .is_some();
+        if lifted {
             info!(
                 selector = selector.name(),
                 value, revision, "fleet lock lifted"
@@ -144,7 +147,8 @@ impl<K: Kernel> Core<K> {
     /// Refuses a grant for a locked user or target.
     pub(super) fn check_unlocked(&self, user: &str, target: &str) -> Result<(), Refused> {
         for (selector, value) in [(Selector::User, user), (Selector::Target, target)] {
-            if let Some((r, revision)) = self.fleet.locks.get(&(selector, value.to_owned())) {
+            let lock = self.fleet.locks.get(&selector).and_then(|v| v.get(value));
+            if let Some((r, revision)) = lock {
                 return refuse(
                     Code::Locked,
                     format!(
@@ -179,7 +183,9 @@ impl<K: Kernel> Core<K> {
         if r.selector.locks() && applying == Applying::Now {
             self.fleet
                 .locks
-                .insert((r.selector, r.value.clone()), (r.clone(), revision));
+                .entry(r.selector)
+                .or_default()
+                .insert(r.value.clone(), (r.clone(), revision));
         }
         if ids.is_empty() {
             return Vec::new();
@@ -229,8 +235,8 @@ impl<K: Kernel> Core<K> {
             locks: self
                 .fleet
                 .locks
-                .keys()
-                .map(|(s, v)| format!("{}={v}", s.name()))
+                .iter()
+                .flat_map(|(s, values)| values.keys().map(|v| format!("{}={v}", s.name())))
                 .collect(),
             bad_records: self.fleet.bad_records,
             relists: self.fleet.relists,
