@@ -29,6 +29,8 @@ fn members(endpoint: &str) -> FleetConfig {
         node: Some("bench".into()),
         prefix: "/reaper-test".into(),
         node_lease_ns: 10_000_000_000,
+        grace_ns: 5_000_000_000,
+        addresses: Vec::new(),
         state_file: "/nonexistent".into(),
     }
 }

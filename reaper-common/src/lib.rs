@@ -360,7 +360,17 @@ pub struct SessionRecord {
     pub user: Label<USER_NAME_MAX>,
     pub target: Label<TARGET_NAME_MAX>,
     pub class: Label<CLASS_NAME_MAX>,
-    pub _pad2: [u8; 2],
+    /// `session_flags`.
+    pub flags: u8,
+    pub _pad2: u8,
+}
+
+/// `SessionRecord::flags`.
+pub mod session_flags {
+    /// A fleet mirror: another node granted this session and this node
+    /// enforces the flows of it that land here (docs/fleet.md). Kept in
+    /// the record so that a restarted daemon still knows it is one.
+    pub const MIRROR: u8 = 1;
 }
 
 /// Indexes into the per-CPU `COUNTERS` array.

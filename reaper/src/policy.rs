@@ -148,6 +148,29 @@ pub enum OnLimit {
     EvictOldest,
 }
 
+/// What a node cut off from the fleet for `fleet.grace` does with a
+/// class's sessions (docs/fleet.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnPartition {
+    /// Keeps enforcing what it knows: deadlines hold, revocations issued
+    /// meanwhile are applied after healing.
+    #[default]
+    BestEffort,
+    /// Kills the class's sessions and refuses new ones until it is back:
+    /// a node that cannot hear revocations grants nothing of the class.
+    FailClosed,
+}
+
+impl OnPartition {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnPartition::BestEffort => "best-effort",
+            OnPartition::FailClosed => "fail-closed",
+        }
+    }
+}
+
 /// A policy class: defaults and bounds for the grants that name it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Class {
@@ -162,6 +185,7 @@ pub struct Class {
     pub max_per_target: u32,
     pub max_per_user: u32,
     pub on_limit: OnLimit,
+    pub on_partition: OnPartition,
 }
 
 impl Class {
@@ -177,6 +201,7 @@ impl Class {
             max_per_target: 0,
             max_per_user: 0,
             on_limit: OnLimit::RejectNew,
+            on_partition: OnPartition::BestEffort,
         }
     }
 }
@@ -660,6 +685,7 @@ mod tests {
             max_per_target: 1,
             max_per_user: 0,
             on_limit: OnLimit::RejectNew,
+            on_partition: OnPartition::BestEffort,
         }
     }
 

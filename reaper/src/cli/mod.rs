@@ -476,6 +476,25 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
                     timefmt::format_duration(f.state_for_ms * timefmt::NS_PER_MS),
                     f.applied_revision
                 );
+                if f.cut_off {
+                    println!(
+                        "           CUT OFF: no lease renewal for {} (fail-closed classes end and are refused)",
+                        timefmt::format_duration(f.renewed_ms_ago * timefmt::NS_PER_MS)
+                    );
+                }
+                if !f.nodes.is_empty() {
+                    println!("           other nodes: {}", f.nodes.join(", "));
+                }
+                println!(
+                    "           sessions: {} published for other nodes, {} mirrored from them{}",
+                    f.published,
+                    f.mirrors,
+                    if f.mirrors_refused > 0 {
+                        format!(", {} refused", f.mirrors_refused)
+                    } else {
+                        String::new()
+                    }
+                );
                 if !f.locks.is_empty() {
                     println!("           locks: {}", f.locks.join(", "));
                 }

@@ -174,6 +174,9 @@ pub fn effective(config: &Config) -> String {
             "node_lease = {}",
             quoted(&format_duration(f.node_lease_ns))
         );
+        let _ = writeln!(w, "grace = {}", quoted(&format_duration(f.grace_ns)));
+        let addresses: Vec<String> = f.addresses.iter().map(|a| a.to_string()).collect();
+        let _ = writeln!(w, "addresses = {}", quoted_list(&addresses));
         let _ = writeln!(w, "state_file = {}", path(&Some(f.state_file.clone())));
     }
 
@@ -198,6 +201,7 @@ pub fn effective(config: &Config) -> String {
         let _ = writeln!(w, "max_per_target = {}", class.max_per_target);
         let _ = writeln!(w, "max_per_user = {}", class.max_per_user);
         let _ = writeln!(w, "on_limit = {:?}", on_limit(class.on_limit));
+        let _ = writeln!(w, "on_partition = {:?}", class.on_partition.name());
     }
 
     // Arrays of tables last: a plain key after a table would land in it.

@@ -126,12 +126,20 @@ pub struct Fleet {
     /// The node's liveness lease: a node etcd has not heard from for this
     /// long is gone.
     pub node_lease_ns: u64,
+    /// How long the node may go without renewing its lease (without a
+    /// quorum) before it counts as cut off: `fail-closed` classes' sessions
+    /// die then. Shorter than the lease, so that a cut-off node has killed
+    /// them before etcd lets the rest of the fleet forget it.
+    pub grace_ns: u64,
+    /// Where connections to this node arrive; empty: its interfaces'.
+    pub addresses: Vec<std::net::IpAddr>,
     /// Where the last applied revision is kept across restarts.
     pub state_file: PathBuf,
 }
 
 pub const DEFAULT_FLEET_PREFIX: &str = "/reaper";
-pub const DEFAULT_NODE_LEASE: &str = "10s";
+pub const DEFAULT_NODE_LEASE: &str = "15s";
+pub const DEFAULT_FLEET_GRACE: &str = "10s";
 pub const DEFAULT_FLEET_STATE_FILE: &str = "/var/lib/reaper/fleet.state";
 
 /// The operational log's format.
@@ -211,6 +219,9 @@ struct RawFleet {
     node: Option<String>,
     prefix: Option<String>,
     node_lease: Option<String>,
+    grace: Option<String>,
+    #[serde(default)]
+    addresses: Vec<String>,
     state_file: Option<PathBuf>,
 }
 
@@ -246,6 +257,7 @@ struct RawClass {
     max_per_target: Option<u32>,
     max_per_user: Option<u32>,
     on_limit: Option<OnLimit>,
+    on_partition: Option<crate::policy::OnPartition>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -826,6 +838,27 @@ fn fleet_of(raw: RawFleet) -> Result<Fleet, String> {
     if !(2 * timefmt::NS_PER_SEC..=3_600 * timefmt::NS_PER_SEC).contains(&node_lease_ns) {
         return Err("fleet.node_lease: must be between 2s and 1h".into());
     }
+    // Unset: 10s, or half the lease when that is shorter.
+    let grace_ns = match raw.grace.as_deref() {
+        Some(text) => timefmt::parse_duration(text).map_err(|e| format!("fleet.grace: {e}"))?,
+        None => {
+            (node_lease_ns / 2).min(timefmt::parse_duration(DEFAULT_FLEET_GRACE).expect("valid"))
+        }
+    };
+    // The kill takes milliseconds; a second keeps it clear of the lease.
+    if grace_ns == 0 || grace_ns + timefmt::NS_PER_SEC > node_lease_ns {
+        return Err(format!(
+            "fleet.grace: must be above zero and at least 1s shorter than fleet.node_lease ({}), so that a cut-off node kills its fail-closed sessions before the fleet forgets it",
+            timefmt::format_duration(node_lease_ns)
+        ));
+    }
+    let mut addresses = Vec::with_capacity(raw.addresses.len());
+    for (i, a) in raw.addresses.iter().enumerate() {
+        addresses.push(
+            a.parse()
+                .map_err(|_| format!("fleet.addresses[{i}]: {a:?} is not an IP address"))?,
+        );
+    }
     let state_file =
         path("state_file", raw.state_file)?.unwrap_or_else(|| DEFAULT_FLEET_STATE_FILE.into());
     Ok(Fleet {
@@ -836,6 +869,8 @@ fn fleet_of(raw: RawFleet) -> Result<Fleet, String> {
         node,
         prefix,
         node_lease_ns,
+        grace_ns,
+        addresses,
         state_file,
     })
 }
@@ -890,6 +925,7 @@ fn class_of(name: String, raw: RawClass, global_max_ttl_ns: u64) -> Result<Class
         max_per_target: raw.max_per_target.unwrap_or(0),
         max_per_user: raw.max_per_user.unwrap_or(0),
         on_limit: raw.on_limit.unwrap_or(OnLimit::RejectNew),
+        on_partition: raw.on_partition.unwrap_or_default(),
     })
 }
 
@@ -1113,9 +1149,18 @@ mod tests {
                 "fleet.node_lease",
             ),
             (
-                "[fleet]\nendpoints = [\"http://a:1\"]\ngrace = \"1s\"",
-                "grace",
+                "[fleet]\nendpoints = [\"http://a:1\"]\ngrace = \"15s\"",
+                "fleet.grace",
             ),
+            (
+                "[fleet]\nendpoints = [\"http://a:1\"]\naddresses = [\"nowhere\"]",
+                "fleet.addresses[0]",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://a:1\"]\npartition = \"x\"",
+                "partition",
+            ),
+            ("[classes.x]\non_partition = \"panic\"", "on_partition"),
         ] {
             let e = Config::from_toml(text).unwrap_err();
             assert!(e.to_string().contains(needle), "{text:?} -> {e}");

@@ -1,5 +1,6 @@
-//! The fleet task: keeps this node in the fleet and every revocation
-//! written anywhere applied here. It lists the standing revocations, then
+//! The fleet task: keeps this node in the fleet, every revocation written
+//! anywhere applied here, the sessions granted here that land on other
+//! nodes published for them, and the ones that land here mirrored. It lists the standing revocations, then
 //! watches from the revision after (or from where it left off before a
 //! restart), hands each change to the core in revision order, and keeps
 //! the last applied revision in `fleet.state_file`. When etcd goes away it
@@ -10,7 +11,10 @@
 //! whoever can write to etcd, like a caller's requests.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use tracing::{info, warn};
 
@@ -18,7 +22,8 @@ use super::shared::{lock, Shared};
 use crate::config::Fleet;
 use crate::daemon::core::fleet::Applying;
 use crate::fleet::etcd::{self, Change, Watched};
-use crate::fleet::record::Revocation;
+use crate::fleet::record::{BadRecord, Revocation};
+use crate::fleet::session::{self, FleetSession, NodeRecord};
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// Short enough that a healed partition is caught up within a second.
@@ -27,9 +32,18 @@ const LAST_RETRY: Duration = Duration::from_millis(500);
 /// Follows the fleet for good (a daemon task).
 pub(super) async fn run(state: Shared, fleet: Fleet, node: String) {
     let mut resume = read_state(&fleet.state_file);
-    lock(&state).fleet_joined(&node, &fleet.endpoints, resume.unwrap_or(0));
+    let wake = Arc::new(Notify::new());
+    lock(&state).fleet_joined(
+        &node,
+        &fleet.endpoints,
+        resume.unwrap_or(0),
+        fleet.grace_ns,
+        wake.clone(),
+    );
+    let me = NodeRecord::new(&node, crate::fleet::node_addresses(&fleet.addresses));
     info!(
         node = %node,
+        addresses = ?me.addresses,
         endpoints = ?fleet.endpoints,
         resume_from = resume.unwrap_or(0),
         "joining the fleet"
@@ -38,7 +52,7 @@ pub(super) async fn run(state: Shared, fleet: Fleet, node: String) {
     let mut member = 0;
     loop {
         let started = tokio::time::Instant::now();
-        let why = follow(&state, &fleet, &node, &mut resume, &mut member).await;
+        let why = follow(&state, &fleet, &me, &wake, &mut resume, &mut member).await;
         lock(&state).fleet_connection(false, Some(why.clone()));
         warn!("fleet: {why}; reconnecting in {} ms", retry.as_millis());
         if started.elapsed() > Duration::from_secs(10) {
@@ -56,7 +70,8 @@ pub(super) async fn run(state: Shared, fleet: Fleet, node: String) {
 async fn follow(
     state: &Shared,
     fleet: &Fleet,
-    node: &str,
+    me: &NodeRecord,
+    wake: &Notify,
     resume: &mut Option<i64>,
     member: &mut usize,
 ) -> String {
@@ -68,24 +83,51 @@ async fn follow(
         }
         Err(e) => return e,
     };
-    let (mut keeper, mut renewals) =
-        match etcd::join(&mut client, prefix, node, fleet.node_lease_ns).await {
-            Ok(k) => k,
-            Err(e) => return e,
-        };
+    let mut joined = match etcd::join(&mut client, prefix, me, fleet.node_lease_ns).await {
+        Ok(j) => j,
+        Err(e) => return e,
+    };
+    lock(state).fleet_renewed();
     let (stored, listed_at) = match etcd::list(&mut client, prefix).await {
         Ok(l) => l,
         Err(e) => return e,
     };
     let standing = good_records(state, stored);
     lock(state).fleet_listed(&standing, listed_at);
-    // Changes the node missed while it was away (since the last revision
-    // it applied), then everything new.
+    // Where the other nodes are, then what lands here.
+    let nodes_prefix = session::nodes_prefix(prefix);
+    let (kvs, nodes_at) = match etcd::list_under(&mut client, &nodes_prefix).await {
+        Ok(l) => l,
+        Err(e) => return e,
+    };
+    let nodes = decoded(state, kvs, |k, v| NodeRecord::decode(prefix, k, v));
+    lock(state).fleet_nodes_listed(nodes);
+    let landing = session::landing_prefix(prefix, &me.node);
+    let (kvs, landing_at) = match etcd::list_under(&mut client, &landing).await {
+        Ok(l) => l,
+        Err(e) => return e,
+    };
+    let mirrors = decoded(state, kvs, |k, v| {
+        FleetSession::decode(prefix, &me.node, k, v)
+    });
+    lock(state).fleet_mirrors_listed(mirrors);
+    // A new lease: every session record this node owns is written again.
+    lock(state).fleet_republish_all();
+    // Revocations the node missed while it was away (since the last
+    // revision it applied), then everything new.
     let from = match *resume {
         Some(applied) if applied < listed_at => applied + 1,
         _ => listed_at + 1,
     };
     let mut watch = match etcd::watch(&mut client, prefix, from).await {
+        Ok(w) => w,
+        Err(e) => return e,
+    };
+    let mut nodes_watch = match etcd::watch_under(&mut client, &nodes_prefix, nodes_at + 1).await {
+        Ok(w) => w,
+        Err(e) => return e,
+    };
+    let mut landing_watch = match etcd::watch_under(&mut client, &landing, landing_at + 1).await {
         Ok(w) => w,
         Err(e) => return e,
     };
@@ -106,7 +148,14 @@ async fn follow(
     // What the state file holds; written at the first answer, so that
     // even a node that never sees a revocation keeps where it started.
     let mut kept = None;
-    let mut ping = tokio::time::interval(Duration::from_nanos(fleet.node_lease_ns / 3));
+    // Renewals often enough that a partition is seen well within the grace.
+    let every = (fleet.node_lease_ns / 3)
+        .min(fleet.grace_ns / 4)
+        .max(100_000_000);
+    let mut ping = tokio::time::interval(Duration::from_nanos(every));
+    if let Err(e) = flush(state, &mut client, prefix, joined.lease).await {
+        return e;
+    }
     loop {
         tokio::select! {
             watched = etcd::next(&mut watch, prefix) => match watched {
@@ -130,14 +179,64 @@ async fn follow(
                 }
                 Watched::Ended(why) => return why,
             },
-            renewal = renewals.message() => match renewal {
-                Ok(Some(r)) if r.ttl() > 0 => {}
+            watched = etcd::next_events(&mut nodes_watch) => match watched {
+                Watched::Changes(events, _) => {
+                    let mut core = lock(state);
+                    for e in events {
+                        match NodeRecord::parse_key(prefix, &e.key) {
+                            Ok(node) => {
+                                let record = match e.value {
+                                    None => None,
+                                    Some(v) => match NodeRecord::decode(prefix, &e.key, &v) {
+                                        Ok(r) => Some(r),
+                                        Err(bad) => {
+                                            core.fleet_bad_record(&bad);
+                                            continue;
+                                        }
+                                    },
+                                };
+                                core.fleet_node(&node, record);
+                            }
+                            Err(bad) => core.fleet_bad_record(&bad),
+                        }
+                    }
+                }
+                // Nodes and sessions are state: a list brings them back.
+                Watched::Compacted(at) => return format!("the node records are compacted up to revision {at}; re-listing"),
+                Watched::Ended(why) => return why,
+            },
+            watched = etcd::next_events(&mut landing_watch) => match watched {
+                Watched::Changes(events, _) => {
+                    let mut core = lock(state);
+                    for e in events {
+                        match (e.value, FleetSession::parse_key(prefix, &me.node, &e.key)) {
+                            (Some(v), Ok(_)) => match FleetSession::decode(prefix, &me.node, &e.key, &v) {
+                                Ok(r) => core.fleet_mirror_put(r),
+                                Err(bad) => core.fleet_bad_record(&bad),
+                            },
+                            (None, Ok((origin, session))) => {
+                                core.fleet_mirror_gone(&origin, &session);
+                            }
+                            (_, Err(bad)) => core.fleet_bad_record(&bad),
+                        }
+                    }
+                }
+                Watched::Compacted(at) => return format!("the session records are compacted up to revision {at}; re-listing"),
+                Watched::Ended(why) => return why,
+            },
+            _ = wake.notified() => {
+                if let Err(e) = flush(state, &mut client, prefix, joined.lease).await {
+                    return e;
+                }
+            }
+            renewal = joined.renewals.message() => match renewal {
+                Ok(Some(r)) if r.ttl() > 0 => lock(state).fleet_renewed(),
                 Ok(Some(_)) => return "the node lease expired".into(),
                 Ok(None) => return "etcd closed the lease keepalive".into(),
                 Err(e) => return etcd::describe("lease keepalive", &e),
             },
             _ = ping.tick() => {
-                if let Err(e) = keeper.keep_alive().await {
+                if let Err(e) = joined.keeper.keep_alive().await {
                     return etcd::describe("lease keepalive", &e);
                 }
                 if let Err(e) = watch.request_progress().await {
@@ -146,6 +245,45 @@ async fn follow(
             }
         }
     }
+}
+
+/// Writes what the core's outbox holds: the records of sessions granted
+/// here, under the node lease. A write that fails is the connection's
+/// failure: the next connection writes everything again.
+async fn flush(
+    state: &Shared,
+    client: &mut etcd_client::Client,
+    prefix: &str,
+    lease: i64,
+) -> Result<(), String> {
+    let writes = lock(state).fleet_outbox(prefix);
+    for w in writes {
+        match w.value {
+            Some(value) => etcd::put_leased(client, w.key, value, lease)
+                .await
+                .map(drop)?,
+            None => etcd::delete(client, w.key).await?,
+        }
+    }
+    Ok(())
+}
+
+/// The records of a list that read; those that did not are counted.
+fn decoded<T>(
+    state: &Shared,
+    kvs: Vec<etcd::Kv>,
+    decode: impl Fn(&[u8], &[u8]) -> Result<T, BadRecord>,
+) -> Vec<T> {
+    let mut core = lock(state);
+    kvs.into_iter()
+        .filter_map(|(key, value, _)| match decode(&key, &value) {
+            Ok(r) => Some(r),
+            Err(bad) => {
+                core.fleet_bad_record(&bad);
+                None
+            }
+        })
+        .collect()
 }
 
 fn change_revision(change: &Change) -> i64 {

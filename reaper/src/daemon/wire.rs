@@ -57,6 +57,7 @@ pub fn refusal(refused: Refused) -> Refusal {
         Code::TableFull => RefusalCode::TableFull,
         Code::QuotaExceeded => RefusalCode::QuotaExceeded,
         Code::Locked => RefusalCode::Locked,
+        Code::Partitioned => RefusalCode::Partitioned,
         Code::FlowTableExhausted => RefusalCode::FlowTableExhausted,
         Code::Internal => RefusalCode::Internal,
     };
@@ -147,6 +148,6 @@ fn status_result(s: Status) -> StatusResult {
         classes: s.classes,
         config_loads: s.config_loads,
         last_reload_error: s.last_reload_error,
-        fleet: s.fleet.map(Box::new),
+        fleet: s.fleet,
     }
 }

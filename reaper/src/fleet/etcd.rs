@@ -135,15 +135,7 @@ pub async fn put_revocation(
     lease: i64,
 ) -> Result<i64, String> {
     let key = record::revocation_key(prefix, revocation.selector, &revocation.value);
-    let put = client
-        .put(
-            key,
-            revocation.encode(),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(|e| describe("put", &e))?;
-    Ok(put.header().map_or(0, |h| h.revision()))
+    put_leased(client, key, revocation.encode(), lease).await
 }
 
 /// Deletes the revocation of `value` by `selector`; says whether there
@@ -166,28 +158,34 @@ pub async fn lift(
 /// revision it was last written at.
 pub type Stored = (Result<Revocation, record::BadRecord>, i64);
 
+/// One stored key: its key, value and the revision it was last written at.
+pub type Kv = (Vec<u8>, Vec<u8>, i64);
+
+/// Every key under `under`, oldest write first, and the revision the list
+/// was read at.
+pub async fn list_under(client: &mut Client, under: &str) -> Result<(Vec<Kv>, i64), String> {
+    let response = client
+        .get(under, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| describe(&format!("list {under}"), &e))?;
+    let at = response.header().map_or(0, |h| h.revision());
+    let mut kvs: Vec<Kv> = response
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision()))
+        .collect();
+    kvs.sort_by_key(|(_, _, revision)| *revision);
+    Ok((kvs, at))
+}
+
 /// Every standing revocation, oldest write first, and the revision the
 /// list was read at.
 pub async fn list(client: &mut Client, prefix: &str) -> Result<(Vec<Stored>, i64), String> {
-    let response = client
-        .get(
-            record::revocations_prefix(prefix),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await
-        .map_err(|e| describe("list revocations", &e))?;
-    let at = response.header().map_or(0, |h| h.revision());
-    let mut stored: Vec<Stored> = response
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                Revocation::decode(prefix, kv.key(), kv.value()),
-                kv.mod_revision(),
-            )
-        })
+    let (kvs, at) = list_under(client, &record::revocations_prefix(prefix)).await?;
+    let stored = kvs
+        .into_iter()
+        .map(|(key, value, revision)| (Revocation::decode(prefix, &key, &value), revision))
         .collect();
-    stored.sort_by_key(|(_, revision)| *revision);
     Ok((stored, at))
 }
 
@@ -200,30 +198,48 @@ pub enum Change {
     Deleted(Result<(Selector, String), record::BadRecord>, i64),
 }
 
-/// The watch of every revocation from `from` (inclusive).
-pub async fn watch(client: &mut Client, prefix: &str, from: i64) -> Result<WatchStream, String> {
+/// The watch of every key under `under` from revision `from` (inclusive).
+pub async fn watch_under(
+    client: &mut Client,
+    under: &str,
+    from: i64,
+) -> Result<WatchStream, String> {
     client
         .watch(
-            record::revocations_prefix(prefix),
+            under,
             Some(WatchOptions::new().with_prefix().with_start_revision(from)),
         )
         .await
-        .map_err(|e| describe("watch revocations", &e))
+        .map_err(|e| describe(&format!("watch {under}"), &e))
+}
+
+/// The watch of every revocation from `from` (inclusive).
+pub async fn watch(client: &mut Client, prefix: &str, from: i64) -> Result<WatchStream, String> {
+    watch_under(client, &record::revocations_prefix(prefix), from).await
 }
 
 /// What the next watch response says.
-pub enum Watched {
+pub enum Watched<T> {
     /// Changes in revision order, and the revision up to which the
     /// history is delivered (0: the answer does not say).
-    Changes(Vec<Change>, i64),
+    Changes(Vec<T>, i64),
     /// The history from the watch's start is compacted away: re-list.
     Compacted(i64),
     /// The watch ended (the member went away, or cancelled it).
     Ended(String),
 }
 
-/// Waits for the next watch response.
-pub async fn next(stream: &mut WatchStream, prefix: &str) -> Watched {
+/// One event of a watch: a key written (`Some` value) or deleted, at a
+/// revision.
+#[derive(Debug)]
+pub struct Event {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    pub revision: i64,
+}
+
+/// Waits for the next watch response, its events as they came.
+pub async fn next_events(stream: &mut WatchStream) -> Watched<Event> {
     let response = match stream.message().await {
         Ok(Some(r)) => r,
         Ok(None) => return Watched::Ended("etcd closed the watch".into()),
@@ -245,59 +261,107 @@ pub async fn next(stream: &mut WatchStream, prefix: &str) -> Watched {
         return Watched::Changes(Vec::new(), 0);
     }
     let revision = response.header().map_or(0, |h| h.revision());
-    let changes = response
+    let events = response
         .events()
         .iter()
         .filter_map(|event| {
             let kv = event.kv()?;
-            Some(match event.event_type() {
-                EventType::Put => Change::Put(
-                    Revocation::decode(prefix, kv.key(), kv.value()),
-                    kv.mod_revision(),
-                ),
-                EventType::Delete => Change::Deleted(
-                    record::parse_revocation_key(prefix, kv.key()).map_err(|why| {
-                        record::BadRecord {
-                            key: String::from_utf8_lossy(kv.key()).into_owned(),
-                            why,
-                        }
-                    }),
-                    kv.mod_revision(),
-                ),
+            Some(Event {
+                key: kv.key().to_vec(),
+                value: (event.event_type() == EventType::Put).then(|| kv.value().to_vec()),
+                revision: kv.mod_revision(),
             })
         })
         .collect();
-    Watched::Changes(changes, revision)
+    Watched::Changes(events, revision)
 }
 
-/// Puts this node's liveness record under a fresh lease of `ttl_ns`;
-/// returns the lease and its keeper.
+/// Waits for the next revocation watch response.
+pub async fn next(stream: &mut WatchStream, prefix: &str) -> Watched<Change> {
+    match next_events(stream).await {
+        Watched::Changes(events, revision) => Watched::Changes(
+            events
+                .into_iter()
+                .map(|e| match e.value {
+                    Some(value) => {
+                        Change::Put(Revocation::decode(prefix, &e.key, &value), e.revision)
+                    }
+                    None => Change::Deleted(
+                        record::parse_revocation_key(prefix, &e.key).map_err(|why| {
+                            record::BadRecord {
+                                key: String::from_utf8_lossy(&e.key).into_owned(),
+                                why,
+                            }
+                        }),
+                        e.revision,
+                    ),
+                })
+                .collect(),
+            revision,
+        ),
+        Watched::Compacted(at) => Watched::Compacted(at),
+        Watched::Ended(why) => Watched::Ended(why),
+    }
+}
+
+/// Writes `value` at `key` under `lease`.
+pub async fn put_leased(
+    client: &mut Client,
+    key: String,
+    value: String,
+    lease: i64,
+) -> Result<i64, String> {
+    let put = client
+        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+        .await
+        .map_err(|e| describe("put", &e))?;
+    Ok(put.header().map_or(0, |h| h.revision()))
+}
+
+/// Deletes `key` (nothing there is no error).
+pub async fn delete(client: &mut Client, key: String) -> Result<(), String> {
+    client
+        .delete(key, None::<DeleteOptions>)
+        .await
+        .map_err(|e| describe("delete", &e))?;
+    Ok(())
+}
+
+/// This node in the fleet: its lease (what its records live under) and
+/// the keeper that renews it.
+pub struct Joined {
+    pub lease: i64,
+    pub keeper: etcd_client::LeaseKeeper,
+    pub renewals: etcd_client::LeaseKeepAliveStream,
+}
+
+/// Puts this node's record under a fresh lease of `ttl_ns`.
 pub async fn join(
     client: &mut Client,
     prefix: &str,
-    node: &str,
+    node: &super::session::NodeRecord,
     ttl_ns: u64,
-) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), String> {
+) -> Result<Joined, String> {
     let ttl = i64::try_from(ttl_ns.div_ceil(1_000_000_000)).unwrap_or(i64::MAX);
     let lease = client
         .lease_grant(ttl, None)
         .await
         .map_err(|e| describe("lease grant", &e))?;
-    let value = format!(
-        "{{\"node\":{},\"version\":{:?}}}",
-        serde_json::Value::from(node),
-        env!("CARGO_PKG_VERSION")
-    );
     client
         .put(
-            record::node_key(prefix, node),
-            value,
+            record::node_key(prefix, &node.node),
+            node.encode(),
             Some(PutOptions::new().with_lease(lease.id())),
         )
         .await
         .map_err(|e| describe("put the node record", &e))?;
-    client
+    let (keeper, renewals) = client
         .lease_keep_alive(lease.id())
         .await
-        .map_err(|e| describe("lease keepalive", &e))
+        .map_err(|e| describe("lease keepalive", &e))?;
+    Ok(Joined {
+        lease: lease.id(),
+        keeper,
+        renewals,
+    })
 }

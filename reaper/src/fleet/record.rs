@@ -9,8 +9,8 @@
 //!   (selector `session`, `user`, `target` or `class`; the value escaped,
 //!   see [`escape`]), under a lease as long as the longest session.
 //!
-//! Every node watches `{prefix}/revocations/` and nothing else of it: a
-//! revocation concerns every node.
+//! Every node watches `{prefix}/revocations/`: a revocation concerns every
+//! node. Sessions and node records are `session`'s.
 
 #![forbid(unsafe_code)]
 
@@ -140,7 +140,7 @@ pub fn revocation_key(prefix: &str, selector: Selector, value: &str) -> String {
 
 /// The key of a node's liveness record.
 pub fn node_key(prefix: &str, node: &str) -> String {
-    format!("{prefix}/nodes/{node}")
+    format!("{}{node}", super::session::nodes_prefix(prefix))
 }
 
 /// Percent-escapes every byte of `value` outside `[A-Za-z0-9._~@:+-]`,
@@ -157,7 +157,7 @@ pub fn escape(value: &str) -> String {
     out
 }
 
-fn unescape(text: &str) -> Option<String> {
+pub(super) fn unescape(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -53,6 +53,10 @@ pub enum RefusalCode {
     /// The grant's user or target is revoked fleet-wide: a lock stands
     /// until it is lifted or expires; the message names who asked, where.
     Locked,
+    /// The node is cut off from the fleet (no quorum for `fleet.grace`)
+    /// and the grant's class fails closed: it grants nothing of the class
+    /// until it is back.
+    Partitioned,
     /// The daemon already serves `max_clients` control connections.
     Busy,
     /// A request line was left unfinished for `client_timeout`.
@@ -83,6 +87,7 @@ impl RefusalCode {
             RefusalCode::FlowTableExhausted => "flow_table_exhausted",
             RefusalCode::QuotaExceeded => "quota_exceeded",
             RefusalCode::Locked => "locked",
+            RefusalCode::Partitioned => "partitioned",
             RefusalCode::Busy => "busy",
             RefusalCode::TimedOut => "timed_out",
             RefusalCode::Internal => "internal",

@@ -215,6 +215,19 @@ pub struct FleetStatus {
     /// Full lists of the revocations (at start, after a compaction or an
     /// outage).
     pub relists: u64,
+    /// No lease renewal for `fleet.grace`: fail-closed classes' sessions
+    /// were killed and new ones are refused.
+    pub cut_off: bool,
+    /// Since the node last renewed its lease.
+    pub renewed_ms_ago: u64,
+    /// Other nodes whose addresses are known.
+    pub nodes: Vec<String>,
+    /// Sessions granted here with flows landing on other nodes.
+    pub published: usize,
+    /// Other nodes' sessions enforced here.
+    pub mirrors: usize,
+    /// Other nodes' session records this node could not grant.
+    pub mirrors_refused: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }

@@ -60,6 +60,9 @@ impl<K: Kernel> Core<K> {
                 }
                 Due::Fence(cookie) => fences.push((cookie, at)),
                 Due::RstCheck(id) => self.finish_rst_check(id),
+                Due::FleetGrace => {
+                    self.fleet_grace_due(now);
+                }
                 Due::ForwardGc => {
                     self.collect_forwarded(now);
                     self.schedule

@@ -28,7 +28,10 @@ use crate::protocol::FleetStatus;
 #[derive(Default)]
 pub(super) struct FleetState {
     /// Set once the fleet task starts: this node's name and members.
-    joined: Option<(String, Vec<String>)>,
+    pub(super) joined: Option<(String, Vec<String>)>,
+    /// Sessions published and mirrored, and the partition state
+    /// (`fleet_sessions`).
+    pub(super) sessions: super::fleet_sessions::Sessions,
     /// Standing locks (user and target revocations), with the revision
     /// they were written at.
     /// Keyed by selector, then value, so that a grant looks its names up
@@ -60,10 +63,24 @@ pub enum Applying {
 
 impl<K: Kernel> Core<K> {
     /// The fleet task has started: `node` in the cluster of `endpoints`.
-    pub fn fleet_joined(&mut self, node: &str, endpoints: &[String], resume_from: i64) {
+    /// The grace counts from now; `wake` is told when a session's records
+    /// have to be written.
+    pub fn fleet_joined(
+        &mut self,
+        node: &str,
+        endpoints: &[String],
+        resume_from: i64,
+        grace_ns: u64,
+        wake: Arc<tokio::sync::Notify>,
+    ) {
         self.fleet.joined = Some((node.to_owned(), endpoints.to_vec()));
         self.fleet.applied_revision = resume_from;
         self.fleet.since_ns = self.kernel.now().boot_ns;
+        self.fleet.sessions.grace_ns = grace_ns;
+        self.fleet.sessions.wake = Some(wake);
+        // Sessions adopted from the kernel that are mirrors: their origin
+        // is learnt again from the list.
+        self.fleet_renewed();
     }
 
     /// The connection to etcd came up or went down (`error` says why).
@@ -240,6 +257,19 @@ impl<K: Kernel> Core<K> {
                 .collect(),
             bad_records: self.fleet.bad_records,
             relists: self.fleet.relists,
+            cut_off: self.fleet.sessions.cut_off,
+            renewed_ms_ago: now.saturating_sub(self.fleet.sessions.renewed_ns) / 1_000_000,
+            nodes: self
+                .fleet
+                .sessions
+                .addresses
+                .keys()
+                .filter(|n| Some(&***n) != self.fleet.joined.as_ref().map(|(me, _)| me.as_str()))
+                .map(|n| n.to_string())
+                .collect(),
+            published: self.fleet.sessions.published.len(),
+            mirrors: self.index.sessions().filter(|(_, s)| s.is_mirror()).count(),
+            mirrors_refused: self.fleet.sessions.refused,
             last_error: self.fleet.last_error.clone(),
         })
     }

@@ -25,7 +25,10 @@ pub(super) struct Terms {
     pub granted_ns: u64,
     pub granted_unix_ns: u64,
     pub granted_by_uid: u32,
-    pub idle_direction: u32,
+    /// The record's (0 or 1; u16 so that `flags` fits beside it).
+    pub idle_direction: u16,
+    /// `reaper_common::session_flags`.
+    pub flags: u16,
     pub idle_timeout_ns: u64,
     pub touched_ns: u64,
     /// See `SessionRecord::expires_unix_ns`.
@@ -39,7 +42,8 @@ impl Terms {
             granted_ns: record.granted_ns,
             granted_unix_ns: record.granted_unix_ns,
             granted_by_uid: record.granted_by_uid,
-            idle_direction: record.idle_direction,
+            idle_direction: record.idle_direction as u16,
+            flags: u16::from(record.flags),
             idle_timeout_ns: record.idle_timeout_ns,
             touched_ns: record.touched_ns,
             expires_unix_ns: record.expires_unix_ns,
@@ -294,6 +298,11 @@ impl Session {
         self.names.part(3)
     }
 
+    /// Whether another node granted it and this one mirrors it.
+    pub fn is_mirror(&self) -> bool {
+        self.terms.flags & u16::from(reaper_common::session_flags::MIRROR) != 0
+    }
+
     /// When the next idle check is queued, if any.
     pub fn idle_check_at(&self) -> Option<u64> {
         self.idle_check_at.map(NonZeroU64::get)
@@ -312,7 +321,7 @@ impl Session {
     }
 
     pub fn idle_direction(&self) -> IdleDirection {
-        IdleDirection::from_u32(self.terms.idle_direction)
+        IdleDirection::from_u32(u32::from(self.terms.idle_direction))
     }
 
     /// Every `PENDING` key the session holds.
@@ -334,7 +343,8 @@ impl Session {
             granted_ns: t.granted_ns,
             granted_unix_ns: t.granted_unix_ns,
             granted_by_uid: t.granted_by_uid,
-            idle_direction: t.idle_direction,
+            idle_direction: u32::from(t.idle_direction),
+            flags: t.flags as u8,
             idle_timeout_ns: t.idle_timeout_ns,
             touched_ns: t.touched_ns,
             expires_unix_ns: t.expires_unix_ns,

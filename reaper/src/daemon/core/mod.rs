@@ -28,6 +28,7 @@
 
 mod due;
 pub mod fleet;
+mod fleet_sessions;
 mod index;
 mod kill;
 pub mod model;
@@ -44,6 +45,7 @@ mod tests;
 use crate::config::{Config, ConfigError};
 use crate::kernel::Kernel;
 use crate::policy::DeadlineLimits;
+pub use fleet_sessions::Publish;
 use index::Index;
 use kill::RstChecks;
 pub use model::{AuditSink, Outcome, Refused};

@@ -31,6 +31,10 @@ pub enum Reason {
     /// It needed tracking (a fenced port, or a pre-registered grant) and the
     /// kernel flow table was full: it fails closed.
     TableFull,
+    /// A fleet mirror whose session ended on the node that granted it.
+    OriginEnded,
+    /// A `fail-closed` class's session on a node cut off from the fleet.
+    Partitioned,
 }
 
 impl Reason {
@@ -43,6 +47,8 @@ impl Reason {
             Reason::Unauthorized => "unauthorized",
             Reason::Rejected => "rejected",
             Reason::TableFull => "table_full",
+            Reason::OriginEnded => "origin_ended",
+            Reason::Partitioned => "partitioned",
         }
     }
 }
@@ -282,7 +288,7 @@ pub struct Status {
     pub classes: Vec<String>,
     pub config_loads: u64,
     pub last_reload_error: Option<String>,
-    pub fleet: Option<crate::protocol::FleetStatus>,
+    pub fleet: Option<Box<crate::protocol::FleetStatus>>,
 }
 
 /// What an operation produced.
@@ -359,6 +365,8 @@ pub enum Code {
     QuotaExceeded,
     /// The user or target is revoked fleet-wide (a lock stands).
     Locked,
+    /// Cut off from the fleet, and the class fails closed.
+    Partitioned,
     Internal,
 }
 

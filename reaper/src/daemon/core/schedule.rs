@@ -21,6 +21,9 @@ pub(super) enum Due {
     RstCheck(u64),
     /// Time to forget forwarded flows nobody uses any more.
     ForwardGc,
+    /// Time to see whether the node is cut off from the fleet (its lease
+    /// unrenewed for `fleet.grace`).
+    FleetGrace,
 }
 
 /// Bits of a packed `Due` that hold its id (the top three say which kind).
@@ -38,6 +41,7 @@ impl Due {
             Due::Fence(cookie) => (2, cookie),
             Due::RstCheck(id) => (3, id),
             Due::ForwardGc => (4, 0),
+            Due::FleetGrace => (5, 0),
         };
         assert!(id < 1 << ID_BITS, "schedule id {id} out of range");
         (kind << ID_BITS) | id
@@ -50,7 +54,8 @@ impl Due {
             1 => Due::IdleCheck(id),
             2 => Due::Fence(id),
             3 => Due::RstCheck(id),
-            _ => Due::ForwardGc,
+            4 => Due::ForwardGc,
+            _ => Due::FleetGrace,
         }
     }
 }

@@ -47,6 +47,7 @@ impl<K: Kernel> Core<K> {
             let Some(s) = self.index.remove_session(id) else {
                 continue;
             };
+            self.fleet_session_forgotten(id, s.name());
             self.schedule.cancel(s.terms.deadline_ns, Due::Deadline(id));
             if let Some(at) = s.idle_check_at() {
                 self.schedule.cancel(at, Due::IdleCheck(id));
@@ -107,6 +108,7 @@ impl<K: Kernel> Core<K> {
             }
         }
         self.schedule.reschedule(old, deadline, Due::Deadline(id));
+        self.fleet_session_changed(id);
         Ok(())
     }
 

@@ -13,9 +13,11 @@ use super::fleet::Applying;
 use super::model::{
     AuditSink, Change, ChangeKind, Code, Kill, KillResult, Outcome, Reason, Refused,
 };
+use super::Publish;
 use super::{Caller, Core};
 use crate::config::Config;
 use crate::fleet::record::{Revocation, Selector};
+use crate::fleet::session::{FleetFlow, FleetSession, NodeRecord};
 use crate::kernel::SocketInfo;
 use crate::protocol::parse_request;
 use crate::timefmt::{NS_PER_MS, NS_PER_SEC};
@@ -1297,6 +1299,16 @@ fn a_watched_flow_left_untracked_by_a_full_share_is_refused_naming_the_holder() 
 
 // --- fleet revocations
 
+fn join_fleet(h: &mut Harness, node: &str) {
+    h.core.fleet_joined(
+        node,
+        &["http://198.18.0.1:2379".into()],
+        0,
+        2 * NS_PER_SEC,
+        Default::default(),
+    );
+}
+
 fn revocation(selector: Selector, value: &str, at_unix_ns: i128) -> Revocation {
     Revocation::new(selector, value, "node-c", 0, at_unix_ns as i64)
 }
@@ -1304,8 +1316,7 @@ fn revocation(selector: Selector, value: &str, at_unix_ns: i128) -> Revocation {
 #[test]
 fn a_fleet_lock_ends_matching_sessions_and_refuses_grants_until_lifted() {
     let mut h = harness();
-    h.core
-        .fleet_joined("node-a", &["http://198.18.0.1:2379".into()], 0);
+    join_fleet(&mut h, "node-a");
     h.connect(1, A.0, A.1);
     h.connect(2, B.0, B.1);
     h.ok(&grant_line("s1", "alice", "vm-1", "", &[A]));
@@ -1381,8 +1392,247 @@ fn a_list_makes_the_locks_exactly_those_standing() {
         .fleet_revoked(&revocation(Selector::User, "gone", now), 3, Applying::Now);
     let standing = [(revocation(Selector::Target, "vm-9", now), 4)];
     h.core.fleet_listed(&standing, 9);
-    h.core.fleet_joined("node-a", &[], 9);
+    h.core
+        .fleet_joined("node-a", &[], 9, NS_PER_SEC, Default::default());
     let status = h.core.status().fleet.unwrap();
     assert_eq!(status.locks, ["target=vm-9"]);
     assert_eq!(h.core.fleet_applied_revision(), 9);
+}
+
+// --- fleet sessions
+
+fn node_record(name: &str, address: &str) -> NodeRecord {
+    NodeRecord::new(name, vec![address.parse().unwrap()])
+}
+
+fn fleet_flow(local: &str, remote: &str) -> FleetFlow {
+    FleetFlow {
+        local: local.parse().unwrap(),
+        remote: remote.parse().unwrap(),
+    }
+}
+
+fn decode_put(p: &Publish, landing: &str) -> FleetSession {
+    let value = p.value.as_ref().expect("a put");
+    FleetSession::decode("/p", landing, p.key.as_bytes(), value.as_bytes()).expect("reads back")
+}
+
+#[test]
+fn a_session_with_flows_on_another_node_is_published_for_it_until_it_ends() {
+    let mut h = harness();
+    join_fleet(&mut h, "node-a");
+    h.core.fleet_nodes_listed(vec![
+        node_record("node-a", "198.18.1.2"),
+        node_record("node-b", "198.18.2.2"),
+    ]);
+    h.connect(1, "198.18.1.2:40000", "198.18.2.2:5900");
+    h.connect(2, "127.0.0.1:6080", "127.0.0.1:50000");
+    // A session with no flow elsewhere stays this node's own.
+    h.ok(&grant_line(
+        "alone",
+        "bob",
+        "vm-2",
+        "",
+        &[("127.0.0.1:6080", "127.0.0.1:50000")],
+    ));
+    assert_eq!(h.core.fleet_outbox("/p"), []);
+
+    h.connect(3, "127.0.0.1:6080", "127.0.0.1:50001");
+    let now = crate::kernel::Kernel::now(&h.core.kernel);
+    h.ok(&grant_line(
+        "s1",
+        "alice",
+        "vm-1",
+        r#","ttl":"60s""#,
+        &[
+            ("198.18.1.2:40000", "198.18.2.2:5900"),
+            ("127.0.0.1:6080", "127.0.0.1:50001"),
+        ],
+    ));
+    let out = h.core.fleet_outbox("/p");
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].key, "/p/sessions/node-b/node-a/s1");
+    let r = decode_put(&out[0], "node-b");
+    // Only the flow that lands there, as node-b sees it.
+    assert_eq!(r.flows, [fleet_flow("198.18.2.2:5900", "198.18.1.2:40000")]);
+    assert_eq!((r.user.as_str(), r.target.as_str()), ("alice", "vm-1"));
+    let first_expiry = r.expires_unix_ns;
+    assert!(
+        (i128::from(first_expiry) - now.unix_ns - 60 * NS_PER_SEC as i128).abs()
+            < NS_PER_MS as i128
+    );
+    assert_eq!(
+        h.core.fleet_outbox("/p"),
+        [],
+        "nothing changed, nothing written"
+    );
+
+    h.ok(r#"{"op":"extend","session":"s1","ttl":"120s"}"#);
+    let out = h.core.fleet_outbox("/p");
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(decode_put(&out[0], "node-b").expires_unix_ns > first_expiry);
+
+    // A new lease: written again, unchanged.
+    h.core.fleet_republish_all();
+    let out = h.core.fleet_outbox("/p");
+    assert_eq!(out.len(), 1, "{out:?}");
+
+    h.ok(r#"{"op":"revoke","session":"s1"}"#);
+    assert_eq!(
+        h.core.fleet_outbox("/p"),
+        [Publish {
+            key: "/p/sessions/node-b/node-a/s1".into(),
+            value: None
+        }]
+    );
+}
+
+fn mirrored(expires_unix_ns: i128) -> FleetSession {
+    FleetSession {
+        v: crate::fleet::record::VERSION,
+        session: "s1".into(),
+        origin: "node-a".into(),
+        user: "alice".into(),
+        target: "vm-1".into(),
+        class: "console".into(),
+        granted_by_uid: 1000,
+        granted_unix_ns: 1,
+        expires_unix_ns: expires_unix_ns as i64,
+        flows: vec![
+            fleet_flow("198.18.2.2:5900", "198.18.1.2:40000"),
+            fleet_flow("198.18.2.2:5901", "198.18.1.2:0"),
+        ],
+    }
+}
+
+#[test]
+fn a_session_landing_here_is_mirrored_with_its_deadline_until_its_origin_ends_it() {
+    let mut h = harness();
+    join_fleet(&mut h, "node-b");
+    h.connect(1, "198.18.2.2:5900", "198.18.1.2:40000");
+    let now = crate::kernel::Kernel::now(&h.core.kernel);
+    let expires = now.unix_ns + 60 * NS_PER_SEC as i128;
+    h.core.fleet_mirror_put(mirrored(expires));
+    let Outcome::Listed(l) = h.ok(r#"{"op":"list","session":"s1"}"#) else {
+        panic!()
+    };
+    let s = &l.sessions[0];
+    assert_eq!((s.flows.len(), s.expecting), (1, 1), "{s:?}");
+    assert_eq!(s.deadline_unix_ns, expires);
+    assert_eq!(h.core.status().fleet.unwrap().mirrors, 1);
+    assert_eq!(h.audit.take_changes()[0].0, ChangeKind::Created);
+
+    // The origin's uid number means nothing here; a session of that name
+    // cannot be granted here.
+    let before = h.kernel_state();
+    h.refused(PROXY, r#"{"op":"extend","session":"s1","ttl":"1h"}"#);
+    h.connect(2, A.0, A.1);
+    let conflict = h.refused(ROOT, &grant_line("s1", "alice", "vm-1", "", &[A]));
+    assert_eq!(conflict.code, Code::SessionConflict, "{}", conflict.message);
+    assert!(
+        conflict.message.contains("node node-a"),
+        "{}",
+        conflict.message
+    );
+    assert_eq!(h.kernel_state().lines().nth(1), before.lines().nth(1));
+
+    // The origin moves the deadline (earlier too), then ends it.
+    h.core
+        .fleet_mirror_put(mirrored(expires - 30 * NS_PER_SEC as i128));
+    let Outcome::Listed(l) = h.ok(r#"{"op":"list","session":"s1"}"#) else {
+        panic!()
+    };
+    assert_eq!(
+        l.sessions[0].deadline_unix_ns,
+        expires - 30 * NS_PER_SEC as i128
+    );
+    assert_eq!(
+        l.sessions[0].expecting, 1,
+        "the expected connection is not registered twice"
+    );
+    let kills = h.core.fleet_mirror_gone("node-a", "s1");
+    assert_eq!(kills.len(), 1);
+    assert_eq!(kills[0].reason, Reason::OriginEnded);
+    assert_eq!(kills[0].by_node.as_deref(), Some("node-a"));
+    assert_eq!(h.sessions(), Vec::<String>::new());
+}
+
+#[test]
+fn a_list_without_a_mirror_ends_it_and_limits_do_not_apply_to_mirrors() {
+    let mut h = harness();
+    join_fleet(&mut h, "node-b");
+    h.connect(1, "198.18.2.2:5900", "198.18.1.2:40000");
+    h.connect(2, "198.18.2.2:5900", "198.18.1.2:40001");
+    let now = crate::kernel::Kernel::now(&h.core.kernel);
+    let mut second = mirrored(now.unix_ns + 60 * NS_PER_SEC as i128);
+    second.session = "s2".into();
+    second.flows = vec![fleet_flow("198.18.2.2:5900", "198.18.1.2:40001")];
+    // Class console allows one per target here; the origin decided.
+    let kills = h.core.fleet_mirrors_listed(vec![
+        mirrored(now.unix_ns + 60 * NS_PER_SEC as i128),
+        second.clone(),
+    ]);
+    assert_eq!(kills, []);
+    assert_eq!(h.sessions(), ["s1", "s2"]);
+    let kills = h.core.fleet_mirrors_listed(vec![second]);
+    assert_eq!(kills.len(), 1, "s1's one established flow: {kills:?}");
+    assert!(kills.iter().all(|k| k.reason == Reason::OriginEnded));
+    assert_eq!(h.sessions(), ["s2"]);
+}
+
+#[test]
+fn a_cut_off_node_ends_fail_closed_sessions_at_the_grace_and_refuses_new_ones() {
+    let mut h = harness_with(&format!(
+        "{CONFIG}[classes.secure]\nttl = \"1h\"\non_partition = \"fail-closed\"\n"
+    ));
+    join_fleet(&mut h, "node-a");
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line(
+        "locked-down",
+        "alice",
+        "vm-1",
+        r#","class":"secure""#,
+        &[A],
+    ));
+    h.ok(&grant_line("easy", "bob", "vm-2", "", &[B]));
+    h.pass(NS_PER_SEC);
+    h.core.fleet_renewed();
+    h.pass(3 * NS_PER_SEC / 2);
+    assert_eq!(h.audit.take(), [], "renewed 1.5 s ago: within the grace");
+    h.pass(NS_PER_SEC);
+    let kills = h.audit.take();
+    assert_eq!(kills.len(), 1, "{kills:?}");
+    assert_eq!(
+        (kills[0].owner.session.as_str(), kills[0].reason),
+        ("locked-down", Reason::Partitioned)
+    );
+    assert!(h.core.status().fleet.unwrap().cut_off);
+
+    h.connect(3, "127.0.0.1:5900", "127.0.0.1:40003");
+    let line = grant_line(
+        "again",
+        "alice",
+        "vm-1",
+        r#","class":"secure""#,
+        &[("127.0.0.1:5900", "127.0.0.1:40003")],
+    );
+    refused_changes_nothing(&mut h, ROOT, &line, Code::Partitioned);
+    h.ok(&grant_line(
+        "more",
+        "bob",
+        "vm-3",
+        "",
+        &[("127.0.0.1:5900", "127.0.0.1:40003")],
+    ));
+    h.core.fleet_renewed();
+    h.connect(4, "127.0.0.1:5900", "127.0.0.1:40004");
+    h.ok(&grant_line(
+        "again",
+        "alice",
+        "vm-1",
+        r#","class":"secure""#,
+        &[("127.0.0.1:5900", "127.0.0.1:40004")],
+    ));
+    assert!(!h.core.status().fleet.unwrap().cut_off);
 }

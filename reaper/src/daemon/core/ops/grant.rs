@@ -67,20 +67,43 @@ impl<K: Kernel> Core<K> {
         caller: Caller,
         fds: &[OwnedFd],
     ) -> Result<Granted, Refused> {
+        self.grant_as(g, caller, fds, None)
+    }
+
+    /// A grant asked by `caller` here, or (`origin`) the mirror of a
+    /// session node `origin` granted, which the fleet task hands in
+    /// (core/fleet_sessions.rs): that node's checks were its own, so a
+    /// mirror is held to no access scope, quota or class limit here, only
+    /// to the locks, the flows and the tables.
+    pub(in crate::daemon::core) fn grant_as(
+        &mut self,
+        g: GrantRequest,
+        caller: Caller,
+        fds: &[OwnedFd],
+        origin: Option<&std::sync::Arc<str>>,
+    ) -> Result<Granted, Refused> {
         let now = self.kernel.now();
         // Checks: nothing is written until every one has passed.
         self.check_unlocked(&g.user, &g.target)?;
         let (cookies, forwarded) = self.resolve(&g.flows, fds, caller)?;
         let existing = self.index.id_of(&g.session);
+        self.check_mirror_kind(&g.session, existing, origin.is_some())?;
         self.check_flows_free(&cookies, &forwarded, existing, now)?;
         let expected = self.expected(&g.expect, caller)?;
-        self.check_rights(&g, caller, existing, &cookies, &forwarded, &expected)?;
+        if origin.is_none() {
+            self.check_rights(&g, caller, existing, &cookies, &forwarded, &expected)?;
+        }
         let plan = match existing {
             Some(id) => {
-                self.check_scope(Op::Grant, caller, id)?;
+                if origin.is_none() {
+                    self.check_scope(Op::Grant, caller, id)?;
+                }
                 self.plan_join(id, &g, now)?
             }
-            None => self.plan_create(&g, caller, now, &cookies, &forwarded)?,
+            None => {
+                self.check_reachable(g.class.as_deref())?;
+                self.plan_create(&g, caller, now, &cookies, &forwarded, origin.is_some())?
+            }
         };
         self.check_room(&forwarded, &expected)?;
 
@@ -152,10 +175,11 @@ impl<K: Kernel> Core<K> {
         self.audit.change(&Change {
             kind,
             by: caller,
-            by_node: None,
+            by_node: origin.map(|o| &**o),
             at_unix_ns: now.unix_ns,
             session: &session,
         });
+        self.fleet_session_changed(id);
         // The audit trail has the grant; a log line each would cost a
         // write per grant at 100k grants/s.
         debug!(session = %session.name, user = %session.user, target = %session.target,
@@ -518,6 +542,7 @@ impl<K: Kernel> Core<K> {
         now: Now,
         cookies: &[u64],
         forwarded: &[FlowTuple],
+        mirror: bool,
     ) -> Result<Plan, Refused> {
         let Some(class) = self.config.class(g.class.as_deref()) else {
             let known: Vec<&String> = self.config.classes.keys().collect();
@@ -529,7 +554,10 @@ impl<K: Kernel> Core<K> {
                 ),
             );
         };
-        let terms = policy::terms_for(&class, &g.asked, now, self.limits(), caller.uid == 0)
+        // A mirror's terms were the origin's to bound; the global max_ttl
+        // still bounds them here.
+        let privileged = caller.uid == 0 || mirror;
+        let terms = policy::terms_for(&class, &g.asked, now, self.limits(), privileged)
             .map_err(|e| Refused::new(Code::DeadlineRefused, format!("grant: {e}")))?;
         if self.index.session_count() >= self.config.max_sessions as usize {
             return refuse(
@@ -540,7 +568,7 @@ impl<K: Kernel> Core<K> {
                 ),
             );
         }
-        let admission = if class.is_limited(self.config.limits) {
+        let admission = if class.is_limited(self.config.limits) && !mirror {
             let holders: Vec<Holder<'_>> = self
                 .index
                 .sessions()
@@ -595,6 +623,11 @@ impl<K: Kernel> Core<K> {
             user: Label::new(&g.user).expect("length checked by the protocol"),
             target: Label::new(&g.target).expect("length checked by the protocol"),
             class: Label::new(&class.name).expect("length checked by the config"),
+            flags: if mirror {
+                reaper_common::session_flags::MIRROR
+            } else {
+                0
+            },
             ..Default::default()
         };
         Ok(Plan::Create {

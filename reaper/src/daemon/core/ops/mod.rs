@@ -108,7 +108,12 @@ impl<K: Kernel> Core<K> {
     /// Whether `caller` may act on the session `id`: its creator, root and
     /// the operators may.
     fn may_act_on(&self, caller: Caller, id: u64) -> bool {
+        // A mirror is its origin's: only root here may act on it, not a
+        // local uid that happens to be the number the origin granted it as.
         self.index.session(id).is_some_and(|s| {
+            if s.is_mirror() {
+                return caller.uid == 0;
+            }
             self.config
                 .access
                 .may_touch(caller.uid, caller.gid, s.terms.granted_by_uid)
@@ -159,7 +164,12 @@ impl<K: Kernel> Core<K> {
     /// Finds the tracked sockets of a flow named by addresses, in the
     /// network namespace with cookie `netns`: in the index, caught up with
     /// the kernel's events if it misses.
-    fn lookup_addrs(&mut self, local: SocketAddr, remote: SocketAddr, netns: u64) -> Vec<u64> {
+    pub(in crate::daemon::core) fn lookup_addrs(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        netns: u64,
+    ) -> Vec<u64> {
         let candidates = tuple::candidate_tuples(local, remote);
         let found = self.index.lookup(netns, &candidates);
         if found.is_empty() && self.catch_up() {

@@ -32,7 +32,7 @@ impl<K: Kernel> Core<K> {
             classes: self.config.classes.keys().cloned().collect(),
             config_loads: self.config_loads,
             last_reload_error: self.last_reload_error.clone(),
-            fleet: self.fleet_status(),
+            fleet: self.fleet_status().map(Box::new),
         }
     }
 }

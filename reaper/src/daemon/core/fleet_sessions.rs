@@ -1,0 +1,506 @@
+//! Fleet sessions, as the core sees them: a session granted here whose
+//! flows land on another node is published for that node (the outbox the
+//! fleet task writes to etcd), and the parts of other nodes' sessions
+//! that land here are mirrored: granted here as the origin granted them,
+//! with the same deadline, until the origin ends them. Also the partition
+//! rule: a node that has not renewed its lease for `fleet.grace` is cut
+//! off, and `fail-closed` classes' sessions die.
+//!
+//! Who may: a mirror is the fleet's (whoever may write the session keys
+//! in etcd, docs/fleet.md); here only root may extend, touch or revoke
+//! one, never a proxy's uid that happens to match the origin's.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::kill::Victims;
+use super::model::{refuse, Cause, Code, Kill, Reason, Refused};
+use super::schedule::Due;
+use super::{Caller, Core};
+use crate::fleet::session::{self, FleetFlow, FleetSession, NodeRecord};
+use crate::kernel::Kernel;
+use crate::policy::{Asked, Expiry, OnPartition};
+use crate::protocol::{FlowRef, GrantRequest};
+use crate::tuple;
+
+/// One write the fleet task owes etcd: `value` at `key` under the node
+/// lease, or (`None`) the key deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+/// What the core keeps of fleet sessions (inside `FleetState`).
+#[derive(Default)]
+pub(super) struct Sessions {
+    /// Where each other node's addresses are.
+    pub node_of: BTreeMap<IpAddr, Arc<str>>,
+    /// Each node's addresses as its record says.
+    pub addresses: BTreeMap<Arc<str>, Vec<IpAddr>>,
+    /// What is in etcd for each session granted here: landing node →
+    /// record as written ("" once a new lease needs it written again).
+    pub published: BTreeMap<String, BTreeMap<Arc<str>, String>>,
+    /// Sessions whose records may have to change.
+    pub dirty: BTreeSet<String>,
+    /// Told when `dirty` gains a session (the fleet task waits on it).
+    pub wake: Option<Arc<tokio::sync::Notify>>,
+    /// Mirrors here: session id → its origin and the connections to come
+    /// it registered.
+    pub mirrors: BTreeMap<u64, (Arc<str>, BTreeSet<FleetFlow>)>,
+    /// Mirror records this node could not grant.
+    pub refused: u64,
+    /// Boot time the lease was last renewed (or the fleet joined).
+    pub renewed_ns: u64,
+    pub grace_ns: u64,
+    /// Cut off: no renewal for `grace_ns`.
+    pub cut_off: bool,
+}
+
+impl<K: Kernel> Core<K> {
+    /// The node's lease was renewed: it reaches a quorum.
+    pub fn fleet_renewed(&mut self) {
+        let now = self.kernel.now().boot_ns;
+        let f = &mut self.fleet.sessions;
+        f.renewed_ns = now;
+        if f.cut_off {
+            f.cut_off = false;
+            info!("fleet: the lease is renewed again; no longer cut off");
+        }
+        self.schedule.push(now + f.grace_ns, Due::FleetGrace);
+        self.kernel.arm_timer(self.schedule.next());
+    }
+
+    /// A `FleetGrace` entry is due: past the grace without a renewal, the
+    /// node is cut off and `fail-closed` classes' sessions die.
+    pub(super) fn fleet_grace_due(&mut self, now: u64) -> Vec<Kill> {
+        let f = &self.fleet.sessions;
+        if self.fleet.joined.is_none() || f.cut_off || now < f.renewed_ns + f.grace_ns {
+            return Vec::new();
+        }
+        self.fleet.sessions.cut_off = true;
+        let fail_closed = |class: &str| {
+            self.config
+                .class(Some(class))
+                .is_some_and(|c| c.on_partition == OnPartition::FailClosed)
+        };
+        let ids = self.index.pick(|s| fail_closed(s.class()));
+        warn!(
+            unrenewed_ms = (now - self.fleet.sessions.renewed_ns) / 1_000_000,
+            killing = ids.len(),
+            "fleet: cut off (no lease renewal within fleet.grace); fail-closed classes' sessions end"
+        );
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        self.kill(
+            Victims::Sessions(&ids),
+            Cause::own(Reason::Partitioned, Some(now)),
+        )
+    }
+
+    /// Refuses a new session of a `fail-closed` class while cut off.
+    pub(super) fn check_reachable(&self, class: Option<&str>) -> Result<(), Refused> {
+        if !self.fleet.sessions.cut_off {
+            return Ok(());
+        }
+        match self.config.class(class) {
+            Some(c) if c.on_partition == OnPartition::FailClosed => refuse(
+                Code::Partitioned,
+                format!(
+                    "grant: this node is cut off from the fleet (no lease renewal for {} ms) and class {:?} fails closed; grant again once it is back",
+                    (self.kernel.now().boot_ns - self.fleet.sessions.renewed_ns) / 1_000_000,
+                    c.name
+                ),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The node records, as listed: where every address lives.
+    pub fn fleet_nodes_listed(&mut self, nodes: Vec<NodeRecord>) {
+        let f = &mut self.fleet.sessions;
+        f.addresses.clear();
+        for n in nodes {
+            f.addresses.insert(n.node.into(), n.addresses);
+        }
+        self.nodes_changed();
+    }
+
+    /// A node record written (`Some`) or gone.
+    pub fn fleet_node(&mut self, node: &str, record: Option<NodeRecord>) {
+        let f = &mut self.fleet.sessions;
+        match record {
+            Some(n) if f.addresses.get(node) == Some(&n.addresses) => return,
+            Some(n) => {
+                f.addresses.insert(node.into(), n.addresses);
+            }
+            None => {
+                f.addresses.remove(node);
+            }
+        }
+        self.nodes_changed();
+    }
+
+    /// The address map follows the records; every session granted here may
+    /// now land somewhere else.
+    fn nodes_changed(&mut self) {
+        let me = self.fleet.joined.as_ref().map(|(n, _)| n.clone());
+        let f = &mut self.fleet.sessions;
+        f.node_of.clear();
+        for (node, addresses) in &f.addresses {
+            if Some(&**node) == me.as_deref() {
+                continue;
+            }
+            for a in addresses {
+                f.node_of.insert(a.to_canonical(), node.clone());
+            }
+        }
+        let local: Vec<String> = self
+            .index
+            .sessions()
+            .filter(|(_, s)| !s.is_mirror())
+            .map(|(_, s)| s.name().to_owned())
+            .collect();
+        let f = &mut self.fleet.sessions;
+        f.dirty.extend(local);
+        f.dirty.extend(f.published.keys().cloned());
+        if let Some(w) = &f.wake {
+            w.notify_one();
+        }
+    }
+
+    /// A session granted here changed (granted, joined, deadline moved):
+    /// its records may have to follow.
+    pub(super) fn fleet_session_changed(&mut self, id: u64) {
+        let f = &self.fleet.sessions;
+        if self.fleet.joined.is_none() || f.node_of.is_empty() {
+            return;
+        }
+        let Some(s) = self.index.session(id).filter(|s| !s.is_mirror()) else {
+            return;
+        };
+        let name = s.name().to_owned();
+        self.mark_dirty(name);
+    }
+
+    /// A session is gone from the index: its records go too; a mirror is
+    /// forgotten.
+    pub(super) fn fleet_session_forgotten(&mut self, id: u64, name: &str) {
+        let f = &mut self.fleet.sessions;
+        f.mirrors.remove(&id);
+        if f.published.contains_key(name) {
+            self.mark_dirty(name.to_owned());
+        }
+    }
+
+    fn mark_dirty(&mut self, name: String) {
+        let f = &mut self.fleet.sessions;
+        if f.dirty.insert(name) {
+            if let Some(w) = &f.wake {
+                w.notify_one();
+            }
+        }
+    }
+
+    /// A new node lease: every record this node wrote must be written
+    /// again under it.
+    pub fn fleet_republish_all(&mut self) {
+        let f = &mut self.fleet.sessions;
+        for parts in f.published.values_mut() {
+            for value in parts.values_mut() {
+                value.clear();
+            }
+        }
+        self.nodes_changed();
+    }
+
+    /// The writes that bring etcd to what the sessions granted here are
+    /// now, taking them from the outbox.
+    pub fn fleet_outbox(&mut self, prefix: &str) -> Vec<Publish> {
+        let Some((me, _)) = self.fleet.joined.clone() else {
+            return Vec::new();
+        };
+        let dirty = std::mem::take(&mut self.fleet.sessions.dirty);
+        let mut out = Vec::new();
+        for name in dirty {
+            let want = self.landing_parts(&me, &name);
+            let had = self
+                .fleet
+                .sessions
+                .published
+                .remove(&name)
+                .unwrap_or_default();
+            for landing in had.keys().filter(|l| !want.contains_key(*l)) {
+                out.push(Publish {
+                    key: session::session_key(prefix, landing, &me, &name),
+                    value: None,
+                });
+            }
+            let mut now_published = BTreeMap::new();
+            for (landing, record) in want {
+                let value = record.encode();
+                if had.get(&landing) != Some(&value) {
+                    out.push(Publish {
+                        key: session::session_key(prefix, &landing, &me, &name),
+                        value: Some(value.clone()),
+                    });
+                }
+                now_published.insert(landing, value);
+            }
+            if !now_published.is_empty() {
+                self.fleet.sessions.published.insert(name, now_published);
+            }
+        }
+        out
+    }
+
+    /// The records of the session called `name` (granted here), one per
+    /// node its flows land on.
+    fn landing_parts(&self, me: &str, name: &str) -> BTreeMap<Arc<str>, FleetSession> {
+        let mut parts: BTreeMap<Arc<str>, FleetSession> = BTreeMap::new();
+        let Some(id) = self.index.id_of(name) else {
+            return parts;
+        };
+        let Some(s) = self.index.session(id).filter(|s| !s.is_mirror()) else {
+            return parts;
+        };
+        let ends = s
+            .flows
+            .iter()
+            .filter_map(|c| self.index.flow(*c))
+            .map(|f| tuple::addrs_of(&f.tuple))
+            .chain(s.pending_keys().map(tuple::addrs_of));
+        for (local, remote) in ends {
+            let (local, remote) = (canonical(local), canonical(remote));
+            let Some(landing) = self.fleet.sessions.node_of.get(&remote.ip()) else {
+                continue;
+            };
+            if remote.port() == 0 {
+                continue;
+            }
+            let part = parts
+                .entry(landing.clone())
+                .or_insert_with(|| FleetSession {
+                    v: crate::fleet::record::VERSION,
+                    session: name.to_owned(),
+                    origin: me.to_owned(),
+                    user: s.user().to_owned(),
+                    target: s.target().to_owned(),
+                    class: s.class().to_owned(),
+                    granted_by_uid: s.terms.granted_by_uid,
+                    granted_unix_ns: s.terms.granted_unix_ns as i64,
+                    expires_unix_ns: self.wall(s.terms.deadline_ns).clamp(1, i64::MAX as i128)
+                        as i64,
+                    flows: Vec::new(),
+                });
+            // As the landing node sees it.
+            let flow = FleetFlow {
+                local: remote,
+                remote: local,
+            };
+            if !part.flows.contains(&flow) && part.flows.len() < session::MAX_FLOWS {
+                part.flows.push(flow);
+            }
+        }
+        for part in parts.values_mut() {
+            part.flows.sort();
+        }
+        parts
+    }
+
+    /// The sessions landing here, as listed: each is mirrored, and a
+    /// mirror whose session is no longer listed ended while this node was
+    /// not watching.
+    pub fn fleet_mirrors_listed(&mut self, records: Vec<FleetSession>) -> Vec<Kill> {
+        let listed: BTreeSet<&str> = records.iter().map(|r| r.session.as_str()).collect();
+        let gone: Vec<u64> = self
+            .index
+            .sessions()
+            .filter(|(_, s)| s.is_mirror() && !listed.contains(s.name()))
+            .map(|(id, _)| id)
+            .collect();
+        let mut kills = Vec::new();
+        for id in gone {
+            kills.extend(self.end_mirror(id));
+        }
+        for r in records {
+            self.mirror(r);
+        }
+        self.settle();
+        kills
+    }
+
+    /// One session record landing here, written.
+    pub fn fleet_mirror_put(&mut self, record: FleetSession) {
+        self.mirror(record);
+        self.settle();
+    }
+
+    /// The record of `session` from `origin` is gone: the origin ended it
+    /// (or its lease ran out), so its flows here end too.
+    pub fn fleet_mirror_gone(&mut self, origin: &str, session: &str) -> Vec<Kill> {
+        let id = self.index.id_of(session).filter(|id| {
+            self.fleet
+                .sessions
+                .mirrors
+                .get(id)
+                .is_none_or(|(o, _)| &**o == origin)
+        });
+        let kills = match id {
+            Some(id) if self.index.session(id).is_some_and(|s| s.is_mirror()) => {
+                self.end_mirror(id)
+            }
+            _ => Vec::new(),
+        };
+        self.settle();
+        kills
+    }
+
+    fn end_mirror(&mut self, id: u64) -> Vec<Kill> {
+        let now = self.kernel.now().boot_ns;
+        let Some(s) = self.index.session(id) else {
+            return Vec::new();
+        };
+        let by = Caller {
+            uid: s.terms.granted_by_uid,
+            gid: u32::MAX,
+            pid: 0,
+        };
+        let origin = self
+            .fleet
+            .sessions
+            .mirrors
+            .get(&id)
+            .map_or_else(|| Arc::from("?"), |(o, _)| o.clone());
+        self.kill(
+            Victims::Sessions(&[id]),
+            Cause::fleet(Reason::OriginEnded, now, by, origin),
+        )
+    }
+
+    /// Grants (or brings up to date) the mirror of `r`: its established
+    /// flows here, its connections to come as expected ones, its deadline.
+    fn mirror(&mut self, r: FleetSession) {
+        let origin: Arc<str> = Arc::from(r.origin.as_str());
+        let existing = self.index.id_of(&r.session);
+        if let Some(id) = existing {
+            if !self.index.session(id).is_some_and(|s| s.is_mirror()) {
+                self.fleet.sessions.refused += 1;
+                warn!(session = %r.session, origin = %r.origin,
+                      "fleet session not mirrored: a session of that name was granted here");
+                return;
+            }
+        }
+        let own_netns = self.kernel.own_netns();
+        let registered = existing
+            .and_then(|id| self.fleet.sessions.mirrors.get(&id))
+            .map(|(_, e)| e.clone())
+            .unwrap_or_default();
+        let mut flows = Vec::new();
+        let mut expect = Vec::new();
+        for f in &r.flows {
+            let established =
+                f.remote.port() != 0 && !self.lookup_addrs(f.local, f.remote, own_netns).is_empty();
+            if established {
+                flows.push(FlowRef::Addrs {
+                    local: f.local,
+                    remote: f.remote,
+                    netns: None,
+                });
+            } else if !registered.contains(f) {
+                expect.push(*f);
+            }
+        }
+        let expiry = Expiry::At(i128::from(r.expires_unix_ns));
+        if let Some(id) = existing {
+            let now = self.kernel.now();
+            // The origin is the authority on the deadline: earlier or later.
+            if let Ok(deadline) = crate::policy::deadline_for(&expiry, now, self.limits()) {
+                if let Err(e) = self.set_deadline(id, deadline, expiry.wall_anchor()) {
+                    warn!(session = %r.session, "fleet session deadline: {}", e.message);
+                }
+            }
+        }
+        if existing.is_some() && flows.is_empty() && expect.is_empty() {
+            return;
+        }
+        let class = self.config.class(Some(&r.class)).map(|_| r.class.clone());
+        let grant = GrantRequest {
+            session: r.session.clone(),
+            user: r.user.clone(),
+            target: r.target.clone(),
+            class,
+            asked: Asked {
+                expiry: existing.is_none().then_some(expiry),
+                ..Asked::default()
+            },
+            flows,
+            expect: expect.iter().map(|f| (f.local, f.remote, None)).collect(),
+        };
+        let by = Caller {
+            uid: r.granted_by_uid,
+            gid: u32::MAX,
+            pid: 0,
+        };
+        match self.grant_as(grant, by, &[], Some(&origin)) {
+            Ok(granted) => {
+                let id = self.index.id_of(&granted.session.name).expect("granted");
+                let entry = self
+                    .fleet
+                    .sessions
+                    .mirrors
+                    .entry(id)
+                    .or_insert_with(|| (origin.clone(), BTreeSet::new()));
+                entry.0 = origin;
+                entry.1.extend(expect);
+            }
+            Err(refusal) => {
+                self.fleet.sessions.refused += 1;
+                warn!(session = %r.session, origin = %r.origin,
+                      "fleet session not mirrored: {}", refusal.message);
+            }
+        }
+    }
+
+    /// Whether the session `id` is a mirror another node owns.
+    pub(super) fn is_mirror(&self, id: u64) -> bool {
+        self.index.session(id).is_some_and(|s| s.is_mirror())
+    }
+
+    /// A grant here cannot join a mirror, nor a mirror a session granted
+    /// here: a session has one owner.
+    pub(super) fn check_mirror_kind(
+        &self,
+        name: &str,
+        existing: Option<u64>,
+        as_mirror: bool,
+    ) -> Result<(), Refused> {
+        match existing {
+            Some(id) if self.is_mirror(id) != as_mirror => {
+                let owner = self
+                    .fleet
+                    .sessions
+                    .mirrors
+                    .get(&id)
+                    .map_or("another node".to_owned(), |(o, _)| format!("node {o}"));
+                refuse(
+                    Code::SessionConflict,
+                    format!(
+                        "session {name:?} belongs to {owner} (a fleet session); grant it there"
+                    ),
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
