@@ -6,7 +6,9 @@ SCM_RIGHTS), prints the grant
 result as one JSON line, then relays bytes until either side fails and
 prints how each side ended.
 
-usage: fd_proxy.py REAPER_SOCKET LISTEN_PORT UPSTREAM_PORT TTL
+usage: fd_proxy.py REAPER_SOCKET LISTEN UPSTREAM TTL [SESSION]
+
+LISTEN and UPSTREAM are a port (on 127.0.0.1) or HOST:PORT.
 """
 import json
 import os
@@ -17,15 +19,24 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
 from reaper_grant import reaper_grant  # noqa: E402
 
-control, listen_port, upstream_port, ttl = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+
+def address(text):
+    host, _, port = text.rpartition(":")
+    return (host or "127.0.0.1", int(port))
+
+
+control, listen, upstream_at, ttl = sys.argv[1], address(sys.argv[2]), address(sys.argv[3]), sys.argv[4]
+session = sys.argv[5] if len(sys.argv) > 5 else "py-1"
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", listen_port))
+server.bind(listen)
 server.listen()
 print("listening", flush=True)
 client, _ = server.accept()
-upstream = socket.create_connection(("127.0.0.1", upstream_port))
-result = reaper_grant("py-1", "carol", "vm-7", ttl, [client, upstream], path=control)
+upstream = socket.create_connection(upstream_at)
+print("upstream %s:%d" % upstream.getsockname()[:2], flush=True)
+result = reaper_grant(session, "carol", "vm-7", ttl, [client, upstream], path=control)
 print(json.dumps(result), flush=True)
 
 ends = {}

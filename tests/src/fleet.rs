@@ -483,15 +483,38 @@ impl Node {
     /// Starts a server in the node's namespace and cgroup on `port` of
     /// every address.
     pub fn server(&mut self, port: u16) -> usize {
+        self.spawn(
+            &[peer_bin().as_os_str(), format!("0.0.0.0:{port}").as_ref()],
+            1,
+        )
+    }
+
+    /// Starts `program_and_args` in the node's namespace and cgroup; its
+    /// stdout lines are read as a peer's (`listeners` "ready" lines are
+    /// waited for). Returns its index for [`Node::peer_mut`].
+    pub fn spawn(&mut self, program_and_args: &[&std::ffi::OsStr], listeners: usize) -> usize {
         let procs = self.cgroup.join("cgroup.procs");
         let mut cmd = self.in_netns();
-        cmd.arg(peer_bin()).arg(format!("0.0.0.0:{port}"));
+        cmd.args(program_and_args);
         // SAFETY: only a write(2) between fork and exec.
         unsafe {
             cmd.pre_exec(move || std::fs::write(&procs, "0"));
         }
-        self.peers.push(Peer::spawn_cmd(cmd, 1));
+        self.peers.push(Peer::spawn_cmd(cmd, listeners));
         self.peers.len() - 1
+    }
+
+    pub fn peer_mut(&mut self, i: usize) -> &mut Peer {
+        &mut self.peers[i]
+    }
+
+    /// Waits until the node knows where `other`'s addresses are.
+    pub fn wait_knows(&self, other: &str, timeout: Duration) {
+        self.wait_fleet(timeout, &format!("learnt of {other}"), |s| {
+            s["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n == other))
+        });
     }
 
     pub fn log(&self) -> String {
@@ -547,6 +570,9 @@ impl Fleet {
         assert_eq!(unsafe { libc::geteuid() }, 0, "integration tests need root");
         let unique = format!("{PREFIX}{}-{name}", std::process::id());
         let netns = Netns::enter();
+        // The hub routes between the nodes (a proxy on one reaches a
+        // console on another).
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding in the hub");
         let cgroup = Cgroup::enter(&unique);
         let scratch = ScratchDir::new(&unique);
         let dir = scratch.path.clone();

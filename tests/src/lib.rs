@@ -98,17 +98,22 @@ pub(crate) fn check(status: std::io::Result<std::process::ExitStatus>, what: &st
     }
 }
 
-/// `python3` with the test's Python packages (websockify, installed by
-/// `cargo xtask setup` under target/pydeps) and reaper's own client
-/// (clients/python) on its path.
-pub fn python() -> Command {
+/// Where the tests' Python packages (websockify, installed by `cargo
+/// xtask setup` under target/pydeps) and reaper's own client
+/// (clients/python) are: a `PYTHONPATH`.
+pub fn python_path() -> std::ffi::OsString {
     let deps = std::env::var_os("REAPER_PYDEPS")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps"));
     let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/python");
-    let path = std::env::join_paths([client, deps]).expect("paths without ':'");
+    std::env::join_paths([client, deps]).expect("paths without ':'")
+}
+
+/// `python3` with [`python_path`].
+pub fn python() -> Command {
     let mut cmd = Command::new("python3");
-    cmd.env("PYTHONPATH", path).env("PYTHONUNBUFFERED", "1");
+    cmd.env("PYTHONPATH", python_path())
+        .env("PYTHONUNBUFFERED", "1");
     cmd
 }
 

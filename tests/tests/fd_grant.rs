@@ -37,6 +37,9 @@ fn python_proxy_registers_its_sockets_by_descriptor() {
     let mut browser = Conn::connect("127.0.0.1:6080");
     line.clear();
     out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("upstream "), "{line:?}");
+    line.clear();
+    out.read_line(&mut line).unwrap();
     let grant: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
     assert_eq!(grant["session"]["session"], "py-1");
     assert_eq!(

@@ -356,3 +356,167 @@ fn tls_nodes_need_a_certificate_the_cluster_trusts() {
     revoke_fleet(&fleet, A, "user", "t");
     assert!(ended_within(&mut conn.stream, Duration::from_secs(5)));
 }
+
+/// What both nodes of the console test watch: the proxy's client port and
+/// its upstream to consoles (node A), the fenced console port (node B).
+const CONSOLE_CONFIG: &str = "fence_grace = \"1s\"\n[[watch]]\nports = \"6080\"\nside = \"local\"\n[[watch]]\nports = \"5900\"\nside = \"remote\"\n[[fence]]\nports = \"5900\"\n";
+
+#[test]
+fn a_console_session_across_nodes_lives_through_the_fence_and_ends_everywhere_at_its_deadline() {
+    let mut fleet = Fleet::new("fleet-console", 2, false);
+    let console = fleet.nodes[B].server(5900);
+    fleet.start_all(CONSOLE_CONFIG);
+    fleet.nodes[A].wait_knows("node-b", Duration::from_secs(10));
+    // The console proxy on A: accepts the browser, connects to B's
+    // console, grants both its sockets on A only.
+    let script = reaper_tests::script("fd_proxy.py");
+    let socket = fleet.nodes[A].socket.clone();
+    let upstream_to = format!("{}:5900", fleet.nodes[B].addr());
+    let mut pythonpath = std::ffi::OsString::from("PYTHONPATH=");
+    pythonpath.push(reaper_tests::python_path());
+    let proxy = fleet.nodes[A].spawn(
+        &[
+            "env".as_ref(),
+            pythonpath.as_os_str(),
+            "python3".as_ref(),
+            script.as_os_str(),
+            socket.as_os_str(),
+            "0.0.0.0:6080".as_ref(),
+            upstream_to.as_ref(),
+            "4".as_ref(),
+            "console-1".as_ref(),
+        ],
+        0,
+    );
+    fleet.nodes[A]
+        .peer_mut(proxy)
+        .expect(|l| l == "listening", Duration::from_secs(20));
+    let mut browser = fleet.connect(A, 6080);
+    let upstream: std::net::SocketAddr = fleet.nodes[A]
+        .peer_mut(proxy)
+        .expect(|l| l.starts_with("upstream "), Duration::from_secs(10))["upstream ".len()..]
+        .parse()
+        .unwrap();
+    let granted: Value = serde_json::from_str(
+        &fleet.nodes[A]
+            .peer_mut(proxy)
+            .expect(|l| l.starts_with('{'), Duration::from_secs(10)),
+    )
+    .unwrap();
+    assert_eq!(granted["session"]["session"], "console-1", "{granted}");
+    let granted_at = std::time::Instant::now();
+    let deadline = granted["session"]["deadline_boot_ns"].as_u64().unwrap();
+
+    // B mirrors it: the upstream connection is granted there too.
+    let mirror = loop {
+        let listed = fleet.nodes[B].ok(json!({"op": "list", "session": "console-1"}));
+        if let Some(s) = listed["sessions"].as_array().and_then(|s| s.first()) {
+            break s.clone();
+        }
+        assert!(
+            granted_at.elapsed() < bound(Duration::from_secs(1)),
+            "B never mirrored the session: {}\n{}",
+            fleet.nodes[B].fleet_status(),
+            fleet.nodes[B].log()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    println!(
+        "fleet console: mirrored on B {:.1} ms after the grant on A",
+        granted_at.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        mirror["flows"][0]["remote"],
+        upstream.to_string(),
+        "{mirror}"
+    );
+    // The same wall-clock instant, on B's boot clock: as near as the two
+    // daemons' readings of the wall clock (here one machine).
+    let skew_us = (mirror["deadline_boot_ns"].as_u64().unwrap() as f64 - deadline as f64) / 1e3;
+    println!("fleet console: B's deadline is {skew_us:.0} us from A's");
+    assert!(skew_us.abs() < 1000.0, "{mirror}");
+
+    // A connection around the proxy gets no such grant: B's fence kills it.
+    let around_at = reaper_tests::boot_ns();
+    let mut around = fleet.connect(B, 5900);
+    let (_, around_end) = around.wait_reset(Duration::from_secs(5));
+    println!(
+        "fleet console: a connection around the proxy died {:.0} ms after connecting (fence_grace 1 s)",
+        (around_end - around_at) as f64 / 1e6
+    );
+    // Past the fence's grace, the proxied console still works.
+    browser
+        .echo()
+        .expect("the console answers through the proxy past B's fence grace");
+    assert_eq!(
+        fleet.nodes[B]
+            .peer_mut(console)
+            .wait_end(upstream, Duration::from_millis(50)),
+        None,
+        "the upstream connection survived B's fence"
+    );
+
+    // At the deadline every end sees it.
+    let (_, browser_end) = browser.wait_reset(Duration::from_secs(10));
+    let console_end = fleet.nodes[B]
+        .peer_mut(console)
+        .wait_end(upstream, Duration::from_secs(5));
+    let console_seen = reaper_tests::boot_ns();
+    // Destroyed by B's own daemon ("aborted"), or reset by A's RST
+    // first: either way it ended.
+    assert!(
+        matches!(console_end.as_deref(), Some("aborted" | "reset")),
+        "B's console end: {console_end:?}"
+    );
+    let ends: Value = serde_json::from_str(
+        &fleet.nodes[A]
+            .peer_mut(proxy)
+            .expect(|l| l.starts_with('{'), Duration::from_secs(5)),
+    )
+    .unwrap();
+    assert_eq!(
+        ends.as_object().map(|o| o.len()),
+        Some(2),
+        "the proxy's sockets: {ends}"
+    );
+    let late_ms = |at: u64| (at as f64 - deadline as f64) / 1e6;
+    let b_kill = wait_kill(&fleet.nodes[B], "console-1");
+    println!(
+        "fleet console: at the deadline, browser reset {:.1} ms late, B's console saw its reset by {:.1} ms, B killed it {:.1} ms late ({}), proxy saw {ends}",
+        late_ms(browser_end),
+        late_ms(console_seen),
+        b_kill["late_us"].as_f64().unwrap() / 1e3,
+        b_kill["reason"]
+    );
+    assert!(browser_end >= deadline && late_ms(browser_end) < reaper_tests::bound_ms(200.0));
+    assert_eq!(
+        b_kill["reason"], "expired",
+        "B ends it at its own deadline: {b_kill}"
+    );
+    assert!(
+        b_kill["late_us"].as_f64().unwrap() / 1e3 < reaper_tests::bound_ms(200.0),
+        "{b_kill}"
+    );
+    assert_eq!(b_kill["by_node"], Value::Null);
+}
+
+/// The audit trail's kill event of `session` on `node`, once written.
+fn wait_kill(node: &reaper_tests::fleet::Node, session: &str) -> Value {
+    let end = std::time::Instant::now() + bound(Duration::from_secs(2));
+    loop {
+        let found = node
+            .audit()
+            .into_iter()
+            .find(|e| e["event"] == "kill" && e["session"] == session);
+        if let Some(kill) = found {
+            return kill;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no kill of {session} on {}: {:?}",
+            node.name,
+            node.audit()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
