@@ -186,6 +186,9 @@ pub struct Class {
     pub max_per_user: u32,
     pub on_limit: OnLimit,
     pub on_partition: OnPartition,
+    /// `max_per_target` and `max_per_user` count the sessions of every
+    /// node (`limit_scope = "fleet"`), not only this one's.
+    pub fleet_limits: bool,
 }
 
 impl Class {
@@ -202,6 +205,7 @@ impl Class {
             max_per_user: 0,
             on_limit: OnLimit::RejectNew,
             on_partition: OnPartition::BestEffort,
+            fleet_limits: false,
         }
     }
 }
@@ -686,6 +690,7 @@ mod tests {
             max_per_user: 0,
             on_limit: OnLimit::RejectNew,
             on_partition: OnPartition::BestEffort,
+            fleet_limits: false,
         }
     }
 

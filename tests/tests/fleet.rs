@@ -259,13 +259,22 @@ fn revocations_go_on_through_the_other_members_when_one_dies() {
     fleet.etcd.restart_member(0);
 }
 
+/// A class whose sessions die on a node cut off from the fleet.
+const FAIL_CLOSED: &str = "[classes.secure]\nttl = \"10m\"\non_partition = \"fail-closed\"\n";
+
 #[test]
-fn revocations_issued_during_a_partition_are_applied_after_it_heals() {
+fn a_partition_ends_fail_closed_sessions_at_the_grace_and_revocations_apply_after_it_heals() {
     let mut fleet = Fleet::new("fleet-partition", 3, false);
     fleet.nodes[B].server(5900);
-    fleet.start_all("");
+    // node_lease 4 s, so fleet.grace is 2 s.
+    fleet.start_all(FAIL_CLOSED);
     let mut conn = fleet.connect(B, 5900);
     grant(&fleet, B, "p-b", "p", &conn);
+    let mut secure = fleet.connect(B, 5900);
+    fleet.nodes[B].ok(
+        json!({"op": "grant", "session": "s-b", "user": "s", "target": "vm-s",
+        "class": "secure", "flows": [secure.spec()]}),
+    );
     // Cut B off from etcd (not from its clients: only the members' ports).
     let netns = fleet.nodes[B].netns.clone();
     let nft = |rules: &str| {
@@ -282,6 +291,28 @@ fn revocations_issued_during_a_partition_are_applied_after_it_heals() {
         assert!(out.success(), "nft {rules}");
     };
     nft("table inet cut {\n chain out {\n  type filter hook output priority 0;\n  tcp dport 2379-2384 drop\n }\n}\n");
+    let cut_at = reaper_tests::boot_ns();
+
+    // fail-closed: the secure session dies at the grace (2 s) +- 1 s; the
+    // best-effort one lives on.
+    let (_, secure_end) = secure.wait_reset(Duration::from_secs(6));
+    let after_ms = (secure_end - cut_at) as f64 / 1e6;
+    println!(
+        "partition: the fail-closed session died {after_ms:.0} ms after the cut (grace 2000 ms)"
+    );
+    assert!((1000.0..=3000.0).contains(&after_ms), "{after_ms} ms");
+    conn.echo()
+        .expect("the best-effort session lives through the partition");
+    let status = fleet.nodes[B].fleet_status();
+    assert_eq!(status["cut_off"], true, "{status}");
+    let mut another = fleet.connect(B, 5900);
+    let refused = fleet.nodes[B].request(json!({"op": "grant", "session": "s-b2", "user": "s",
+        "target": "vm-s", "class": "secure", "flows": [another.spec()]}));
+    assert_eq!(refused["error"]["code"], "partitioned", "{refused}");
+    grant(&fleet, B, "p-b2", "q", &another);
+    let kill = wait_kill(&fleet.nodes[B], "s-b");
+    assert_eq!(kill["reason"], "partitioned", "{kill}");
+
     let end = std::time::Instant::now() + bound(Duration::from_secs(15));
     while fleet.nodes[B].fleet_status()["connected"] == true {
         assert!(
@@ -302,9 +333,15 @@ fn revocations_issued_during_a_partition_are_applied_after_it_heals() {
         "a revocation issued during the partition was not applied within 1 s of healing"
     );
     println!(
-        "applied {:.0} ms after the partition healed",
+        "partition: the revocation was applied {:.0} ms after the partition healed",
         healed.elapsed().as_secs_f64() * 1e3
     );
+    another.echo().expect("q's session was not revoked");
+    let end = std::time::Instant::now() + bound(Duration::from_secs(5));
+    while fleet.nodes[B].fleet_status()["cut_off"] == true {
+        assert!(std::time::Instant::now() < end, "B never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -519,4 +556,97 @@ fn wait_kill(node: &reaper_tests::fleet::Node, session: &str) -> Value {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// One session per target across the fleet: reject-new, and evict-oldest.
+const FLEET_LIMITS: &str = "[classes.one]\nttl = \"10m\"\nmax_per_target = 1\nlimit_scope = \"fleet\"\n[classes.newest]\nttl = \"10m\"\nmax_per_target = 1\non_limit = \"evict-oldest\"\nlimit_scope = \"fleet\"\n";
+
+/// Sends `line` to `socket` when `start` lets it go; the answer and how
+/// long it took (ms).
+fn answer_at(socket: &std::path::Path, line: String, start: &std::sync::Barrier) -> (Value, f64) {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    start.wait();
+    let asked = std::time::Instant::now();
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut reply)
+        .unwrap();
+    (
+        serde_json::from_str(&reply).unwrap(),
+        asked.elapsed().as_secs_f64() * 1e3,
+    )
+}
+
+#[test]
+fn two_nodes_racing_for_the_last_fleet_wide_place_never_both_win() {
+    let mut fleet = Fleet::new("fleet-limits", 2, false);
+    for i in [A, B] {
+        fleet.nodes[i].server(5900);
+    }
+    fleet.start_all(FLEET_LIMITS);
+    let names = ["a", "b"];
+    let mut wins = [0; 2];
+    let mut winner_ms = Vec::new();
+    for round in 0..200 {
+        let conns = [fleet.connect(A, 5900), fleet.connect(B, 5900)];
+        let start = std::sync::Barrier::new(2);
+        let answers: Vec<(Value, f64)> = std::thread::scope(|s| {
+            let asks: Vec<_> = [A, B]
+                .into_iter()
+                .map(|i| {
+                    let line = json!({"op": "grant", "session": format!("r{round}-{}", names[i]),
+                        "user": "u", "target": format!("vm-{round}"), "class": "one",
+                        "flows": [conns[i].spec()]})
+                    .to_string();
+                    let (socket, start) = (fleet.nodes[i].socket.clone(), &start);
+                    s.spawn(move || answer_at(&socket, line, start))
+                })
+                .collect();
+            asks.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won: Vec<usize> = (0..2).filter(|i| answers[*i].0["ok"] == true).collect();
+        assert_eq!(won.len(), 1, "round {round}: exactly one wins: {answers:?}");
+        let (w, l) = (won[0], 1 - won[0]);
+        let refusal = &answers[l].0["error"];
+        assert_eq!(refusal["code"], "limit_reached", "round {round}: {refusal}");
+        let message = refusal["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!(
+                "session \"r{round}-{}\" on node node-{}",
+                names[w], names[w]
+            )),
+            "round {round}: the refusal names the holder and its node: {message}"
+        );
+        wins[w] += 1;
+        winner_ms.push(answers[w].1);
+    }
+    winner_ms.sort_by(f64::total_cmp);
+    println!(
+        "fleet limits: 200 rounds, node-a won {}, node-b won {}; the winner's grant took p50 {:.2} ms, p99 {:.2} ms",
+        wins[0],
+        wins[1],
+        winner_ms[100],
+        winner_ms[197]
+    );
+
+    // evict-oldest: the newer grant, on the other node, takes the place;
+    // the older session ends on its node.
+    let mut older = fleet.connect(A, 5900);
+    fleet.nodes[A].ok(
+        json!({"op": "grant", "session": "old", "user": "u", "target": "vm-x",
+        "class": "newest", "flows": [older.spec()]}),
+    );
+    let newer = fleet.connect(B, 5900);
+    fleet.nodes[B].ok(
+        json!({"op": "grant", "session": "new", "user": "u", "target": "vm-x",
+        "class": "newest", "flows": [newer.spec()]}),
+    );
+    assert!(
+        ended_within(&mut older.stream, Duration::from_secs(1)),
+        "the oldest holder on node-a was not evicted"
+    );
+    let kill = wait_kill(&fleet.nodes[A], "old");
+    assert_eq!(kill["by_node"], "node-b", "{kill}");
 }

@@ -202,6 +202,8 @@ pub fn effective(config: &Config) -> String {
         let _ = writeln!(w, "max_per_user = {}", class.max_per_user);
         let _ = writeln!(w, "on_limit = {:?}", on_limit(class.on_limit));
         let _ = writeln!(w, "on_partition = {:?}", class.on_partition.name());
+        let scope = if class.fleet_limits { "fleet" } else { "node" };
+        let _ = writeln!(w, "limit_scope = {scope:?}");
     }
 
     // Arrays of tables last: a plain key after a table would land in it.

@@ -258,6 +258,15 @@ struct RawClass {
     max_per_user: Option<u32>,
     on_limit: Option<OnLimit>,
     on_partition: Option<crate::policy::OnPartition>,
+    limit_scope: Option<LimitScope>,
+}
+
+/// Where a class's limits count sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LimitScope {
+    Node,
+    Fleet,
 }
 
 #[derive(Debug, Deserialize)]
@@ -540,6 +549,14 @@ impl Config {
             })?),
         };
         let fleet = raw.fleet.map(fleet_of).transpose()?;
+        if fleet.is_none() {
+            if let Some(c) = classes.values().find(|c| c.fleet_limits) {
+                return Err(format!(
+                    "classes.{}.limit_scope: \"fleet\" needs a [fleet] section (the limits are counted in etcd)",
+                    c.name
+                ));
+            }
+        }
         let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         Ok(Config {
             socket: non_empty(raw.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
@@ -926,6 +943,7 @@ fn class_of(name: String, raw: RawClass, global_max_ttl_ns: u64) -> Result<Class
         max_per_user: raw.max_per_user.unwrap_or(0),
         on_limit: raw.on_limit.unwrap_or(OnLimit::RejectNew),
         on_partition: raw.on_partition.unwrap_or_default(),
+        fleet_limits: raw.limit_scope == Some(LimitScope::Fleet),
     })
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use tracing::{info, warn};
 
+use super::places::Link;
 use super::shared::{lock, Shared};
 use crate::config::Fleet;
 use crate::daemon::core::fleet::Applying;
@@ -30,7 +31,7 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LAST_RETRY: Duration = Duration::from_millis(500);
 
 /// Follows the fleet for good (a daemon task).
-pub(super) async fn run(state: Shared, fleet: Fleet, node: String) {
+pub(super) async fn run(state: Shared, fleet: Fleet, node: String, link: Link) {
     let mut resume = read_state(&fleet.state_file);
     let wake = Arc::new(Notify::new());
     lock(&state).fleet_joined(
@@ -52,7 +53,8 @@ pub(super) async fn run(state: Shared, fleet: Fleet, node: String) {
     let mut member = 0;
     loop {
         let started = tokio::time::Instant::now();
-        let why = follow(&state, &fleet, &me, &wake, &mut resume, &mut member).await;
+        let why = follow(&state, &fleet, &me, &wake, &link, &mut resume, &mut member).await;
+        link.set(None);
         lock(&state).fleet_connection(false, Some(why.clone()));
         warn!("fleet: {why}; reconnecting in {} ms", retry.as_millis());
         if started.elapsed() > Duration::from_secs(10) {
@@ -72,6 +74,7 @@ async fn follow(
     fleet: &Fleet,
     me: &NodeRecord,
     wake: &Notify,
+    link: &Link,
     resume: &mut Option<i64>,
     member: &mut usize,
 ) -> String {
@@ -88,6 +91,7 @@ async fn follow(
         Err(e) => return e,
     };
     lock(state).fleet_renewed();
+    link.set(Some((client.clone(), joined.lease)));
     let (stored, listed_at) = match etcd::list(&mut client, prefix).await {
         Ok(l) => l,
         Err(e) => return e,

@@ -22,6 +22,7 @@ mod fleet;
 mod health;
 mod metrics;
 mod notify;
+mod places;
 mod server;
 mod shared;
 mod socket_file;
@@ -188,8 +189,10 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     }
     tokio::spawn(notify::run_watchdog(state.clone()));
     tokio::spawn(tasks::keep_kill_path_warm(state.clone()));
+    let mut fleet_link = places::Link::default();
     if let (Some(fleet), Some(node)) = (config.fleet.clone(), fleet_node) {
-        tokio::spawn(fleet::run(state.clone(), fleet, node));
+        fleet_link = places::Link::new(&node, &fleet.prefix, config.max_ttl_ns);
+        tokio::spawn(fleet::run(state.clone(), fleet, node, fleet_link.clone()));
     }
     if !config.forward_interfaces.is_empty() {
         let watch = crate::enforcer::links::LinkWatch::open()
@@ -225,6 +228,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         &config,
         open_files,
         telemetry.clone(),
+        fleet_link,
     );
     tokio::pin!(accept);
     loop {

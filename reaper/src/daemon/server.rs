@@ -17,6 +17,7 @@ use super::connection::{Connection, FdBudget, Incoming};
 use super::core::model::{EventScope, Outcome, WatchFilter};
 use super::core::Caller;
 use super::metrics::Metrics;
+use super::places::{self, Link};
 use super::shared::{lock, Shared, Telemetry};
 use super::wire;
 use crate::config::Config;
@@ -38,6 +39,7 @@ pub(super) async fn accept_loop(
     config: &Config,
     open_files: usize,
     telemetry: Telemetry,
+    fleet: Link,
 ) {
     let slots = Arc::new(Mutex::new(Slots::default()));
     let limits = SlotLimits::of(config);
@@ -71,6 +73,7 @@ pub(super) async fn accept_loop(
                     caller,
                     slot,
                     telemetry.clone(),
+                    fleet.clone(),
                 ));
             }
             Err(why) => refuse_busy(stream, caller, &why, &mut busy),
@@ -218,6 +221,7 @@ async fn serve_client(
     caller: Caller,
     _slot: ClientSlot,
     telemetry: Telemetry,
+    fleet: Link,
 ) {
     let timeout = conn.timeout();
     loop {
@@ -254,7 +258,21 @@ async fn serve_client(
                                 .collect(),
                             _ => Vec::new(),
                         };
-                        let outcome = lock(&state).handle(request.command, caller, &fds);
+                        // A fleet-limited grant takes its places in etcd first.
+                        let asks = lock(&state).fleet_place_asks(&request.command);
+                        let outcome = if asks.is_empty() {
+                            lock(&state).handle(request.command, caller, &fds)
+                        } else {
+                            places::grant_with_places(
+                                &state,
+                                &fleet,
+                                request.command,
+                                caller,
+                                &fds,
+                                asks,
+                            )
+                            .await
+                        };
                         if let Ok(Outcome::Batch(items)) = &outcome {
                             for ((op, item), scope) in items
                                 .iter()

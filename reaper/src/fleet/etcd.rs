@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 
 use super::record::{self, Revocation, Selector};
@@ -324,6 +324,103 @@ pub async fn delete(client: &mut Client, key: String) -> Result<(), String> {
         .delete(key, None::<DeleteOptions>)
         .await
         .map_err(|e| describe("delete", &e))?;
+    Ok(())
+}
+
+/// How taking a place went.
+pub enum Taken {
+    /// The place is this node's, written at this revision.
+    Won(i64),
+    /// Someone holds it: every key under the limit, as they are now.
+    Held(Vec<Kv>),
+}
+
+/// Takes `key` if nobody holds it (one transaction: create-if-absent,
+/// else read everything under `under`), under `lease`.
+pub async fn take_place(
+    client: &mut Client,
+    key: String,
+    under: &str,
+    value: String,
+    lease: i64,
+) -> Result<Taken, String> {
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(under, Some(GetOptions::new().with_prefix()))]);
+    let response = client
+        .txn(txn)
+        .await
+        .map_err(|e| describe("take a place", &e))?;
+    let revision = response.header().map_or(0, |h| h.revision());
+    if response.succeeded() {
+        return Ok(Taken::Won(revision));
+    }
+    let mut kvs = Vec::new();
+    for op in response.op_responses() {
+        if let TxnOpResponse::Get(get) = op {
+            kvs.extend(
+                get.kvs()
+                    .iter()
+                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision())),
+            );
+        }
+    }
+    Ok(Taken::Held(kvs))
+}
+
+/// Writes `value` at `key` if it is still as it was at `if_revision` (a
+/// place taken over from its holder, or rewritten under a new lease);
+/// returns the new revision, or `None` when someone changed it since.
+pub async fn replace_place(
+    client: &mut Client,
+    key: String,
+    if_revision: i64,
+    value: String,
+    lease: i64,
+) -> Result<Option<i64>, String> {
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            if_revision,
+        )])
+        .and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+    let response = client
+        .txn(txn)
+        .await
+        .map_err(|e| describe("replace a place", &e))?;
+    Ok(response
+        .succeeded()
+        .then(|| response.header().map_or(0, |h| h.revision())))
+}
+
+/// Frees `key` if it is still the place written at `if_revision` (not
+/// taken over by another session since).
+pub async fn release_place(
+    client: &mut Client,
+    key: String,
+    if_revision: i64,
+) -> Result<(), String> {
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            if_revision,
+        )])
+        .and_then([TxnOp::delete(key, None)]);
+    client
+        .txn(txn)
+        .await
+        .map_err(|e| describe("release a place", &e))?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! docs/fleet.md tells operators how to deploy it and what it guarantees.
 
 pub mod etcd;
+pub mod place;
 pub mod record;
 pub mod session;
 

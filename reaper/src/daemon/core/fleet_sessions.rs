@@ -22,6 +22,7 @@ use super::kill::Victims;
 use super::model::{refuse, Cause, Code, Kill, Reason, Refused};
 use super::schedule::Due;
 use super::{Caller, Core};
+use crate::fleet::place;
 use crate::fleet::session::{self, FleetFlow, FleetSession, NodeRecord};
 use crate::kernel::Kernel;
 use crate::policy::{Asked, Expiry, OnPartition};
@@ -29,11 +30,21 @@ use crate::protocol::{FlowRef, GrantRequest};
 use crate::tuple;
 
 /// One write the fleet task owes etcd: `value` at `key` under the node
-/// lease, or (`None`) the key deleted.
+/// lease, or (`None`) the key deleted; with `if_revision`, only if the key
+/// is still as written then (a place this node holds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publish {
     pub key: String,
     pub value: Option<String>,
+    pub if_revision: Option<i64>,
+}
+
+/// A fleet-wide limit's place this node holds (or took for a grant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldPlace {
+    pub key: String,
+    pub revision: i64,
+    pub value: String,
 }
 
 /// What the core keeps of fleet sessions (inside `FleetState`).
@@ -60,6 +71,13 @@ pub(super) struct Sessions {
     pub grace_ns: u64,
     /// Cut off: no renewal for `grace_ns`.
     pub cut_off: bool,
+    /// Places taken for a grant being made, by session name.
+    pub taken: BTreeMap<String, Vec<HeldPlace>>,
+    /// Places the sessions granted here hold, by session name.
+    pub held: BTreeMap<String, Vec<HeldPlace>>,
+    /// Places to free, or (`rewrite`) to write again under a new lease.
+    pub releases: Vec<HeldPlace>,
+    pub rewrite: Vec<HeldPlace>,
 }
 
 impl<K: Kernel> Core<K> {
@@ -194,6 +212,12 @@ impl<K: Kernel> Core<K> {
     pub(super) fn fleet_session_forgotten(&mut self, id: u64, name: &str) {
         let f = &mut self.fleet.sessions;
         f.mirrors.remove(&id);
+        if let Some(places) = f.held.remove(name) {
+            f.releases.extend(places);
+            if let Some(w) = &f.wake {
+                w.notify_one();
+            }
+        }
         if f.published.contains_key(name) {
             self.mark_dirty(name.to_owned());
         }
@@ -217,6 +241,7 @@ impl<K: Kernel> Core<K> {
                 value.clear();
             }
         }
+        f.rewrite = f.held.values().flatten().cloned().collect();
         self.nodes_changed();
     }
 
@@ -227,7 +252,20 @@ impl<K: Kernel> Core<K> {
             return Vec::new();
         };
         let dirty = std::mem::take(&mut self.fleet.sessions.dirty);
-        let mut out = Vec::new();
+        let f = &mut self.fleet.sessions;
+        let mut out: Vec<Publish> = std::mem::take(&mut f.releases)
+            .into_iter()
+            .map(|p| Publish {
+                key: p.key,
+                value: None,
+                if_revision: Some(p.revision),
+            })
+            .chain(std::mem::take(&mut f.rewrite).into_iter().map(|p| Publish {
+                key: p.key,
+                value: Some(p.value),
+                if_revision: Some(p.revision),
+            }))
+            .collect();
         for name in dirty {
             let want = self.landing_parts(&me, &name);
             let had = self
@@ -240,6 +278,7 @@ impl<K: Kernel> Core<K> {
                 out.push(Publish {
                     key: session::session_key(prefix, landing, &me, &name),
                     value: None,
+                    if_revision: None,
                 });
             }
             let mut now_published = BTreeMap::new();
@@ -249,6 +288,7 @@ impl<K: Kernel> Core<K> {
                     out.push(Publish {
                         key: session::session_key(prefix, &landing, &me, &name),
                         value: Some(value.clone()),
+                        if_revision: None,
                     });
                 }
                 now_published.insert(landing, value);
@@ -503,4 +543,119 @@ impl<K: Kernel> Core<K> {
 
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+impl<K: Kernel> Core<K> {
+    /// The fleet-wide places a command needs before the core may run it:
+    /// a grant creating a session of a class whose limits are the fleet's.
+    /// Empty for everything else (a join holds the places it has).
+    pub fn fleet_place_asks(&self, command: &crate::protocol::Command) -> Vec<place::Ask> {
+        let crate::protocol::Command::Grant(g) = command else {
+            return Vec::new();
+        };
+        let Some(class) = self.config.class(g.class.as_deref()) else {
+            return Vec::new();
+        };
+        if !class.fleet_limits || self.index.id_of(&g.session).is_some() {
+            return Vec::new();
+        }
+        let prefix = self.config.fleet.as_ref().map_or("", |f| f.prefix.as_str());
+        let evict = class.on_limit == crate::policy::OnLimit::EvictOldest;
+        let mut asks = Vec::new();
+        if class.max_per_target != 0 {
+            asks.push(place::Ask::new(
+                prefix,
+                &class.name,
+                "target",
+                &g.target,
+                class.max_per_target,
+                evict,
+            ));
+        }
+        if class.max_per_user != 0 {
+            asks.push(place::Ask::new(
+                prefix,
+                &class.name,
+                "user",
+                &g.user,
+                class.max_per_user,
+                evict,
+            ));
+        }
+        asks
+    }
+
+    /// The places taken in etcd for the grant of `session` about to run.
+    pub fn fleet_places_taken(&mut self, session: &str, places: Vec<HeldPlace>) {
+        self.fleet.sessions.taken.insert(session.to_owned(), places);
+    }
+
+    /// After the grant ran: the places it did not keep (it was refused),
+    /// which the caller frees.
+    pub fn fleet_places_unused(&mut self, session: &str) -> Vec<HeldPlace> {
+        self.fleet
+            .sessions
+            .taken
+            .remove(session)
+            .unwrap_or_default()
+    }
+
+    /// A new session of a fleet-limited class holds the places taken for
+    /// it; without them it cannot be granted here.
+    pub(super) fn check_fleet_places(
+        &self,
+        session: &str,
+        class: Option<&str>,
+    ) -> Result<(), Refused> {
+        let limited = self.config.class(class).is_some_and(|c| c.fleet_limits);
+        if !limited || self.fleet.sessions.taken.contains_key(session) {
+            return Ok(());
+        }
+        refuse(
+            Code::BadValue,
+            format!(
+                "grant: class {:?} counts its limits fleet-wide; such a grant must come on its own (not in a batch) to a daemon in the fleet",
+                class.unwrap_or("default")
+            ),
+        )
+    }
+
+    /// The grant of `session` was made: its places are held until it ends.
+    pub(super) fn keep_fleet_places(&mut self, session: &str) {
+        if let Some(places) = self.fleet.sessions.taken.remove(session) {
+            self.fleet.sessions.held.insert(session.to_owned(), places);
+        }
+    }
+
+    /// A place written again under a new lease (`Some` revision), or lost
+    /// to another session meanwhile (`None`): the session that held it ends.
+    pub fn fleet_place_rewritten(&mut self, key: &str, revision: Option<i64>) -> Vec<Kill> {
+        let held = &mut self.fleet.sessions.held;
+        let Some(name) = held
+            .iter()
+            .find(|(_, places)| places.iter().any(|p| p.key == key))
+            .map(|(n, _)| n.clone())
+        else {
+            return Vec::new();
+        };
+        if let Some(revision) = revision {
+            for p in held.get_mut(&name).into_iter().flatten() {
+                if p.key == key {
+                    p.revision = revision;
+                }
+            }
+            return Vec::new();
+        }
+        warn!(session = %name, place = key, "fleet: the session's place was taken while this node was away; it ends");
+        let Some(id) = self.index.id_of(&name) else {
+            return Vec::new();
+        };
+        let now = self.kernel.now().boot_ns;
+        let kills = self.kill(
+            Victims::Sessions(&[id]),
+            Cause::own(Reason::Evicted, Some(now)),
+        );
+        self.settle();
+        kills
+    }
 }

@@ -45,7 +45,7 @@ mod tests;
 use crate::config::{Config, ConfigError};
 use crate::kernel::Kernel;
 use crate::policy::DeadlineLimits;
-pub use fleet_sessions::Publish;
+pub use fleet_sessions::{HeldPlace, Publish};
 use index::Index;
 use kill::RstChecks;
 pub use model::{AuditSink, Outcome, Refused};

@@ -13,8 +13,8 @@ use super::fleet::Applying;
 use super::model::{
     AuditSink, Change, ChangeKind, Code, Kill, KillResult, Outcome, Reason, Refused,
 };
-use super::Publish;
 use super::{Caller, Core};
+use super::{HeldPlace, Publish};
 use crate::config::Config;
 use crate::fleet::record::{Revocation, Selector};
 use crate::fleet::session::{FleetFlow, FleetSession, NodeRecord};
@@ -1482,7 +1482,8 @@ fn a_session_with_flows_on_another_node_is_published_for_it_until_it_ends() {
         h.core.fleet_outbox("/p"),
         [Publish {
             key: "/p/sessions/node-b/node-a/s1".into(),
-            value: None
+            value: None,
+            if_revision: None
         }]
     );
 }
@@ -1635,4 +1636,84 @@ fn a_cut_off_node_ends_fail_closed_sessions_at_the_grace_and_refuses_new_ones() 
         &[("127.0.0.1:5900", "127.0.0.1:40004")],
     ));
     assert!(!h.core.status().fleet.unwrap().cut_off);
+}
+
+#[test]
+fn a_fleet_limited_grant_needs_its_places_and_frees_them_when_it_ends() {
+    let mut h = harness_with(&format!(
+        "{CONFIG}[classes.pool]\nttl = \"1h\"\nmax_per_target = 1\nlimit_scope = \"fleet\"\n[fleet]\nendpoints = [\"http://198.18.0.1:2379\"]\nnode = \"node-a\"\nprefix = \"/p\"\n"
+    ));
+    join_fleet(&mut h, "node-a");
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    let line =
+        |session: &str, flow| grant_line(session, "alice", "vm-1", r#","class":"pool""#, &[flow]);
+    let asks = h
+        .core
+        .fleet_place_asks(&parse_request(line("s1", A).as_bytes()).unwrap().command);
+    assert_eq!(asks.len(), 1);
+    assert_eq!(asks[0].slot_key(0), "/p/places/pool/target/vm-1/0");
+    // Without its place (in a batch, say) it is refused, changing nothing.
+    refused_changes_nothing(&mut h, ROOT, &line("s1", A), Code::BadValue);
+
+    let place = |key: &str, revision| HeldPlace {
+        key: key.into(),
+        revision,
+        value: "held".into(),
+    };
+    h.core
+        .fleet_places_taken("s1", vec![place("/p/places/pool/target/vm-1/0", 7)]);
+    h.ok(&line("s1", A));
+    assert_eq!(h.core.fleet_places_unused("s1"), []);
+    // The fleet counted the target: this node's own count does not refuse
+    // a second session that holds a place of its own.
+    h.core
+        .fleet_places_taken("s2", vec![place("/p/places/pool/target/vm-1/1", 8)]);
+    h.ok(&line("s2", B));
+
+    // A new lease: each place is written again, if still its own.
+    h.core.fleet_republish_all();
+    let rewrites: Vec<(String, Option<i64>)> = h
+        .core
+        .fleet_outbox("/p")
+        .into_iter()
+        .filter(|p| p.value.is_some())
+        .map(|p| (p.key, p.if_revision))
+        .collect();
+    assert_eq!(
+        rewrites,
+        [
+            ("/p/places/pool/target/vm-1/0".to_string(), Some(7)),
+            ("/p/places/pool/target/vm-1/1".to_string(), Some(8))
+        ]
+    );
+    assert_eq!(
+        h.core
+            .fleet_place_rewritten("/p/places/pool/target/vm-1/1", Some(12)),
+        []
+    );
+    // Taken by another session meanwhile: s1 ends.
+    let kills = h
+        .core
+        .fleet_place_rewritten("/p/places/pool/target/vm-1/0", None);
+    assert_eq!(kills.len(), 1);
+    assert_eq!(
+        (kills[0].owner.session.as_str(), kills[0].reason),
+        ("s1", Reason::Evicted)
+    );
+    h.ok(r#"{"op":"revoke","session":"s2"}"#);
+    let releases: Vec<(String, Option<i64>)> = h
+        .core
+        .fleet_outbox("/p")
+        .into_iter()
+        .map(|p| (p.key, p.if_revision))
+        .collect();
+    assert_eq!(
+        releases,
+        [
+            ("/p/places/pool/target/vm-1/0".to_string(), Some(7)),
+            ("/p/places/pool/target/vm-1/1".to_string(), Some(12))
+        ],
+        "each freed only if still as this node wrote it"
+    );
 }

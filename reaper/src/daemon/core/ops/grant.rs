@@ -102,6 +102,9 @@ impl<K: Kernel> Core<K> {
             }
             None => {
                 self.check_reachable(g.class.as_deref())?;
+                if origin.is_none() {
+                    self.check_fleet_places(&g.session, g.class.as_deref())?;
+                }
                 self.plan_create(&g, caller, now, &cookies, &forwarded, origin.is_some())?
             }
         };
@@ -179,6 +182,9 @@ impl<K: Kernel> Core<K> {
             at_unix_ns: now.unix_ns,
             session: &session,
         });
+        if created {
+            self.keep_fleet_places(&session.name);
+        }
         self.fleet_session_changed(id);
         // The audit trail has the grant; a log line each would cost a
         // write per grant at 100k grants/s.
@@ -568,6 +574,17 @@ impl<K: Kernel> Core<K> {
                 ),
             );
         }
+        // A fleet-wide limit was counted in etcd (the place taken for this
+        // grant); the host's own limit still counts here.
+        let class = if class.fleet_limits {
+            crate::policy::Class {
+                max_per_target: 0,
+                max_per_user: 0,
+                ..class
+            }
+        } else {
+            class
+        };
         let admission = if class.is_limited(self.config.limits) && !mirror {
             let holders: Vec<Holder<'_>> = self
                 .index
