@@ -473,6 +473,17 @@ fn a_console_session_across_nodes_lives_through_the_fence_and_ends_everywhere_at
     println!("fleet console: B's deadline is {skew_us:.0} us from A's");
     assert!(skew_us.abs() < 1000.0, "{mirror}");
 
+    // `reaper list --fleet`, from any node: the session, its node, where
+    // it lands.
+    let listed = fleet.nodes[B].cli(&["list", "--fleet", "--json"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(
+        (&listed[0]["session"], &listed[0]["node"], &listed[0]["lands_on"]),
+        (&json!("console-1"), &json!("node-a"), &json!(["node-b"])),
+        "{listed}"
+    );
+
     // A connection around the proxy gets no such grant: B's fence kills it.
     let around_at = reaper_tests::boot_ns();
     let mut around = fleet.connect(B, 5900);
@@ -622,6 +633,10 @@ fn two_nodes_racing_for_the_last_fleet_wide_place_never_both_win() {
         wins[w] += 1;
         winner_ms.push(answers[w].1);
     }
+    let listed = fleet.nodes[A].cli(&["list", "--fleet", "--json", "--target", "vm-7"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["places"], json!(["target \"vm-7\" (class one)"]), "{listed}");
     winner_ms.sort_by(f64::total_cmp);
     println!(
         "fleet limits: 200 rounds, node-a won {}, node-b won {}; the winner's grant took p50 {:.2} ms, p99 {:.2} ms",

@@ -266,6 +266,14 @@ pub struct ListCmd {
     pub user: Option<String>,
     #[arg(long)]
     pub target: Option<String>,
+    /// List the fleet's sessions from etcd (the config's [fleet]): those
+    /// whose flows span nodes and those holding a fleet-wide place, each
+    /// with the node that granted it.
+    #[arg(long)]
+    pub fleet: bool,
+    /// The config whose [fleet] --fleet uses.
+    #[arg(long, requires = "fleet", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -346,6 +354,15 @@ pub fn run_client(command: CliCommand) -> Result<i32> {
             let (selector, value) = fleet::selector_of(r.session, r.class, r.user, r.target)
                 .expect("clap requires one selector, and --fleet excludes --flow");
             return fleet::revoke(&r.config, selector, &value);
+        }
+        CliCommand::List(l) if l.fleet => {
+            return fleet::list(
+                &l.config,
+                l.session.as_deref(),
+                l.user.as_deref(),
+                l.target.as_deref(),
+                l.client.json,
+            );
         }
         CliCommand::Unlock(u) => {
             let (selector, value) = fleet::selector_of(u.session, u.class, u.user, u.target)

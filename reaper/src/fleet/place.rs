@@ -37,7 +37,7 @@ impl Ask {
         evict_oldest: bool,
     ) -> Ask {
         Ask {
-            under: format!("{prefix}/places/{class}/{kind}/{}/", escape(value)),
+            under: format!("{}{class}/{kind}/{}/", places_prefix(prefix), escape(value)),
             max: max.min(MAX_PLACES),
             what: format!("{kind} {value:?} of class {class:?}"),
             evict_oldest,
@@ -88,6 +88,26 @@ impl Holder {
         }
         Ok(h)
     }
+}
+
+/// Where every place lives.
+pub fn places_prefix(prefix: &str) -> String {
+    format!("{prefix}/places/")
+}
+
+/// What a place's key says: (class, "target" or "user", value).
+pub fn parse_key(prefix: &str, key: &[u8]) -> Option<(String, String, String)> {
+    let rest = std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(&places_prefix(prefix))?;
+    let mut parts = rest.split('/');
+    let (class, kind, value) = (parts.next()?, parts.next()?, parts.next()?);
+    parts.next()?.parse::<u32>().ok()?;
+    Some((
+        class.to_owned(),
+        kind.to_owned(),
+        super::record::unescape(value)?,
+    ))
 }
 
 /// One occupied place, as listed: its slot, holder and revision.
@@ -172,6 +192,10 @@ mod tests {
     fn the_first_free_slot_is_taken_then_the_limit_names_its_holders() {
         let ask = Ask::new("/r", "console", "target", "vm/1", 2, false);
         assert_eq!(ask.slot_key(0), "/r/places/console/target/vm%2F1/0");
+        assert_eq!(
+            parse_key("/r", ask.slot_key(1).as_bytes()),
+            Some(("console".into(), "target".into(), "vm/1".into()))
+        );
         assert_eq!(next(&ask, &[]), Next::Take(0));
         let one = occupied(&ask, &[kv(&ask, 0, "s1", "node-a", 5)]);
         assert_eq!(next(&ask, &one), Next::Take(1));

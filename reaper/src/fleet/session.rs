@@ -77,6 +77,11 @@ pub fn nodes_prefix(prefix: &str) -> String {
     format!("{prefix}/nodes/")
 }
 
+/// Where every node's session records live.
+pub fn sessions_prefix(prefix: &str) -> String {
+    format!("{prefix}/sessions/")
+}
+
 /// Where the sessions landing on `node` live.
 pub fn landing_prefix(prefix: &str, node: &str) -> String {
     format!("{prefix}/sessions/{node}/")
@@ -174,6 +179,16 @@ impl NodeRecord {
 }
 
 impl FleetSession {
+    /// The node a key under `{prefix}/sessions/` lands on.
+    pub fn landing_of(prefix: &str, key: &[u8]) -> Option<String> {
+        let rest = std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&sessions_prefix(prefix))?;
+        let (landing, _) = rest.split_once('/')?;
+        check_node(landing).ok()?;
+        Some(landing.to_owned())
+    }
+
     pub fn encode(&self) -> String {
         serde_json::to_string(self).expect("records serialize")
     }
