@@ -68,7 +68,7 @@ pub fn fleet(rows: &mut Vec<Row>, quick: bool) {
     let rounds = if quick { 30 } else { 200 };
     let mut fleet = Fleet::new("bench-fleet", 1, false);
     fleet.nodes[0].server(5900);
-    fleet.start_all("");
+    fleet.start_all("[classes.one]\nttl = \"10m\"\nmax_per_target = 1\nlimit_scope = \"fleet\"\n");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -125,4 +125,101 @@ pub fn fleet(rows: &mut Vec<Row>, quick: bool) {
         goal: "≤ 2× put→watch".into(),
         pass: Some(within),
     });
+
+    grant_latency(rows, &fleet, rounds);
+}
+
+/// What fleet mode adds to a grant: a fleet-limited grant (its place taken
+/// by one etcd transaction) against a node-local grant on the same node,
+/// the difference against one such transaction timed from here.
+fn grant_latency(rows: &mut Vec<Row>, fleet: &Fleet, rounds: usize) {
+    // `class` None: the node's default class, node-local.
+    let timed = |session: String, target: String, class: Option<&str>| {
+        let conn: Conn = fleet.connect(0, 5900);
+        let mut grant = json!({"op": "grant", "session": session, "user": "g",
+            "target": target, "ttl": "10m", "flows": [conn.spec()]});
+        if let Some(class) = class {
+            grant["class"] = class.into();
+        }
+        let start = Instant::now();
+        fleet.nodes[0].ok(grant);
+        (start.elapsed().as_secs_f64() * 1e3, conn)
+    };
+    let mut local = Vec::with_capacity(rounds);
+    let mut placed = Vec::with_capacity(rounds);
+    let mut held = Vec::with_capacity(2 * rounds);
+    for i in 0..rounds {
+        let (ms, conn) = timed(format!("g{i}"), format!("vm-g{i}"), None);
+        local.push(ms);
+        held.push(conn);
+        let (ms, conn) = timed(format!("p{i}"), format!("vm-p{i}"), Some("one"));
+        placed.push(ms);
+        held.push(conn);
+    }
+    // The floor from where the node is: its namespace, its member.
+    let endpoint = fleet.etcd.endpoints_from(fleet.nodes[0].n)[0].clone();
+    let netns = format!("/run/netns/{}", fleet.nodes[0].netns);
+    let txn = std::thread::spawn(move || {
+        let ns = std::fs::File::open(netns).expect("open netns");
+        // SAFETY: setns on this thread only, with a descriptor it owns.
+        let entered =
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut client = etcd::connect(&members(&endpoint)).await.unwrap();
+            let lease = etcd::revocation_lease(&mut client, 600_000_000_000)
+                .await
+                .unwrap();
+            let mut times = Vec::with_capacity(rounds);
+            for i in 0..rounds {
+                let start = Instant::now();
+                etcd::take_place(
+                    &mut client,
+                    format!("/bench-floor/place/{i}/0"),
+                    &format!("/bench-floor/place/{i}/"),
+                    "x".into(),
+                    lease,
+                )
+                .await
+                .unwrap();
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            times
+        })
+    })
+    .join()
+    .unwrap();
+    for v in [&mut local, &mut placed] {
+        v.sort_by(f64::total_cmp);
+    }
+    let mut txn = txn;
+    txn.sort_by(f64::total_cmp);
+    let (l50, p50, t50) = (
+        percentile(&local, 0.5),
+        percentile(&placed, 0.5),
+        percentile(&txn, 0.5),
+    );
+    let (l99, p99, t99) = (
+        percentile(&local, 0.99),
+        percentile(&placed, 0.99),
+        percentile(&txn, 0.99),
+    );
+    let added = p50 - l50;
+    rows.push(Row {
+        what: format!(
+            "grant latency fleet mode adds p50 / p99 ({rounds} grants each): a fleet-wide one-per-target grant against a node-local grant on the same node"
+        ),
+        reaper: format!(
+            "fleet-limited {p50:.2} / {p99:.2} ms, node-local {l50:.2} / {l99:.2} ms: +{added:.2} ms at p50"
+        ),
+        baseline: format!("one etcd create-if-absent transaction from the node's namespace to its member: {t50:.2} / {t99:.2} ms"),
+        ratio: format!("adds {:.2} transactions at p50", added / t50),
+        goal: "≤ 1 etcd round trip (grants of other classes add none)".into(),
+        pass: Some(added <= 1.2 * t50),
+    });
+    drop(held);
 }

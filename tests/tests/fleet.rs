@@ -476,10 +476,18 @@ fn a_console_session_across_nodes_lives_through_the_fence_and_ends_everywhere_at
     // `reaper list --fleet`, from any node: the session, its node, where
     // it lands.
     let listed = fleet.nodes[B].cli(&["list", "--fleet", "--json"]);
-    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(
-        (&listed[0]["session"], &listed[0]["node"], &listed[0]["lands_on"]),
+        (
+            &listed[0]["session"],
+            &listed[0]["node"],
+            &listed[0]["lands_on"]
+        ),
         (&json!("console-1"), &json!("node-a"), &json!(["node-b"])),
         "{listed}"
     );
@@ -636,7 +644,11 @@ fn two_nodes_racing_for_the_last_fleet_wide_place_never_both_win() {
     let listed = fleet.nodes[A].cli(&["list", "--fleet", "--json", "--target", "vm-7"]);
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
-    assert_eq!(listed[0]["places"], json!(["target \"vm-7\" (class one)"]), "{listed}");
+    assert_eq!(
+        listed[0]["places"],
+        json!(["target \"vm-7\" (class one)"]),
+        "{listed}"
+    );
     winner_ms.sort_by(f64::total_cmp);
     println!(
         "fleet limits: 200 rounds, node-a won {}, node-b won {}; the winner's grant took p50 {:.2} ms, p99 {:.2} ms",
