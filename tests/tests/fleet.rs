@@ -658,6 +658,30 @@ fn two_nodes_racing_for_the_last_fleet_wide_place_never_both_win() {
         winner_ms[197]
     );
 
+    // A place survives its holder's daemon being killed and restarted:
+    // past the old lease, the place is still held (under the new one).
+    let held = fleet.connect(A, 5900);
+    fleet.nodes[A].ok(
+        json!({"op": "grant", "session": "kept", "user": "u", "target": "vm-kept",
+        "class": "one", "flows": [held.spec()]}),
+    );
+    fleet.nodes[A].stop_daemon(libc::SIGKILL);
+    fleet.nodes[A].start_daemon();
+    fleet.nodes[A].wait_connected(Duration::from_secs(20));
+    // node_lease is 4 s: the lease the place was written under is gone.
+    std::thread::sleep(Duration::from_secs(5));
+    let rival = fleet.connect(B, 5900);
+    let refused = fleet.nodes[B].request(json!({"op": "grant", "session": "rival", "user": "u",
+        "target": "vm-kept", "class": "one", "flows": [rival.spec()]}));
+    assert_eq!(refused["error"]["code"], "limit_reached", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("session \"kept\" on node node-a"),
+        "{refused}"
+    );
+
     // evict-oldest: the newer grant, on the other node, takes the place;
     // the older session ends on its node.
     let mut older = fleet.connect(A, 5900);

@@ -18,11 +18,13 @@ use tokio::sync::Notify;
 
 use tracing::{info, warn};
 
+use super::core::HeldPlace;
 use super::places::Link;
 use super::shared::{lock, Shared};
 use crate::config::Fleet;
 use crate::daemon::core::fleet::Applying;
 use crate::fleet::etcd::{self, Change, Watched};
+use crate::fleet::place;
 use crate::fleet::record::{BadRecord, Revocation};
 use crate::fleet::session::{self, FleetSession, NodeRecord};
 
@@ -115,8 +117,31 @@ async fn follow(
         FleetSession::decode(prefix, &me.node, k, v)
     });
     lock(state).fleet_mirrors_listed(mirrors);
-    // A new lease: every session record this node owns is written again.
-    lock(state).fleet_republish_all();
+    // The places this node holds (a restarted daemon knows them only from
+    // etcd), then, under the new lease, everything it owns written again.
+    let (kvs, _) = match etcd::list_under(&mut client, &place::places_prefix(prefix)).await {
+        Ok(l) => l,
+        Err(e) => return e,
+    };
+    let mine = kvs
+        .into_iter()
+        .filter_map(|(key, value, revision)| {
+            let holder = place::Holder::decode(&key, &value).ok()?;
+            (holder.node == me.node).then(|| {
+                let place = HeldPlace {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    revision,
+                    value: String::from_utf8_lossy(&value).into_owned(),
+                };
+                (holder.session, place)
+            })
+        })
+        .collect();
+    {
+        let mut core = lock(state);
+        core.fleet_places_listed(mine);
+        core.fleet_republish_all();
+    }
     // Revocations the node missed while it was away (since the last
     // revision it applied), then everything new.
     let from = match *resume {

@@ -585,6 +585,28 @@ impl<K: Kernel> Core<K> {
         asks
     }
 
+    /// The places etcd says this node holds, listed after (re)joining:
+    /// those of sessions still here are held again (a restarted daemon
+    /// adopted the sessions, not the places) and rewritten under the new
+    /// lease by `fleet_republish_all`; the rest are freed.
+    pub fn fleet_places_listed(&mut self, mine: Vec<(String, HeldPlace)>) {
+        let f = &mut self.fleet.sessions;
+        for (session, place) in mine {
+            let known = f
+                .held
+                .get(&session)
+                .is_some_and(|places| places.iter().any(|p| p.key == place.key));
+            if known {
+                continue;
+            }
+            if self.index.id_of(&session).is_some() {
+                f.held.entry(session).or_default().push(place);
+            } else {
+                f.releases.push(place);
+            }
+        }
+    }
+
     /// The places taken in etcd for the grant of `session` about to run.
     pub fn fleet_places_taken(&mut self, session: &str, places: Vec<HeldPlace>) {
         self.fleet.sessions.taken.insert(session.to_owned(), places);
