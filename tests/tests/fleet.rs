@@ -242,13 +242,28 @@ fn revocations_go_on_through_the_other_members_when_one_dies() {
     for i in [A, B] {
         fleet.nodes[i].server(5900);
     }
-    fleet.start_all("");
+    fleet.start_all(FLEET_LIMITS);
     fleet.etcd.kill_member(0);
     let mut a = fleet.connect(A, 5900);
     let mut b = fleet.connect(B, 5900);
-    // Grants go on: they are local.
+    // Grants go on: node-local ones need no etcd at all.
     grant(&fleet, A, "x-a", "x", &a);
     grant(&fleet, B, "x-b", "x", &b);
+    // A fleet-limited grant needs a member: the node moves to another
+    // (within a few seconds: the dead member's pings time out) and the
+    // place is taken there; a proxy retries on `partitioned`.
+    let limited = fleet.connect(A, 5900);
+    let end = std::time::Instant::now() + bound(Duration::from_secs(15));
+    loop {
+        let answer = fleet.nodes[A].request(json!({"op": "grant", "session": "x-limited",
+            "user": "x", "target": "vm-limited", "class": "one", "flows": [limited.spec()]}));
+        if answer["ok"] == true {
+            break;
+        }
+        assert_eq!(answer["error"]["code"], "partitioned", "{answer}");
+        assert!(std::time::Instant::now() < end, "no member took the place: {answer}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     revoke_fleet(&fleet, C, "user", "x");
     for (conn, node) in [(&mut a, "A"), (&mut b, "B")] {
         assert!(
