@@ -261,7 +261,10 @@ fn revocations_go_on_through_the_other_members_when_one_dies() {
             break;
         }
         assert_eq!(answer["error"]["code"], "partitioned", "{answer}");
-        assert!(std::time::Instant::now() < end, "no member took the place: {answer}");
+        assert!(
+            std::time::Instant::now() < end,
+            "no member took the place: {answer}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     revoke_fleet(&fleet, C, "user", "x");
