@@ -177,10 +177,11 @@ async fn follow(
     // What the state file holds; written at the first answer, so that
     // even a node that never sees a revocation keeps where it started.
     let mut kept = None;
-    // Renewals often enough that a partition is seen well within the grace.
+    // Renewals often enough that a cut-off is seen within a second of the
+    // grace (and well within the lease).
     let every = (fleet.node_lease_ns / 3)
         .min(fleet.grace_ns / 4)
-        .max(100_000_000);
+        .clamp(100_000_000, 1_000_000_000);
     let mut ping = tokio::time::interval(Duration::from_nanos(every));
     if let Err(e) = flush(state, &mut client, prefix, joined.lease).await {
         return e;

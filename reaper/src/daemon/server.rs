@@ -259,7 +259,7 @@ async fn serve_client(
                             _ => Vec::new(),
                         };
                         // A fleet-limited grant takes its places in etcd first.
-                        let asks = lock(&state).fleet_place_asks(&request.command);
+                        let asks = lock(&state).fleet_place_asks(&request.command, caller);
                         let outcome = if asks.is_empty() {
                             lock(&state).handle(request.command, caller, &fds)
                         } else {

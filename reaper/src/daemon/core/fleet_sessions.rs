@@ -85,6 +85,11 @@ impl<K: Kernel> Core<K> {
     pub fn fleet_renewed(&mut self) {
         let now = self.kernel.now().boot_ns;
         let f = &mut self.fleet.sessions;
+        // One check stands: the one for the latest renewal.
+        if f.renewed_ns != 0 {
+            self.schedule
+                .cancel(f.renewed_ns + f.grace_ns, Due::FleetGrace);
+        }
         f.renewed_ns = now;
         if f.cut_off {
             f.cut_off = false;
@@ -445,30 +450,39 @@ impl<K: Kernel> Core<K> {
         let mut flows = Vec::new();
         let mut expect = Vec::new();
         for f in &r.flows {
-            let established =
-                f.remote.port() != 0 && !self.lookup_addrs(f.local, f.remote, own_netns).is_empty();
-            if established {
+            let found = if f.remote.port() == 0 {
+                Vec::new()
+            } else {
+                self.lookup_addrs(f.local, f.remote, own_netns)
+            };
+            // Already the mirror's: nothing to grant again.
+            let attached = existing.is_some_and(|id| {
+                found
+                    .iter()
+                    .all(|c| self.index.flow(*c).is_some_and(|flow| flow.session == id))
+            });
+            if !found.is_empty() && !attached {
                 flows.push(FlowRef::Addrs {
                     local: f.local,
                     remote: f.remote,
                     netns: None,
                 });
-            } else if !registered.contains(f) {
+            } else if found.is_empty() && !registered.contains(f) {
                 expect.push(*f);
             }
         }
         let expiry = Expiry::At(i128::from(r.expires_unix_ns));
+        let by = Caller {
+            uid: r.granted_by_uid,
+            gid: u32::MAX,
+            pid: 0,
+        };
         if let Some(id) = existing {
-            let now = self.kernel.now();
-            // The origin is the authority on the deadline: earlier or later.
-            if let Ok(deadline) = crate::policy::deadline_for(&expiry, now, self.limits()) {
-                if let Err(e) = self.set_deadline(id, deadline, expiry.wall_anchor()) {
-                    warn!(session = %r.session, "fleet session deadline: {}", e.message);
-                }
+            self.fleet.sessions.mirrors.entry(id).or_default().0 = origin.clone();
+            self.mirror_deadline(id, &expiry, by, &origin);
+            if flows.is_empty() && expect.is_empty() {
+                return;
             }
-        }
-        if existing.is_some() && flows.is_empty() && expect.is_empty() {
-            return;
         }
         let class = self.config.class(Some(&r.class)).map(|_| r.class.clone());
         let grant = GrantRequest {
@@ -482,11 +496,6 @@ impl<K: Kernel> Core<K> {
             },
             flows,
             expect: expect.iter().map(|f| (f.local, f.remote, None)).collect(),
-        };
-        let by = Caller {
-            uid: r.granted_by_uid,
-            gid: u32::MAX,
-            pid: 0,
         };
         match self.grant_as(grant, by, &[], Some(&origin)) {
             Ok(granted) => {
@@ -506,6 +515,32 @@ impl<K: Kernel> Core<K> {
                       "fleet session not mirrored: {}", refusal.message);
             }
         }
+    }
+
+    /// The origin moved a mirror's deadline (an extend there, or a
+    /// tighter join): earlier or later, the origin is the authority. The
+    /// audit trail says so as an `extended` by the origin.
+    fn mirror_deadline(&mut self, id: u64, expiry: &Expiry, by: Caller, origin: &Arc<str>) {
+        let now = self.kernel.now();
+        let Ok(deadline) = crate::policy::deadline_for(expiry, now, self.limits()) else {
+            return;
+        };
+        let current = self.index.session(id).map(|s| s.terms.deadline_ns);
+        if current == Some(deadline) {
+            return;
+        }
+        if let Err(e) = self.set_deadline(id, deadline, expiry.wall_anchor()) {
+            warn!("fleet session deadline: {}", e.message);
+            return;
+        }
+        let snapshot = self.snapshot(id, now);
+        self.audit.change(&super::model::Change {
+            kind: super::model::ChangeKind::Extended,
+            by,
+            by_node: Some(origin),
+            at_unix_ns: now.unix_ns,
+            session: &snapshot,
+        });
     }
 
     /// Whether the session `id` is a mirror another node owns.
@@ -549,10 +584,19 @@ impl<K: Kernel> Core<K> {
     /// The fleet-wide places a command needs before the core may run it:
     /// a grant creating a session of a class whose limits are the fleet's.
     /// Empty for everything else (a join holds the places it has).
-    pub fn fleet_place_asks(&self, command: &crate::protocol::Command) -> Vec<place::Ask> {
+    /// Nothing for a caller who may not grant: the core refuses it
+    /// without etcd being asked anything.
+    pub fn fleet_place_asks(
+        &self,
+        command: &crate::protocol::Command,
+        caller: Caller,
+    ) -> Vec<place::Ask> {
         let crate::protocol::Command::Grant(g) = command else {
             return Vec::new();
         };
+        if !self.may_change_grants(caller) {
+            return Vec::new();
+        }
         let Some(class) = self.config.class(g.class.as_deref()) else {
             return Vec::new();
         };

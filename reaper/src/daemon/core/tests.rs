@@ -1551,6 +1551,12 @@ fn a_session_landing_here_is_mirrored_with_its_deadline_until_its_origin_ends_it
         l.sessions[0].expecting, 1,
         "the expected connection is not registered twice"
     );
+    let changes = h.audit.take_changes();
+    assert_eq!(
+        changes.iter().map(|c| c.0).collect::<Vec<_>>(),
+        [ChangeKind::Extended],
+        "one audit event for the moved deadline, no joins: {changes:?}"
+    );
     let kills = h.core.fleet_mirror_gone("node-a", "s1");
     assert_eq!(kills.len(), 1);
     assert_eq!(kills[0].reason, Reason::OriginEnded);
@@ -1648,11 +1654,23 @@ fn a_fleet_limited_grant_needs_its_places_and_frees_them_when_it_ends() {
     h.connect(2, B.0, B.1);
     let line =
         |session: &str, flow| grant_line(session, "alice", "vm-1", r#","class":"pool""#, &[flow]);
-    let asks = h
-        .core
-        .fleet_place_asks(&parse_request(line("s1", A).as_bytes()).unwrap().command);
+    let asks = h.core.fleet_place_asks(
+        &parse_request(line("s1", A).as_bytes()).unwrap().command,
+        ROOT,
+    );
     assert_eq!(asks.len(), 1);
     assert_eq!(asks[0].slot_key(0), "/p/places/pool/target/vm-1/0");
+    let nobody = Caller {
+        uid: 4242,
+        gid: 4242,
+        pid: 0,
+    };
+    let command = parse_request(line("s1", A).as_bytes()).unwrap().command;
+    assert_eq!(
+        h.core.fleet_place_asks(&command, nobody),
+        [],
+        "etcd is not asked for a caller who may not grant"
+    );
     // Without its place (in a batch, say) it is refused, changing nothing.
     refused_changes_nothing(&mut h, ROOT, &line("s1", A), Code::BadValue);
 
