@@ -285,7 +285,7 @@ fn a_partition_ends_fail_closed_sessions_at_the_grace_and_revocations_apply_afte
     let mut fleet = Fleet::new("fleet-partition", 3, false);
     fleet.nodes[B].server(5900);
     // node_lease 4 s, so fleet.grace is 2 s.
-    fleet.start_all(FAIL_CLOSED);
+    fleet.start_all(&format!("{FAIL_CLOSED}{FLEET_LIMITS}"));
     let mut conn = fleet.connect(B, 5900);
     grant(&fleet, B, "p-b", "p", &conn);
     let mut secure = fleet.connect(B, 5900);
@@ -328,6 +328,11 @@ fn a_partition_ends_fail_closed_sessions_at_the_grace_and_revocations_apply_afte
         "target": "vm-s", "class": "secure", "flows": [another.spec()]}));
     assert_eq!(refused["error"]["code"], "partitioned", "{refused}");
     grant(&fleet, B, "p-b2", "q", &another);
+    // best-effort: what needs a fleet-wide place is refused meanwhile.
+    let limited = fleet.connect(B, 5900);
+    let refused = fleet.nodes[B].request(json!({"op": "grant", "session": "l-b", "user": "l",
+        "target": "vm-l", "class": "one", "flows": [limited.spec()]}));
+    assert_eq!(refused["error"]["code"], "partitioned", "{refused}");
     let kill = wait_kill(&fleet.nodes[B], "s-b");
     assert_eq!(kill["reason"], "partitioned", "{kill}");
 

@@ -73,6 +73,13 @@ pub(super) async fn grant_with_places(
         return lock(state).handle(command, caller, fds);
     };
     let session = g.session.clone();
+    if lock(state).fleet_cut_off() {
+        // What etcd says of the places cannot be trusted to be current.
+        return Err(Refused::new(
+            Code::Partitioned,
+            "grant: this class's limits are fleet-wide and this node is cut off from the fleet (no lease renewal within fleet.grace); grant again once it is back",
+        ));
+    }
     let held = take(link, &session, asks, caller.uid).await?;
     lock(state).fleet_places_taken(&session, held);
     let outcome = lock(state).handle(command, caller, fds);

@@ -127,6 +127,12 @@ impl<K: Kernel> Core<K> {
         )
     }
 
+    /// Whether the node is cut off from the fleet (no lease renewal for
+    /// the grace).
+    pub fn fleet_cut_off(&self) -> bool {
+        self.fleet.sessions.cut_off
+    }
+
     /// Refuses a new session of a `fail-closed` class while cut off.
     pub(super) fn check_reachable(&self, class: Option<&str>) -> Result<(), Refused> {
         if !self.fleet.sessions.cut_off {
