@@ -605,6 +605,14 @@ impl Config {
         }
     }
 
+    /// Whether the class a grant names (`None`: the default) counts its
+    /// limits fleet-wide; without cloning it, as a grant asks this.
+    pub fn class_has_fleet_limits(&self, name: Option<&str>) -> bool {
+        self.classes
+            .get(name.unwrap_or("default"))
+            .is_some_and(|c| c.fleet_limits)
+    }
+
     /// Whether a connection with these ports is watched or fenced (from its
     /// socket's side: `local` is the socket's own port).
     pub fn watches(&self, local_port: u16, remote_port: u16) -> bool {

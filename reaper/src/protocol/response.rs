@@ -220,7 +220,8 @@ pub struct FleetStatus {
     pub cut_off: bool,
     /// Since the node last renewed its lease.
     pub renewed_ms_ago: u64,
-    /// Other nodes whose addresses are known.
+    /// Other nodes whose addresses are known (kept while their record is
+    /// gone: their flows still land there).
     pub nodes: Vec<String>,
     /// Sessions granted here with flows landing on other nodes.
     pub published: usize,

@@ -151,29 +151,29 @@ impl<K: Kernel> Core<K> {
         }
     }
 
-    /// The node records, as listed: where every address lives.
+    /// The node records, as listed: where every address lives (added to
+    /// what is known; see `fleet_node` for why none is forgotten).
     pub fn fleet_nodes_listed(&mut self, nodes: Vec<NodeRecord>) {
         let f = &mut self.fleet.sessions;
-        f.addresses.clear();
         for n in nodes {
             f.addresses.insert(n.node.into(), n.addresses);
         }
         self.nodes_changed();
     }
 
-    /// A node record written (`Some`) or gone.
+    /// A node record written (`Some`) or gone. A node whose record went
+    /// (its lease ran out: down, or cut off) keeps its addresses here:
+    /// flows still land there, and forgetting them would delete the
+    /// records it finds when it comes back, ending sessions that live on.
     pub fn fleet_node(&mut self, node: &str, record: Option<NodeRecord>) {
         let f = &mut self.fleet.sessions;
         match record {
-            Some(n) if f.addresses.get(node) == Some(&n.addresses) => return,
-            Some(n) => {
+            Some(n) if f.addresses.get(node) != Some(&n.addresses) => {
                 f.addresses.insert(node.into(), n.addresses);
+                self.nodes_changed();
             }
-            None => {
-                f.addresses.remove(node);
-            }
+            _ => {}
         }
-        self.nodes_changed();
     }
 
     /// The address map follows the records; every session granted here may
@@ -679,8 +679,9 @@ impl<K: Kernel> Core<K> {
         session: &str,
         class: Option<&str>,
     ) -> Result<(), Refused> {
-        let limited = self.config.class(class).is_some_and(|c| c.fleet_limits);
-        if !limited || self.fleet.sessions.taken.contains_key(session) {
+        if !self.config.class_has_fleet_limits(class)
+            || self.fleet.sessions.taken.contains_key(session)
+        {
             return Ok(());
         }
         refuse(
