@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{escape, BadRecord, VERSION};
+use super::record::{escape, read_versioned, BadRecord, Versioned, VERSION};
 
 /// Most places one limit may have (a limit of more is not a console's).
 pub const MAX_PLACES: u32 = 1024;
@@ -59,6 +59,12 @@ pub struct Holder {
     pub granted_unix_ns: i64,
 }
 
+impl Versioned for Holder {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
 impl Holder {
     pub fn new(session: &str, node: &str, granted_unix_ns: i64) -> Holder {
         Holder {
@@ -74,19 +80,7 @@ impl Holder {
     }
 
     pub fn decode(key: &[u8], value: &[u8]) -> Result<Holder, BadRecord> {
-        let bad = |why: String| BadRecord {
-            key: String::from_utf8_lossy(key).into_owned(),
-            why,
-        };
-        let h: Holder =
-            serde_json::from_slice(value).map_err(|e| bad(format!("not a place record: {e}")))?;
-        if h.v != VERSION {
-            return Err(bad(format!(
-                "record version {} (this reaper reads version {VERSION})",
-                h.v
-            )));
-        }
-        Ok(h)
+        read_versioned(key, value, "place", 4096)
     }
 }
 

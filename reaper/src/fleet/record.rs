@@ -90,6 +90,46 @@ pub struct BadRecord {
     pub why: String,
 }
 
+/// A stored record's format version (`v`).
+pub(super) trait Versioned {
+    fn version(&self) -> u32;
+}
+
+/// The refusal of the record stored under `key`, for `why`.
+pub(super) fn bad_for(key: &[u8]) -> impl Fn(String) -> BadRecord + '_ {
+    move |why| BadRecord {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why,
+    }
+}
+
+/// Reads the `what` record stored under `key`: at most `max` bytes of
+/// JSON, of the version this reaper reads. Every record's decoding starts
+/// here; what the key and the fields must say is each record's own.
+pub(super) fn read_versioned<T: serde::de::DeserializeOwned + Versioned>(
+    key: &[u8],
+    value: &[u8],
+    what: &str,
+    max: usize,
+) -> Result<T, BadRecord> {
+    let bad = bad_for(key);
+    if value.len() > max {
+        return Err(bad(format!(
+            "{} bytes, more than a record holds",
+            value.len()
+        )));
+    }
+    let record: T =
+        serde_json::from_slice(value).map_err(|e| bad(format!("not a {what} record: {e}")))?;
+    if record.version() != VERSION {
+        return Err(bad(format!(
+            "record version {} (this reaper reads version {VERSION})",
+            record.version()
+        )));
+    }
+    Ok(record)
+}
+
 /// The prefix every key lives under, normalised: starts with `/`, no
 /// trailing `/`.
 pub fn normalise_prefix(prefix: &str) -> Result<String, String> {
@@ -189,6 +229,12 @@ pub fn check_value(selector: Selector, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+impl Versioned for Revocation {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
 impl Revocation {
     pub fn new(
         selector: Selector,
@@ -214,26 +260,9 @@ impl Revocation {
     /// Reads a record stored under `key` (below `prefix`): the key and the
     /// record must agree, and every field must be one a node would write.
     pub fn decode(prefix: &str, key: &[u8], value: &[u8]) -> Result<Revocation, BadRecord> {
-        let key_text = String::from_utf8_lossy(key).into_owned();
-        let bad = |why: String| BadRecord {
-            key: key_text.clone(),
-            why,
-        };
-        let (selector, value_in_key) = parse_revocation_key(prefix, key).map_err(bad)?;
-        if value.len() > 4096 {
-            return Err(bad(format!(
-                "{} bytes, more than a record holds",
-                value.len()
-            )));
-        }
-        let record: Revocation = serde_json::from_slice(value)
-            .map_err(|e| bad(format!("not a revocation record: {e}")))?;
-        if record.v != VERSION {
-            return Err(bad(format!(
-                "record version {} (this reaper reads version {VERSION})",
-                record.v
-            )));
-        }
+        let bad = bad_for(key);
+        let (selector, value_in_key) = parse_revocation_key(prefix, key).map_err(&bad)?;
+        let record: Revocation = read_versioned(key, value, "revocation", 4096)?;
         if record.selector != selector || record.value != value_in_key {
             return Err(bad(format!(
                 "the record revokes {} {:?}, its key {} {:?}",
@@ -243,7 +272,7 @@ impl Revocation {
                 value_in_key
             )));
         }
-        check_value(selector, &record.value).map_err(bad)?;
+        check_value(selector, &record.value).map_err(&bad)?;
         check_node(&record.by_node).map_err(|e| bad(format!("by_node: {e}")))?;
         if record.at_unix_ns <= 0 {
             return Err(bad(format!(

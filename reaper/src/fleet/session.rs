@@ -21,7 +21,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{check_node, escape, unescape, BadRecord, VERSION};
+use super::record::{
+    bad_for, check_node, escape, read_versioned, unescape, BadRecord, Versioned, VERSION,
+};
 
 /// Most flows a session record carries (a console has two or three).
 pub const MAX_FLOWS: usize = 64;
@@ -101,13 +103,6 @@ fn text_of<'a>(key: &'a [u8], bad: &dyn Fn(String) -> BadRecord) -> Result<&'a s
     std::str::from_utf8(key).map_err(|_| bad("the key is not UTF-8".into()))
 }
 
-fn bad_for(key: &[u8]) -> impl Fn(String) -> BadRecord + '_ {
-    move |why| BadRecord {
-        key: String::from_utf8_lossy(key).into_owned(),
-        why,
-    }
-}
-
 /// Checks a name a record carries (session, user, target, class): 1 to
 /// `max` bytes, no control characters, as the protocol checks a grant's.
 fn check_name(what: &str, value: &str, max: usize) -> Result<(), String> {
@@ -118,6 +113,18 @@ fn check_name(what: &str, value: &str, max: usize) -> Result<(), String> {
         return Err(format!("{what} holds control characters"));
     }
     Ok(())
+}
+
+impl Versioned for NodeRecord {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+impl Versioned for FleetSession {
+    fn version(&self) -> u32 {
+        self.v
+    }
 }
 
 impl NodeRecord {
@@ -148,20 +155,7 @@ impl NodeRecord {
     pub fn decode(prefix: &str, key: &[u8], value: &[u8]) -> Result<NodeRecord, BadRecord> {
         let bad = bad_for(key);
         let node = NodeRecord::parse_key(prefix, key)?;
-        if value.len() > MAX_RECORD {
-            return Err(bad(format!(
-                "{} bytes, more than a record holds",
-                value.len()
-            )));
-        }
-        let record: NodeRecord =
-            serde_json::from_slice(value).map_err(|e| bad(format!("not a node record: {e}")))?;
-        if record.v != VERSION {
-            return Err(bad(format!(
-                "record version {} (this reaper reads version {VERSION})",
-                record.v
-            )));
-        }
+        let record: NodeRecord = read_versioned(key, value, "node", MAX_RECORD)?;
         if record.node != node {
             return Err(bad(format!(
                 "the record is node {:?}'s, its key {node:?}'s",
@@ -227,20 +221,7 @@ impl FleetSession {
     ) -> Result<FleetSession, BadRecord> {
         let bad = bad_for(key);
         let (origin, session) = FleetSession::parse_key(prefix, landing, key)?;
-        if value.len() > MAX_RECORD {
-            return Err(bad(format!(
-                "{} bytes, more than a record holds",
-                value.len()
-            )));
-        }
-        let record: FleetSession =
-            serde_json::from_slice(value).map_err(|e| bad(format!("not a session record: {e}")))?;
-        if record.v != VERSION {
-            return Err(bad(format!(
-                "record version {} (this reaper reads version {VERSION})",
-                record.v
-            )));
-        }
+        let record: FleetSession = read_versioned(key, value, "session", MAX_RECORD)?;
         if record.origin != origin || record.session != session {
             return Err(bad(format!(
                 "the record is session {:?} of node {:?}, its key {session:?} of {origin:?}",
