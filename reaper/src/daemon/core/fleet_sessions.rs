@@ -7,8 +7,9 @@
 //! off, and `fail-closed` classes' sessions die.
 //!
 //! Who may: a mirror is the fleet's (whoever may write the session keys
-//! in etcd, docs/fleet.md); here only root may extend, touch or revoke
-//! one, never a proxy's uid that happens to match the origin's.
+//! in etcd, docs/fleet.md); here only root and the operators may see or
+//! act on one (`ops::may_touch`), never a proxy's uid that happens to
+//! match the origin's.
 
 #![forbid(unsafe_code)]
 

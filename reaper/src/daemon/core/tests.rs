@@ -1527,6 +1527,21 @@ fn a_session_landing_here_is_mirrored_with_its_deadline_until_its_origin_ends_it
     // cannot be granted here.
     let before = h.kernel_state();
     h.refused(PROXY, r#"{"op":"extend","session":"s1","ttl":"1h"}"#);
+    let Ok(Outcome::Listed(seen)) = h.ask(PROXY, r#"{"op":"list"}"#) else {
+        panic!()
+    };
+    assert!(
+        seen.sessions.is_empty(),
+        "a local uid 1000 does not see node-a's uid 1000's session"
+    );
+    let Ok(Outcome::Revoked(r)) = h.ask(PROXY, r#"{"op":"revoke","user":"alice"}"#) else {
+        panic!()
+    };
+    assert!(r.kills.is_empty(), "nor may it revoke it");
+    let Ok(Outcome::Listed(seen)) = h.ask(OPERATOR, r#"{"op":"list"}"#) else {
+        panic!()
+    };
+    assert_eq!(seen.sessions.len(), 1, "an operator sees it");
     h.connect(2, A.0, A.1);
     let conflict = h.refused(ROOT, &grant_line("s1", "alice", "vm-1", "", &[A]));
     assert_eq!(conflict.code, Code::SessionConflict, "{}", conflict.message);

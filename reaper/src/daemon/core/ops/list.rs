@@ -17,9 +17,7 @@ impl<K: Kernel> Core<K> {
             let Some(s) = self.index.session(id) else {
                 return false;
             };
-            self.config
-                .access
-                .may_touch(caller.uid, caller.gid, s.terms.granted_by_uid)
+            super::may_touch(&self.config.access, caller, s)
                 && filter.session.as_ref().is_none_or(|v| s.name() == v)
                 && filter.user.as_ref().is_none_or(|v| s.user() == v)
                 && filter.target.as_ref().is_none_or(|v| s.target() == v)

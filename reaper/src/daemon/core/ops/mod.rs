@@ -22,12 +22,24 @@ use std::os::fd::OwnedFd;
 
 use reaper_common::FlowTuple;
 
+use super::index::Session;
 pub use super::model::Caller;
 use super::model::{refuse, Code, FlowSnapshot, Granted, Outcome, Refused, SessionSnapshot};
 use super::Core;
 use crate::kernel::{Kernel, KillPath};
 use crate::protocol::{Command, NetnsRef, Op};
 use crate::tuple;
+
+/// Whether `caller` may see and act on the session `s`: its creator, root
+/// and the operators may. A fleet mirror's creator is another node's uid,
+/// so there only root and the operators may: a local uid that happens to
+/// have that number may not.
+pub(super) fn may_touch(access: &crate::policy::Access, caller: Caller, s: &Session) -> bool {
+    if s.is_mirror() {
+        return access.is_operator(caller.uid, caller.gid);
+    }
+    access.may_touch(caller.uid, caller.gid, s.terms.granted_by_uid)
+}
 
 impl<K: Kernel> Core<K> {
     /// Runs one request for `caller`; `fds` are the descriptors that came
@@ -105,19 +117,11 @@ impl<K: Kernel> Core<K> {
         })
     }
 
-    /// Whether `caller` may act on the session `id`: its creator, root and
-    /// the operators may.
+    /// Whether `caller` may act on the session `id`.
     fn may_act_on(&self, caller: Caller, id: u64) -> bool {
-        // A mirror is its origin's: only root here may act on it, not a
-        // local uid that happens to be the number the origin granted it as.
-        self.index.session(id).is_some_and(|s| {
-            if s.is_mirror() {
-                return caller.uid == 0;
-            }
-            self.config
-                .access
-                .may_touch(caller.uid, caller.gid, s.terms.granted_by_uid)
-        })
+        self.index
+            .session(id)
+            .is_some_and(|s| may_touch(&self.config.access, caller, s))
     }
 
     /// Refuses `op` on session `id` for a caller whose scope it is not in.

@@ -27,7 +27,7 @@ impl<K: Kernel> Core<K> {
     ) -> Result<Revoked, Refused> {
         let now = self.kernel.now().boot_ns;
         let access = &self.config.access;
-        let mine = |s: &Session| access.may_touch(caller.uid, caller.gid, s.terms.granted_by_uid);
+        let mine = |s: &Session| super::may_touch(access, caller, s);
         let ids = match &selector {
             RevokeSelector::Session(name) => {
                 let id = self.session_id(Op::Revoke, name)?;
