@@ -560,6 +560,14 @@ fn a_console_session_across_nodes_lives_through_the_fence_and_ends_everywhere_at
     );
     let late_ms = |at: u64| (at as f64 - deadline as f64) / 1e6;
     let b_kill = wait_kill(&fleet.nodes[B], "console-1");
+    // The proxy's two sockets, killed on A.
+    let a_kill = wait_kill(&fleet.nodes[A], "console-1");
+    println!(
+        "fleet console: A killed the proxy's sockets {:.1} ms late ({})",
+        a_kill["late_us"].as_f64().unwrap() / 1e3,
+        a_kill["reason"]
+    );
+    assert_eq!(a_kill["reason"], "expired", "{a_kill}");
     println!(
         "fleet console: at the deadline, browser reset {:.1} ms late, B's console saw its reset by {:.1} ms, B killed it {:.1} ms late ({}), proxy saw {ends}",
         late_ms(browser_end),
