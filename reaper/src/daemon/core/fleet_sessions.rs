@@ -601,39 +601,27 @@ impl<K: Kernel> Core<K> {
         let crate::protocol::Command::Grant(g) = command else {
             return Vec::new();
         };
-        if !self.may_change_grants(caller) {
+        // Every grant comes through here: the common case returns before
+        // anything is cloned.
+        if !self.config.class_has_fleet_limits(g.class.as_deref())
+            || !self.may_change_grants(caller)
+            || self.index.id_of(&g.session).is_some()
+        {
             return Vec::new();
         }
         let Some(class) = self.config.class(g.class.as_deref()) else {
             return Vec::new();
         };
-        if !class.fleet_limits || self.index.id_of(&g.session).is_some() {
-            return Vec::new();
-        }
         let prefix = self.config.fleet.as_ref().map_or("", |f| f.prefix.as_str());
         let evict = class.on_limit == crate::policy::OnLimit::EvictOldest;
-        let mut asks = Vec::new();
-        if class.max_per_target != 0 {
-            asks.push(place::Ask::new(
-                prefix,
-                &class.name,
-                "target",
-                &g.target,
-                class.max_per_target,
-                evict,
-            ));
-        }
-        if class.max_per_user != 0 {
-            asks.push(place::Ask::new(
-                prefix,
-                &class.name,
-                "user",
-                &g.user,
-                class.max_per_user,
-                evict,
-            ));
-        }
-        asks
+        [
+            ("target", &g.target, class.max_per_target),
+            ("user", &g.user, class.max_per_user),
+        ]
+        .into_iter()
+        .filter(|(_, _, max)| *max != 0)
+        .map(|(kind, value, max)| place::Ask::new(prefix, &class.name, kind, value, max, evict))
+        .collect()
     }
 
     /// The places etcd says this node holds, listed after (re)joining:
