@@ -210,47 +210,13 @@ async fn follow(
                 Watched::Ended(why) => return why,
             },
             watched = etcd::next_events(&mut nodes_watch) => match watched {
-                Watched::Changes(events, _) => {
-                    let mut core = lock(state);
-                    for e in events {
-                        match NodeRecord::parse_key(prefix, &e.key) {
-                            Ok(node) => {
-                                let record = match e.value {
-                                    None => None,
-                                    Some(v) => match NodeRecord::decode(prefix, &e.key, &v) {
-                                        Ok(r) => Some(r),
-                                        Err(bad) => {
-                                            core.fleet_bad_record(&bad);
-                                            continue;
-                                        }
-                                    },
-                                };
-                                core.fleet_node(&node, record);
-                            }
-                            Err(bad) => core.fleet_bad_record(&bad),
-                        }
-                    }
-                }
+                Watched::Changes(events, _) => apply_nodes(state, prefix, events),
                 // Nodes and sessions are state: a list brings them back.
                 Watched::Compacted(at) => return format!("the node records are compacted up to revision {at}; re-listing"),
                 Watched::Ended(why) => return why,
             },
             watched = etcd::next_events(&mut landing_watch) => match watched {
-                Watched::Changes(events, _) => {
-                    let mut core = lock(state);
-                    for e in events {
-                        match (e.value, FleetSession::parse_key(prefix, &me.node, &e.key)) {
-                            (Some(v), Ok(_)) => match FleetSession::decode(prefix, &me.node, &e.key, &v) {
-                                Ok(r) => core.fleet_mirror_put(r),
-                                Err(bad) => core.fleet_bad_record(&bad),
-                            },
-                            (None, Ok((origin, session))) => {
-                                core.fleet_mirror_gone(&origin, &session);
-                            }
-                            (_, Err(bad)) => core.fleet_bad_record(&bad),
-                        }
-                    }
-                }
+                Watched::Changes(events, _) => apply_landing(state, prefix, &me.node, events),
                 Watched::Compacted(at) => return format!("the session records are compacted up to revision {at}; re-listing"),
                 Watched::Ended(why) => return why,
             },
@@ -273,6 +239,39 @@ async fn follow(
                     return etcd::describe("watch progress", &e);
                 }
             }
+        }
+    }
+}
+
+/// Hands node records written or gone to the core.
+fn apply_nodes(state: &Shared, prefix: &str, events: Vec<etcd::Event>) {
+    let mut core = lock(state);
+    for e in events {
+        let read = NodeRecord::parse_key(prefix, &e.key).and_then(|node| {
+            let record = e.value.map(|v| NodeRecord::decode(prefix, &e.key, &v));
+            record.transpose().map(|record| (node, record))
+        });
+        match read {
+            Ok((node, record)) => core.fleet_node(&node, record),
+            Err(bad) => core.fleet_bad_record(&bad),
+        }
+    }
+}
+
+/// Hands the session records landing on `me`, written or gone, to the
+/// core.
+fn apply_landing(state: &Shared, prefix: &str, me: &str, events: Vec<etcd::Event>) {
+    let mut core = lock(state);
+    for e in events {
+        match (e.value, FleetSession::parse_key(prefix, me, &e.key)) {
+            (Some(v), Ok(_)) => match FleetSession::decode(prefix, me, &e.key, &v) {
+                Ok(r) => core.fleet_mirror_put(r),
+                Err(bad) => core.fleet_bad_record(&bad),
+            },
+            (None, Ok((origin, session))) => {
+                core.fleet_mirror_gone(&origin, &session);
+            }
+            (_, Err(bad)) => core.fleet_bad_record(&bad),
         }
     }
 }

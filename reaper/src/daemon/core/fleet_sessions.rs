@@ -108,9 +108,11 @@ impl<K: Kernel> Core<K> {
             return Vec::new();
         }
         self.fleet.sessions.cut_off = true;
+        // Looked up, not cloned, once per session.
         let fail_closed = |class: &str| {
             self.config
-                .class(Some(class))
+                .classes
+                .get(class)
                 .is_some_and(|c| c.on_partition == OnPartition::FailClosed)
         };
         let ids = self.index.pick(|s| fail_closed(s.class()));
