@@ -155,6 +155,20 @@ pub trait Kernel {
     fn pending(&self) -> Vec<(FlowTuple, PendingGrant)>;
     fn pending_grant(&self, key: &FlowTuple) -> Option<PendingGrant>;
     fn put_pending(&mut self, key: &FlowTuple, grant: &PendingGrant) -> Result<bool>;
+    /// Puts `grant` under every one of `keys` (one connection's recorded
+    /// forms), all or none: `Ok(false)` when the table is full.
+    fn put_pending_all(&mut self, keys: &[FlowTuple], grant: &PendingGrant) -> Result<bool> {
+        for (i, key) in keys.iter().enumerate() {
+            let put = self.put_pending(key, grant);
+            if !matches!(put, Ok(true)) {
+                for written in &keys[..i] {
+                    self.remove_pending(written);
+                }
+                return put;
+            }
+        }
+        Ok(true)
+    }
     fn remove_pending(&mut self, key: &FlowTuple);
 
     /// Tracked flows per socket owner uid with any (`OWNER_FLOWS`); root

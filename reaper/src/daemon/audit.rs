@@ -107,7 +107,7 @@ pub fn line(kill: &Kill) -> String {
 #[derive(Debug, Clone, Serialize)]
 struct ChangeEvent<'a> {
     schema: u32,
-    ts: String,
+    ts: timefmt::Rfc3339,
     event: &'static str,
     /// Grants: whether this one created the session.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -116,7 +116,7 @@ struct ChangeEvent<'a> {
     user: &'a str,
     target: &'a str,
     class: &'a str,
-    deadline: String,
+    deadline: timefmt::Rfc3339,
     flows: usize,
     expecting: usize,
     /// The session's creator.
@@ -130,6 +130,14 @@ struct ChangeEvent<'a> {
 
 /// The audit line of a change (without the newline).
 pub fn change_line(change: &Change<'_>) -> String {
+    let mut out = Vec::with_capacity(256);
+    write_change_line(&mut out, change);
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
+/// Appends the audit line of a grant, extend or revoke (without the
+/// newline) to `out`.
+fn write_change_line(out: &mut Vec<u8>, change: &Change<'_>) {
     let s = change.session;
     let created = match change.kind {
         ChangeKind::Created => Some(true),
@@ -138,14 +146,14 @@ pub fn change_line(change: &Change<'_>) -> String {
     };
     let event = ChangeEvent {
         schema: SCHEMA,
-        ts: timefmt::format_rfc3339(change.at_unix_ns),
+        ts: timefmt::Rfc3339(change.at_unix_ns),
         event: change.kind.name(),
         created,
         session: &s.name,
         user: &s.user,
         target: &s.target,
         class: &s.class,
-        deadline: timefmt::format_rfc3339(s.deadline_unix_ns),
+        deadline: timefmt::Rfc3339(s.deadline_unix_ns),
         flows: s.flows.len(),
         expecting: s.expecting,
         granted_by_uid: s.granted_by_uid,
@@ -153,7 +161,7 @@ pub fn change_line(change: &Change<'_>) -> String {
         by_pid: change.by.pid,
         by_node: change.by_node,
     };
-    serde_json::to_string(&event).expect("audit events serialize")
+    serde_json::to_writer(out, &event).expect("audit events serialize");
 }
 
 /// A refused request, on the live stream (not in the audit file: a caller
@@ -364,17 +372,21 @@ impl AuditSink for Audit {
     }
 
     fn change(&mut self, change: &Change<'_>) {
-        let line = change_line(change);
-        if self.events.watched() {
-            let s = change.session;
-            let scope = EventScope {
-                session: s.name.clone(),
-                user: s.user.clone(),
-                target: s.target.clone(),
-                granted_by_uid: Some(s.granted_by_uid),
-            };
-            self.events.publish(scope, line.clone());
+        // As `record`: with nobody watching, straight into the buffer.
+        if !self.events.watched() {
+            write_change_line(&mut self.pending, change);
+            self.end_line();
+            return;
         }
+        let line = change_line(change);
+        let s = change.session;
+        let scope = EventScope {
+            session: s.name.clone(),
+            user: s.user.clone(),
+            target: s.target.clone(),
+            granted_by_uid: Some(s.granted_by_uid),
+        };
+        self.events.publish(scope, line.clone());
         self.write(line);
     }
 

@@ -224,6 +224,16 @@ async fn serve_client(
     fleet: Link,
 ) {
     let timeout = conn.timeout();
+    // The core leaves a request's audit lines buffered (see
+    // `Core::flush_audit`): they go to the writer before the answers do,
+    // and, whichever way this task ends, before it ends.
+    struct FlushAudit<'a>(&'a Shared);
+    impl Drop for FlushAudit<'_> {
+        fn drop(&mut self) {
+            lock(self.0).flush_audit();
+        }
+    }
+    let _flush_at_end = FlushAudit(&state);
     loop {
         let incoming = match conn.next().await {
             Ok(i) => i,
@@ -291,6 +301,7 @@ async fn serve_client(
                             }
                         }
                         if let Ok(Outcome::Watching(filter)) = outcome {
+                            lock(&state).flush_audit();
                             telemetry.metrics.request(op, "ok");
                             let watching = Answer::Watching { watching: true };
                             conn.queue(&Response::ok_line(request.id.as_ref(), &watching));
@@ -366,6 +377,7 @@ async fn serve_client(
         // has not arrived, and the queue never holds more than that. The
         // answers go once the audit lines of what they did are written.
         if !conn.has_line() {
+            lock(&state).flush_audit();
             telemetry.audit.written().await;
             if conn.flush().await.is_err() {
                 return;

@@ -69,6 +69,35 @@ pub unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
     Ok(())
 }
 
+/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `values[i]` under `keys[i]`, each created or replaced, in one
+/// `bpf(2)` call. Returns how many were written before an error (the
+/// kernel stops at the first it cannot write, `E2BIG` for a full table)
+/// and that error, if any.
+pub fn update_batch<K, V>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> (usize, Option<io::Error>) {
+    assert_eq!(keys.len(), values.len(), "a value for each key");
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: attr is the batch part of bpf_attr; keys and values point at
+    // `count` keys and values of the map's sizes (the caller's K and V),
+    // which the kernel only reads; it writes back `count`, in attr.
+    match unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) } {
+        Ok(()) => (keys.len(), None),
+        Err(e) => ((attr.count as usize).min(keys.len()), Some(e)),
+    }
+}
+
 /// `BPF_MAP_DELETE_BATCH` (kernel 5.6+).
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 

@@ -10,11 +10,42 @@ use super::PROTOCOL_VERSION;
 use crate::policy::IdleDirection;
 
 /// A duration: a number of seconds, or text such as "300ms" or "1h30m".
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum DurationArg {
     Seconds(f64),
     Text(String),
+}
+
+/// Read by its JSON type at once: serde's untagged form buffers the value
+/// and builds (and formats) an error for each variant it tries, a cost
+/// every grant paid for its `ttl`.
+impl<'de> Deserialize<'de> for DurationArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = DurationArg;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of seconds or a duration such as \"300ms\" or \"1h30m\"")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<DurationArg, E> {
+                Ok(DurationArg::Seconds(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<DurationArg, E> {
+                Ok(DurationArg::Seconds(v as f64))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<DurationArg, E> {
+                Ok(DurationArg::Seconds(v as f64))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<DurationArg, E> {
+                Ok(DurationArg::Text(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<DurationArg, E> {
+                Ok(DurationArg::Text(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// A network namespace as a request names it: a name under /run/netns, a

@@ -735,23 +735,20 @@ impl<K: Kernel> Core<K> {
                 session: id,
                 netns_cookie,
             };
-            for (i, key) in keys.iter().enumerate() {
-                let put = self.kernel.put_pending(key, &grant);
-                if !matches!(put, Ok(true)) {
-                    // This item's keys written so far go now; earlier
-                    // items are the undo's, through the index.
-                    for written_key in &keys[..i] {
-                        self.kernel.remove_pending(written_key);
-                    }
-                    put.map_err(internal)?;
-                    return refuse(
-                        Code::TableFull,
-                        format!(
-                            "the pre-registration table is full ({} entries, max_pending)",
-                            self.config.max_pending
-                        ),
-                    );
-                }
+            // All of this item's keys or none; earlier items are the
+            // undo's, through the index.
+            if !self
+                .kernel
+                .put_pending_all(&keys, &grant)
+                .map_err(internal)?
+            {
+                return refuse(
+                    Code::TableFull,
+                    format!(
+                        "the pre-registration table is full ({} entries, max_pending)",
+                        self.config.max_pending
+                    ),
+                );
             }
             self.index.add_pending(id, keys.into_boxed_slice());
             written.expect_items += 1;

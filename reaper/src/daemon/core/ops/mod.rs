@@ -43,7 +43,8 @@ pub(super) fn may_touch(access: &crate::policy::Access, caller: Caller, s: &Sess
 
 impl<K: Kernel> Core<K> {
     /// Runs one request for `caller`; `fds` are the descriptors that came
-    /// with it.
+    /// with it. Its audit lines stay buffered until `flush_audit`: the
+    /// caller flushes before it answers.
     pub fn handle(
         &mut self,
         command: Command,
@@ -53,7 +54,7 @@ impl<K: Kernel> Core<K> {
         let op = command.op();
         let outcome = match command {
             // One settle for the whole batch: one publish of the flow
-            // changes, one timer arm, one audit write.
+            // changes, one timer arm.
             Command::Batch(commands) => Ok(Outcome::Batch(
                 commands
                     .into_iter()
@@ -69,7 +70,7 @@ impl<K: Kernel> Core<K> {
             }
         };
         if op.mutates() {
-            self.settle();
+            self.settle_kernel();
         }
         outcome
     }
