@@ -17,6 +17,7 @@ mod data_path;
 mod destroy_floor;
 mod fleet;
 mod floor;
+mod grant_floor;
 mod held;
 mod kill_latency;
 mod mass_expiry;
