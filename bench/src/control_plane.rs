@@ -285,7 +285,7 @@ pub fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, 
                 cpu.median() / writes_floor.median()
             ),
             goal: "≥ 100000/s".into(),
-            pass: Some(runs.median() >= 100_000.0),
+            pass: Verdict::from(runs.median() >= 100_000.0),
         });
     }
     for clients in [1usize, 8, 64] {
@@ -332,7 +332,7 @@ pub fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, 
             // thread a recv, a send and a wake-up besides the grant; this
             // row shows what that costs against a server doing nothing.
             goal: "— (shown against its floor)".into(),
-            pass: None,
+            pass: Verdict::NoGoal,
         });
         rows.push(Row {
             what: format!("grant latency p50 / p99, {clients} client(s)"),
@@ -362,9 +362,9 @@ pub fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, 
             } else {
                 "—".into()
             },
-            pass: (clients == 1).then(|| {
+            pass: Verdict::from_goal((clients == 1).then(|| {
                 p50.median() <= 2.0 * floor50.median() && p99.median() <= 1.2 * floor99.median()
-            }),
+            })),
         });
         plots.push((format!("{clients} client(s)"), last));
     }

@@ -123,7 +123,7 @@ pub fn fleet(rows: &mut Vec<Row>, quick: bool) {
         ),
         ratio: format!("p50 {:.1}×, p99 {:.1}× the floor", r50 / f50, r99 / f99),
         goal: "≤ 2× put→watch".into(),
-        pass: Some(within),
+        pass: Verdict::from(within),
     });
 
     grant_latency(rows, &fleet, rounds);
@@ -219,7 +219,7 @@ fn grant_latency(rows: &mut Vec<Row>, fleet: &Fleet, rounds: usize) {
         baseline: format!("one etcd create-if-absent transaction from the node's namespace to its member: {t50:.2} / {t99:.2} ms"),
         ratio: format!("adds {:.2} transactions at p50", added / t50),
         goal: "≤ 1 etcd round trip (grants of other classes add none)".into(),
-        pass: Some(added <= 1.2 * t50),
+        pass: Verdict::from(added <= 1.2 * t50),
     });
     drop(held);
 }

@@ -208,8 +208,11 @@ pub fn kill_latency(
                 at(timer, 0.99).median() / p99.max(1e-3),
                 at(sweep, 0.99).median() / p99.max(1e-3)
             ),
-            goal: "p99 ≤ 2 ms".into(),
-            pass: Some(p99 <= 2.0),
+            // On a machine whose noise puts even the timer proxy's p99 past
+            // 2 ms, the goal is a ratio to it: that much is the machine's.
+            goal: "p99 ≤ 2 ms, or ≤ 1.2× the timer proxy's p99 where the machine puts that above 2 ms"
+                .into(),
+            pass: Verdict::from(p99 <= 2.0f64.max(1.2 * at(timer, 0.99).median())),
         });
         let pooled = |runs_: &[Vec<f64>]| {
             let mut v: Vec<f64> = runs_.concat();
@@ -262,8 +265,9 @@ pub fn kill_latency(
             "p99 {:.1}× the floor",
             p99.median() / floor_at(0.99).median().max(1e-3)
         ),
-        goal: "p99 ≤ 2 ms".into(),
-        pass: Some(p99.median() <= 2.0),
+        goal: "p99 ≤ 2 ms, or ≤ 1.2× the floor's p99 where the machine puts that above 2 ms"
+            .into(),
+        pass: Verdict::from(p99.median() <= 2.0f64.max(1.2 * floor_at(0.99).median())),
     });
     let mut pooled: Vec<f64> = late.concat();
     pooled.sort_by(|a, b| a.total_cmp(b));

@@ -163,11 +163,7 @@ fn main() {
         if quick { " (--quick sizes)" } else { "" }
     );
     for r in &rows {
-        let pass = match r.pass {
-            Some(true) => "pass",
-            Some(false) => "**FAIL**",
-            None => "—",
-        };
+        let pass = r.pass.cell();
         md += &format!(
             "| {} | {} | {} | {} | {} | {pass} |\n",
             r.what, r.reaper, r.baseline, r.ratio, r.goal

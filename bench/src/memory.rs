@@ -55,7 +55,7 @@ pub fn memory(rows: &mut Vec<Row>, quick: bool) {
             baseline: "—".into(),
             ratio: "—".into(),
             goal: "≤ 200 B".into(),
-            pass: Some(per <= 200.0),
+            pass: Verdict::from(per <= 200.0),
         });
     }
     let before = rss_kib(pid);
@@ -80,6 +80,6 @@ pub fn memory(rows: &mut Vec<Row>, quick: bool) {
         baseline: "—".into(),
         ratio: "—".into(),
         goal: "≤ 64 MiB".into(),
-        pass: Some(after as f64 / 1024.0 <= 64.0),
+        pass: Verdict::from(after as f64 / 1024.0 <= 64.0),
     });
 }

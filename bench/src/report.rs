@@ -7,7 +7,61 @@ pub struct Row {
     pub baseline: String,
     pub ratio: String,
     pub goal: String,
-    pub pass: Option<bool>,
+    pub pass: Verdict,
+}
+
+/// A row's verdict against its goal.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Verdict {
+    Pass,
+    Fail,
+    /// Paired runs whose spread holds both sides of the goal: the machine's
+    /// noise is larger than the difference, so the row neither passes nor
+    /// fails (see `paired`).
+    WithinNoise,
+    /// Shown against its floor, no goal of its own.
+    NoGoal,
+}
+
+impl From<bool> for Verdict {
+    fn from(pass: bool) -> Verdict {
+        if pass {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        }
+    }
+}
+
+impl Verdict {
+    pub fn from_goal(pass: Option<bool>) -> Verdict {
+        pass.map_or(Verdict::NoGoal, Verdict::from)
+    }
+
+    /// The verdict on paired runs (each a figure against its own baseline
+    /// of the same turn) where `meets` says whether one pair meets the
+    /// goal: passed when the median pair does and failed when it does
+    /// not, unless the middle half of the pairs (the quartiles) falls on
+    /// both sides of the goal, when the difference is within the noise.
+    pub fn paired(pairs: &Runs, meets: impl Fn(f64) -> bool) -> Verdict {
+        let mut v = pairs.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let (low, high) = (percentile(&v, 0.25), percentile(&v, 0.75));
+        if meets(low) != meets(high) {
+            Verdict::WithinNoise
+        } else {
+            meets(pairs.median()).into()
+        }
+    }
+
+    pub fn cell(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "**FAIL**",
+            Verdict::WithinNoise => "within noise",
+            Verdict::NoGoal => "—",
+        }
+    }
 }
 
 /// Median and spread of a set of runs.

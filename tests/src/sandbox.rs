@@ -111,6 +111,12 @@ impl Sandbox {
         self.daemon.take().expect("daemon running").stop(signal);
     }
 
+    /// Sends `signal` to the daemon (SIGSTOP and SIGCONT, to take it out
+    /// of a measurement and back).
+    pub fn signal_daemon(&self, signal: i32) {
+        self.daemon.as_ref().expect("daemon running").signal(signal);
+    }
+
     /// Sends SIGHUP (reload the config) to the daemon.
     pub fn hangup(&self) {
         self.daemon

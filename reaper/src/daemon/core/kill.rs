@@ -152,6 +152,11 @@ impl<K: Kernel> Core<K> {
             }
         };
         let done = self.kernel.now();
+        // The flows are dead: what is left (their records, the index) is
+        // bookkeeping, and at real-time priority it would keep a core from
+        // everything else, the killed flows' clients and peers among them,
+        // for as long as a mass expiry's records take.
+        let was_urgent = self.kernel.set_urgent(false);
         let mut kills = Vec::with_capacity(targets.len() + gone.len());
         for ((cookie, flow), outcome) in targets.into_iter().zip(outcomes) {
             let result = match outcome {
@@ -184,6 +189,7 @@ impl<K: Kernel> Core<K> {
                 self.untrack_flow(cookie);
             }
         }
+        self.kernel.set_urgent(was_urgent);
         kills
     }
 
