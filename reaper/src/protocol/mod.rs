@@ -15,11 +15,14 @@
 //! * `wire` — requests as they travel (what the CLI writes);
 //! * `request` — requests once validated (what the daemon acts on), and
 //!   the parser from one to the other;
+//! * `grant_path` — the same parser's one-pass road for grants, which
+//!   leaves everything else (and every refusal) to `request`;
 //! * `response` — response lines and the views they carry;
 //! * `refusal` — why a request was refused, with its stable code.
 
 #![forbid(unsafe_code)]
 
+mod grant_path;
 mod refusal;
 mod request;
 mod response;

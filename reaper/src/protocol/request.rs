@@ -163,6 +163,16 @@ pub struct Request {
 /// Parses one request line. On error, also returns the request id if one
 /// could be read, so the refusal can carry it.
 pub fn parse_request(line: &[u8]) -> Result<Request, (Option<Value>, Refusal)> {
+    // Grants, the bulk of the traffic, in one pass (see `grant_path`);
+    // everything else, and every refusal, here.
+    if let Some(request) = super::grant_path::parse(line) {
+        return Ok(request);
+    }
+    parse_general(line)
+}
+
+/// `parse_request` for any request: the line as a JSON tree first.
+pub(super) fn parse_general(line: &[u8]) -> Result<Request, (Option<Value>, Refusal)> {
     let value = match serde_json::from_slice::<Strict>(line) {
         Ok(Strict(value)) => value,
         Err(e) if e.to_string().starts_with(DUPLICATE) => {
@@ -199,7 +209,7 @@ const DUPLICATE: &str = "the key";
 /// A JSON value read as serde_json reads one, except that an object naming
 /// a key twice is refused (serde_json keeps the last, so
 /// `{"op":"list","op":"status"}` would silently be a status request).
-struct Strict(Value);
+pub(super) struct Strict(pub(super) Value);
 
 impl<'de> Deserialize<'de> for Strict {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
@@ -498,7 +508,7 @@ fn flow_ref(field: &str, spec: FlowSpec, allow_fd: bool) -> Result<FlowRef, Refu
     }
 }
 
-fn validate_grant(a: GrantArgs) -> Result<GrantRequest, Refusal> {
+pub(super) fn validate_grant(a: GrantArgs) -> Result<GrantRequest, Refusal> {
     use reaper_common::{SESSION_NAME_MAX, TARGET_NAME_MAX, USER_NAME_MAX};
     check_name("grant.session", &a.session, SESSION_NAME_MAX)?;
     check_name("grant.user", &a.user, USER_NAME_MAX)?;

@@ -173,7 +173,7 @@ impl<K: Kernel> Core<K> {
                 // A forwarded flow's packets, either way, are activity; a
                 // router cannot tell which end is the user, so under
                 // `input` only `touch` speaks for forwarded flows.
-                for key in &s.forwarded {
+                for key in s.forwarded() {
                     if let Some(f) = self.kernel.forwarded(key) {
                         floor = floor.max(f.last_seen_ns);
                     }
@@ -199,7 +199,7 @@ impl<K: Kernel> Core<K> {
         let live: HashSet<FlowTuple> = self
             .index
             .sessions()
-            .flat_map(|(_, s)| s.forwarded.iter().copied())
+            .flat_map(|(_, s)| s.forwarded().iter().copied())
             .collect();
         for (key, flow) in self.kernel.forwarded_flows() {
             if !live.contains(&key) && now.saturating_sub(flow.last_seen_ns) > FORWARD_IDLE_NS {

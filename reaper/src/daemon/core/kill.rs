@@ -62,7 +62,7 @@ impl<K: Kernel> Core<K> {
                 let sessions = || ids.iter().filter_map(|id| self.index.session(*id));
                 let cookies: Vec<u64> = sessions().flat_map(|s| s.flows.iter().copied()).collect();
                 let forwarded: Vec<FlowTuple> = sessions()
-                    .flat_map(|s| s.forwarded.iter().copied())
+                    .flat_map(|s| s.forwarded().iter().copied())
                     .collect();
                 (cookies, forwarded, ids, None)
             }
@@ -152,11 +152,6 @@ impl<K: Kernel> Core<K> {
             }
         };
         let done = self.kernel.now();
-        // The flows are dead: what is left (their records, the index) is
-        // bookkeeping, and at real-time priority it would keep a core from
-        // everything else, the killed flows' clients and peers among them,
-        // for as long as a mass expiry's records take.
-        let was_urgent = self.kernel.set_urgent(false);
         let mut kills = Vec::with_capacity(targets.len() + gone.len());
         for ((cookie, flow), outcome) in targets.into_iter().zip(outcomes) {
             let result = match outcome {
@@ -189,7 +184,6 @@ impl<K: Kernel> Core<K> {
                 self.untrack_flow(cookie);
             }
         }
-        self.kernel.set_urgent(was_urgent);
         kills
     }
 
@@ -255,7 +249,7 @@ impl<K: Kernel> Core<K> {
             }
             let kill_owner = self.owner_of(grant.session, owner);
             if let Some(s) = self.index.session_mut(grant.session) {
-                s.forwarded.remove(key);
+                s.remove_forwarded(key);
             }
             let since = due.unwrap_or(grant.deadline_ns);
             let flow = self.kernel.forwarded(key);

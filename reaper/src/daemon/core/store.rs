@@ -80,7 +80,7 @@ impl<K: Kernel> Core<K> {
         let record = session.record();
         let cookies = session.flows.to_vec();
         let pending: Vec<FlowTuple> = session.pending_keys().copied().collect();
-        let forwarded: Vec<FlowTuple> = session.forwarded.iter().copied().collect();
+        let forwarded: Vec<FlowTuple> = session.forwarded().to_vec();
         self.kernel.put_session(id, &record).map_err(internal)?;
         for cookie in cookies {
             if let Some(mut flow) = self.index.flow(cookie) {

@@ -46,7 +46,7 @@ impl<K: Kernel> Core<K> {
         for (key, grant) in self.kernel.forwarded_grants() {
             self.index.note_forwarded_grant(key);
             if let Some(s) = self.index.session_mut(grant.session) {
-                s.forwarded.insert(key);
+                s.add_forwarded(key);
             }
         }
         if !self.config.forward_interfaces.is_empty() {

@@ -725,7 +725,7 @@ impl<K: Kernel> Core<K> {
             written.forwarded.push((*key, before));
             self.index.note_forwarded_grant(*key);
             if let Some(s) = self.index.session_mut(id) {
-                s.forwarded.insert(*key);
+                s.add_forwarded(*key);
             }
             added += 1;
         }
@@ -777,7 +777,7 @@ impl<K: Kernel> Core<K> {
             }
             if let Some(s) = self.index.session_mut(id) {
                 if old.is_none_or(|g| g.session != id) {
-                    s.forwarded.remove(key);
+                    s.remove_forwarded(key);
                 }
             }
         }

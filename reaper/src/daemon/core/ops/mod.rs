@@ -221,7 +221,7 @@ impl<K: Kernel> Core<K> {
                 path,
             })
             .collect();
-        for key in &s.forwarded {
+        for key in s.forwarded() {
             let first_seen = self.kernel.forwarded(key).map_or(0, |f| f.first_seen_ns);
             flows.push(FlowSnapshot {
                 cookie: 0,
