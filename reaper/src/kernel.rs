@@ -158,16 +158,7 @@ pub trait Kernel {
     /// Puts `grant` under every one of `keys` (one connection's recorded
     /// forms), all or none: `Ok(false)` when the table is full.
     fn put_pending_all(&mut self, keys: &[FlowTuple], grant: &PendingGrant) -> Result<bool> {
-        for (i, key) in keys.iter().enumerate() {
-            let put = self.put_pending(key, grant);
-            if !matches!(put, Ok(true)) {
-                for written in &keys[..i] {
-                    self.remove_pending(written);
-                }
-                return put;
-            }
-        }
-        Ok(true)
+        put_pending_each(self, keys, grant)
     }
     fn remove_pending(&mut self, key: &FlowTuple);
 
@@ -208,4 +199,23 @@ pub trait Kernel {
     /// Writes the watch and fence port sets and the fence grace.
     fn apply_ports(&mut self, config: &Config) -> Result<()>;
     fn counters(&self) -> BTreeMap<String, u64>;
+}
+
+/// `Kernel::put_pending_all` one key at a time, taking back the keys it
+/// wrote when one is refused.
+pub fn put_pending_each<K: Kernel + ?Sized>(
+    kernel: &mut K,
+    keys: &[FlowTuple],
+    grant: &PendingGrant,
+) -> Result<bool> {
+    for (i, key) in keys.iter().enumerate() {
+        let put = kernel.put_pending(key, grant);
+        if !matches!(put, Ok(true)) {
+            for written in &keys[..i] {
+                kernel.remove_pending(written);
+            }
+            return put;
+        }
+    }
+    Ok(true)
 }

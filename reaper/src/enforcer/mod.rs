@@ -330,16 +330,7 @@ impl Kernel for Enforcer {
             return Ok(false);
         }
         // A kernel without batch updates: one call a key says what is wrong.
-        for (i, key) in keys.iter().enumerate() {
-            let put = self.put_pending(key, grant);
-            if !matches!(put, Ok(true)) {
-                for written in &keys[..i] {
-                    self.remove_pending(written);
-                }
-                return put;
-            }
-        }
-        Ok(true)
+        crate::kernel::put_pending_each(self, keys, grant)
     }
 
     fn forwarded(&self, key: &FlowTuple) -> Option<Forwarded> {
