@@ -484,42 +484,53 @@ impl<T> Shards<T> {
     }
 }
 
-/// The flows by cookie, split as `Shards` are.
-struct FlowTable(Box<[IdMap<u64, Flow>]>);
-
-impl Default for FlowTable {
-    fn default() -> Self {
-        FlowTable((0..SHARDS).map(|_| IdMap::default()).collect())
-    }
-}
+/// The flows by cookie, each entry with its cookie, in `Shards`.
+#[derive(Default)]
+struct FlowTable(Shards<(u64, Flow)>);
 
 impl FlowTable {
-    fn of(&self, cookie: u64) -> &IdMap<u64, Flow> {
-        &self.0[shard_of(id_hash(cookie))]
-    }
-
-    fn of_mut(&mut self, cookie: u64) -> &mut IdMap<u64, Flow> {
-        &mut self.0[shard_of(id_hash(cookie))]
-    }
-
     fn get(&self, cookie: &u64) -> Option<&Flow> {
-        self.of(*cookie).get(cookie)
+        let hash = id_hash(*cookie);
+        self.0
+            .of(hash)
+            .find(hash, |(c, _)| c == cookie)
+            .map(|(_, f)| f)
     }
 
+    /// Puts `flow` under `cookie`; returns the flow it replaces, if any.
     fn insert(&mut self, cookie: u64, flow: Flow) -> Option<Flow> {
-        self.of_mut(cookie).insert(cookie, flow)
+        let hash = id_hash(cookie);
+        match self
+            .0
+            .of_mut(hash)
+            .entry(hash, |(c, _)| *c == cookie, |(c, _)| id_hash(*c))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut e) => {
+                Some(std::mem::replace(&mut e.get_mut().1, flow))
+            }
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert((cookie, flow));
+                None
+            }
+        }
     }
 
     fn remove(&mut self, cookie: &u64) -> Option<Flow> {
-        self.of_mut(*cookie).remove(cookie)
+        let hash = id_hash(*cookie);
+        let entry = self
+            .0
+            .of_mut(hash)
+            .find_entry(hash, |(c, _)| c == cookie)
+            .ok()?;
+        Some(entry.remove().0 .1)
     }
 
     fn iter(&self) -> impl Iterator<Item = (&u64, &Flow)> {
-        self.0.iter().flat_map(|m| m.iter())
+        self.0.iter().map(|(c, f)| (c, f))
     }
 
     fn len(&self) -> usize {
-        self.0.iter().map(HashMap::len).sum()
+        self.0.len()
     }
 }
 
