@@ -69,36 +69,8 @@ pub unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
     Ok(())
 }
 
-/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+).
+/// `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_DELETE_BATCH` (kernel 5.6+).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-/// Writes `values[i]` under `keys[i]`, each created or replaced, in one
-/// `bpf(2)` call. Returns how many were written before an error (the
-/// kernel stops at the first it cannot write, `E2BIG` for a full table)
-/// and that error, if any.
-pub fn update_batch<K, V>(
-    map: BorrowedFd<'_>,
-    keys: &[K],
-    values: &[V],
-) -> (usize, Option<io::Error>) {
-    assert_eq!(keys.len(), values.len(), "a value for each key");
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
-        map_fd: map.as_raw_fd() as u32,
-        ..BatchAttr::default()
-    };
-    // SAFETY: attr is the batch part of bpf_attr; keys and values point at
-    // `count` keys and values of the map's sizes (the caller's K and V),
-    // which the kernel only reads; it writes back `count`, in attr.
-    match unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) } {
-        Ok(()) => (keys.len(), None),
-        Err(e) => ((attr.count as usize).min(keys.len()), Some(e)),
-    }
-}
-
-/// `BPF_MAP_DELETE_BATCH` (kernel 5.6+).
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// The batch part of `union bpf_attr`.
@@ -115,20 +87,51 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// Writes `values[i]` under `keys[i]`, each created or replaced, in one
+/// `bpf(2)` call. Returns how many were written before an error (the
+/// kernel stops at the first it cannot write, `E2BIG` for a full table)
+/// and that error, if any.
+pub fn update_batch<K, V>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> (usize, Option<io::Error>) {
+    assert_eq!(keys.len(), values.len(), "a value for each key");
+    // SAFETY: keys and values point at `keys.len()` keys and values of the
+    // map's sizes (the caller's K and V), which the kernel only reads.
+    unsafe { map_batch(BPF_MAP_UPDATE_BATCH, map, keys, values.as_ptr() as u64) }
+}
+
 /// Deletes `keys` from the map in one `bpf(2)` call. Returns how many were
 /// processed before an error (the kernel stops at the first key it cannot
 /// delete, `ENOENT` for one that is not there) and that error, if any.
 pub fn delete_batch<K>(map: BorrowedFd<'_>, keys: &[K]) -> (usize, Option<io::Error>) {
+    // SAFETY: keys point at `keys.len()` keys of the map's key size (the
+    // caller's K), which the kernel only reads; a delete reads no values.
+    unsafe { map_batch(BPF_MAP_DELETE_BATCH, map, keys, 0) }
+}
+
+/// One batched map command over `keys` (and `values`, for an update).
+///
+/// # Safety
+/// `keys` must be keys of the map's key size, and `values` 0 or the address
+/// of as many values of its value size.
+unsafe fn map_batch<K>(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: u64,
+) -> (usize, Option<io::Error>) {
     let mut attr = BatchAttr {
         keys: keys.as_ptr() as u64,
+        values,
         count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
         map_fd: map.as_raw_fd() as u32,
         ..BatchAttr::default()
     };
-    // SAFETY: attr is the batch part of bpf_attr; keys points at `count`
-    // keys of the map's key size (the caller's K), which the kernel only
-    // reads; it writes back `count`, in attr.
-    match unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) } {
+    // SAFETY: attr is the batch part of bpf_attr; its pointers are the
+    // caller's promise; the kernel writes back `count`, in attr.
+    match unsafe { bpf(cmd, &mut attr) } {
         Ok(()) => (keys.len(), None),
         Err(e) => ((attr.count as usize).min(keys.len()), Some(e)),
     }
