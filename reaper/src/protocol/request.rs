@@ -1,6 +1,7 @@
 //! Requests once validated: what the daemon acts on, and `parse_request`,
 //! which turns a line into one or refuses it naming the field.
 
+use std::fmt::Display;
 use std::net::SocketAddr;
 
 use serde::Deserialize;
@@ -444,7 +445,7 @@ fn expiry_of(
     }
 }
 
-fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, Refusal> {
+fn parse_addr(field: impl Display, text: &str) -> Result<SocketAddr, Refusal> {
     text.parse().map_err(|_| {
         Refusal::new(
             RefusalCode::BadValue,
@@ -453,7 +454,50 @@ fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, Refusal> {
     })
 }
 
-fn flow_ref(field: &str, spec: FlowSpec, allow_fd: bool) -> Result<FlowRef, Refusal> {
+/// The name of a request field in a refusal, such as `grant.expect[3]`:
+/// formatted only when a refusal needs it, since a grant names its flows
+/// by it and a pipelining proxy sends 100k of them a second.
+#[derive(Clone, Copy)]
+struct Field<'a> {
+    name: &'a str,
+    index: Option<usize>,
+    part: &'a str,
+}
+
+impl<'a> Field<'a> {
+    fn named(name: &'a str) -> Field<'a> {
+        Field {
+            name,
+            index: None,
+            part: "",
+        }
+    }
+
+    fn item(name: &'a str, index: usize) -> Field<'a> {
+        Field {
+            name,
+            index: Some(index),
+            part: "",
+        }
+    }
+
+    /// A sub-field: `.local`, `.remote`, ...
+    fn part(self, part: &'a str) -> Field<'a> {
+        Field { part, ..self }
+    }
+}
+
+impl Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)?;
+        if let Some(i) = self.index {
+            write!(f, "[{i}]")?;
+        }
+        f.write_str(self.part)
+    }
+}
+
+fn flow_ref(field: Field<'_>, spec: FlowSpec, allow_fd: bool) -> Result<FlowRef, Refusal> {
     match spec {
         FlowSpec {
             local: Some(l),
@@ -461,8 +505,8 @@ fn flow_ref(field: &str, spec: FlowSpec, allow_fd: bool) -> Result<FlowRef, Refu
             fd: None,
             netns,
         } => {
-            let local = parse_addr(&format!("{field}.local"), &l)?;
-            let remote = parse_addr(&format!("{field}.remote"), &r)?;
+            let local = parse_addr(field.part(".local"), &l)?;
+            let remote = parse_addr(field.part(".remote"), &r)?;
             if local.is_ipv4() != remote.is_ipv4() {
                 return Err(Refusal::new(
                     RefusalCode::BadValue,
@@ -470,7 +514,7 @@ fn flow_ref(field: &str, spec: FlowSpec, allow_fd: bool) -> Result<FlowRef, Refu
                 ));
             }
             if let Some(n) = &netns {
-                n.check(&format!("{field}.netns"))?;
+                n.check(&field.part(".netns").to_string())?;
             }
             Ok(FlowRef::Addrs {
                 local,
@@ -528,15 +572,15 @@ pub(super) fn validate_grant(a: GrantArgs) -> Result<GrantRequest, Refusal> {
         .flows
         .into_iter()
         .enumerate()
-        .map(|(i, f)| flow_ref(&format!("grant.flows[{i}]"), f, true))
+        .map(|(i, f)| flow_ref(Field::item("grant.flows", i), f, true))
         .collect::<Result<Vec<_>, _>>()?;
     let expect = a
         .expect
         .into_iter()
         .enumerate()
         .map(|(i, f)| {
-            let field = format!("grant.expect[{i}]");
-            match flow_ref(&field, f, false)? {
+            let field = Field::item("grant.expect", i);
+            match flow_ref(field, f, false)? {
                 FlowRef::Addrs { local, remote, .. } if local.port() == 0 && remote.port() == 0 => {
                     Err(Refusal::new(
                         RefusalCode::BadValue,
@@ -617,18 +661,20 @@ fn validate_revoke(a: RevokeArgs) -> Result<RevokeSelector, Refusal> {
         RevokeArgs {
             target: Some(t), ..
         } => RevokeSelector::Target(name("target", t)?),
-        RevokeArgs { flow: Some(f), .. } => match flow_ref("revoke.flow", f, false)? {
-            FlowRef::Addrs {
-                local,
-                remote,
-                netns,
-            } => RevokeSelector::Flow {
-                local,
-                remote,
-                netns,
-            },
-            FlowRef::Fd(_) => unreachable!("fds are refused for revoke"),
-        },
+        RevokeArgs { flow: Some(f), .. } => {
+            match flow_ref(Field::named("revoke.flow"), f, false)? {
+                FlowRef::Addrs {
+                    local,
+                    remote,
+                    netns,
+                } => RevokeSelector::Flow {
+                    local,
+                    remote,
+                    netns,
+                },
+                FlowRef::Fd(_) => unreachable!("fds are refused for revoke"),
+            }
+        }
         _ => unreachable!("exactly one selector was counted"),
     })
 }
@@ -637,6 +683,28 @@ fn validate_revoke(a: RevokeArgs) -> Result<RevokeSelector, Refusal> {
 mod tests {
     use super::*;
     use crate::protocol::*;
+
+    #[test]
+    fn flow_refusals_name_the_field_they_are_about() {
+        let cases = [
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"expect":[{"local":"127.0.0.1:5900","remote":"127.0.0.1:0"},{"local":"127.0.0.1:5900","remote":"nowhere"}]}"#,
+                "grant.expect[1].remote: \"nowhere\" is not an address",
+            ),
+            (
+                r#"{"op":"grant","session":"s","user":"u","target":"t","ttl":5,"flows":[{"local":"127.0.0.1:5900","remote":"[::1]:4"}]}"#,
+                "grant.flows[0]: local and remote must both be IPv4 or both IPv6",
+            ),
+            (
+                r#"{"op":"revoke","flow":{"local":"127.0.0.1:x","remote":"127.0.0.1:3"}}"#,
+                "revoke.flow.local: \"127.0.0.1:x\" is not an address",
+            ),
+        ];
+        for (line, says) in cases {
+            let r = refusal(line);
+            assert!(r.message.starts_with(says), "{line}: {r}");
+        }
+    }
 
     #[test]
     fn a_key_given_twice_is_refused_at_any_depth() {
