@@ -49,14 +49,49 @@ fn request_loop(socket: PathBuf, client: usize, n: usize, granted: bool) -> Vec<
 /// The floor under any grant latency here: a line sent over a Unix
 /// socket to a thread that echoes it back, one at a time (µs each).
 pub fn unix_round_trips(n: usize) -> Vec<f64> {
+    round_trips(n, None)
+}
+
+/// The floor under a grant that is answered only once its audit line is
+/// written, by a thread of its own so that a disk stall never holds up a
+/// kill (as the daemon's audit writer): the echo thread hands each line to
+/// a writer thread, which appends it to a file and hands it back, and then
+/// echoes it. Two more hand-offs between threads than the bare round trip.
+pub fn audited_round_trips(n: usize) -> Vec<f64> {
+    let path = std::env::temp_dir().join(format!("reaper-bench-audit-{}", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    let trips = round_trips(n, Some(file));
+    let _ = std::fs::remove_file(&path);
+    trips
+}
+
+fn round_trips(n: usize, audit: Option<std::fs::File>) -> Vec<f64> {
     let (a, b) = UnixStream::pair().unwrap();
     let echo = std::thread::spawn(move || {
         let mut reader = BufReader::new(b.try_clone().unwrap());
         let mut writer = b;
         let mut line = String::new();
+        let (to_writer, from_echo) = std::sync::mpsc::channel::<String>();
+        let (to_echo, written) = std::sync::mpsc::channel::<String>();
+        let audit_writer = audit.map(|mut file| {
+            std::thread::spawn(move || {
+                for line in from_echo {
+                    file.write_all(line.as_bytes()).unwrap();
+                    to_echo.send(line).unwrap();
+                }
+            })
+        });
         while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if audit_writer.is_some() {
+                to_writer.send(std::mem::take(&mut line)).unwrap();
+                line = written.recv().unwrap();
+            }
             writer.write_all(line.as_bytes()).unwrap();
             line.clear();
+        }
+        drop(to_writer);
+        if let Some(w) = audit_writer {
+            w.join().unwrap();
         }
     });
     let mut reader = BufReader::new(a.try_clone().unwrap());
@@ -246,12 +281,19 @@ pub fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, 
     let shapes = [(1, 1), (1, BATCH), (8, 1), (8, BATCH)];
     let mut piped: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
     let mut piped_cpu: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
-    let mut writes_floor = Vec::new();
+    let (mut audited50, mut audited99) = (Vec::new(), Vec::new());
+    let (mut writes_floor, mut batched_floor) = (Vec::new(), Vec::new());
     for _ in 0..repeats {
         let floor = unix_round_trips(total.min(20_000));
         floor50.push(percentile(&floor, 0.5));
         floor99.push(percentile(&floor, 0.99));
+        let audited = audited_round_trips(total.min(20_000));
+        audited50.push(percentile(&audited, 0.5));
+        audited99.push(percentile(&audited, 0.99));
         writes_floor.push(crate::grant_floor::kernel_writes_per_grant(total));
+        batched_floor.push(crate::grant_floor::kernel_writes_per_grant_batched(
+            total, BATCH,
+        ));
         for ((runs, cpu), (clients, batch)) in piped.iter_mut().zip(&mut piped_cpu).zip(shapes) {
             let (rate, cpu_per_grant) = pipelined_rate(total, clients, batch);
             runs.push(rate);
@@ -259,7 +301,8 @@ pub fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, 
         }
     }
     let (floor50, floor99) = (Runs(floor50), Runs(floor99));
-    let writes_floor = Runs(writes_floor);
+    let (audited50, audited99) = (Runs(audited50), Runs(audited99));
+    let (writes_floor, batched_floor) = (Runs(writes_floor), Runs(batched_floor));
     for ((runs, cpu), (clients, batch)) in piped.into_iter().zip(piped_cpu).zip(shapes) {
         let (runs, cpu) = (Runs(runs), Runs(cpu));
         let shape = if batch == 1 {
@@ -276,9 +319,12 @@ pub fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, 
             ),
             // What no daemon can do without: a grant's kernel writes, in
             // this process, with nothing else (bench/src/grant_floor.rs).
+            // And the same writes with a `batch`'s grants sharing their
+            // calls, which the daemon does not do (docs/performance.md).
             baseline: format!(
-                "a grant's kernel writes alone: {} CPU",
-                writes_floor.show("µs", 2)
+                "a grant's kernel writes alone: {} CPU; {BATCH} grants' writes in 2 batched calls: {} a grant",
+                writes_floor.show("µs", 2),
+                batched_floor.show("µs", 2)
             ),
             ratio: format!(
                 "daemon CPU {:.1}× the kernel writes",
@@ -339,18 +385,21 @@ pub fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, 
             reaper: format!("{} / {}", p50.show("µs", 0), p99.show("µs", 0)),
             baseline: if clients == 1 {
                 format!(
-                    "bare Unix-socket round trip {} / {}",
+                    "bare Unix-socket round trip {} / {}; the same through a writer thread that appends each line to a file first {} / {}",
                     floor50.show("µs", 0),
-                    floor99.show("µs", 0)
+                    floor99.show("µs", 0),
+                    audited50.show("µs", 0),
+                    audited99.show("µs", 0)
                 )
             } else {
                 "—".into()
             },
             ratio: if clients == 1 {
                 format!(
-                    "p50 {:.1}×, p99 {:.1}× the floor",
+                    "p50 {:.1}×, p99 {:.1}× the floor; p50 {:.1}× the audited round trip",
                     p50.median() / floor50.median(),
-                    p99.median() / floor99.median()
+                    p99.median() / floor99.median(),
+                    p50.median() / audited50.median()
                 )
             } else {
                 "—".into()
