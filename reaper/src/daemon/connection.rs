@@ -26,12 +26,6 @@ use tokio::time::Instant;
 
 use crate::protocol::{MAX_FDS_PER_REQUEST, MAX_LINE_BYTES};
 
-/// The most one read takes. A pipelining client gets the answers to one
-/// read's worth of requests together, so this sets how many requests share
-/// the per-read costs (the read, the audit hand-off, the answers' write, and
-/// each a wake-up across cores, which a virtual machine pays dearly for).
-const READ_BYTES: usize = 16 * 1024;
-
 /// A connection costs the daemon a task, a descriptor and at most one line
 /// of buffer each way, whatever the client does: a client may stay idle
 /// between requests for as long as it likes (proxies keep one connection
@@ -235,19 +229,18 @@ impl Connection {
         // The lines handed out go now, in one move.
         self.buf.drain(..self.start);
         self.start = 0;
+        let mut chunk = [0u8; 16 * 1024];
         loop {
             self.stream.readable().await?;
             let raw = self.stream.as_raw_fd();
-            let held = self.buf.len();
-            self.buf.resize(held + READ_BYTES, 0);
-            let read = self.stream.try_io(Interest::READABLE, || {
-                recv_with_fds(raw, &mut self.buf[held..])
-            });
-            self.buf
-                .truncate(held + read.as_ref().map_or(0, |(n, _, _)| *n));
-            match read {
+            match self
+                .stream
+                .try_io(Interest::READABLE, || recv_with_fds(raw, &mut chunk))
+            {
                 Ok((n, fds, truncated)) => {
-                    self.keep_fds(self.offset + held, fds, truncated);
+                    let at = self.offset + self.buf.len();
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.keep_fds(at, fds, truncated);
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
