@@ -130,6 +130,20 @@ pub trait Kernel {
     fn flow(&self, cookie: u64) -> Option<Flow>;
     fn update_flow(&mut self, cookie: u64, flow: &Flow) -> Result<bool>;
     fn remove_flow(&mut self, cookie: u64);
+    /// Writes many flows' entries, each created or replaced, in as few
+    /// calls as the kernel allows. Unlike `update_flow`, a batch cannot
+    /// write "only if it is there": the entry of a socket that closed since
+    /// may come back, so the core removes a granted flow's entry when its
+    /// close event comes. Returns the writes the kernel refused, with why.
+    fn put_flows(&mut self, flows: &[(u64, Flow)]) -> Vec<(u64, String)> {
+        let mut refused = Vec::new();
+        for (cookie, flow) in flows {
+            if let Err(e) = self.update_flow(*cookie, flow) {
+                refused.push((*cookie, crate::error::chain(&e)));
+            }
+        }
+        refused
+    }
     /// The flow events the kernel queued since the last call, in order.
     fn take_events(&mut self) -> Vec<FlowEvent>;
     /// How many events the kernel could not queue (ring buffer full) since
@@ -144,6 +158,20 @@ pub trait Kernel {
     fn sessions(&self) -> Vec<(u64, SessionRecord)>;
     fn put_session(&mut self, id: u64, record: &SessionRecord) -> Result<bool>;
     fn remove_session(&mut self, id: u64);
+    /// Writes many session records, each created or replaced, in as few
+    /// calls as the kernel allows. Returns the records the kernel refused,
+    /// with why.
+    fn put_sessions(&mut self, records: &[(u64, SessionRecord)]) -> Vec<(u64, String)> {
+        let mut refused = Vec::new();
+        for (id, record) in records {
+            match self.put_session(*id, record) {
+                Ok(true) => {}
+                Ok(false) => refused.push((*id, "the kernel session table is full".to_string())),
+                Err(e) => refused.push((*id, crate::error::chain(&e))),
+            }
+        }
+        refused
+    }
     /// Removes many session records at once.
     fn remove_sessions(&mut self, ids: &[u64]) {
         for id in ids {

@@ -82,7 +82,13 @@ pub(super) async fn grant_with_places(
     }
     let held = take(link, &session, asks, caller.uid).await?;
     lock(state).fleet_places_taken(&session, held);
-    let outcome = lock(state).handle(command, caller, fds);
+    let outcome = {
+        let mut core = lock(state);
+        let outcome = core.handle(command, caller, fds);
+        // Made now, not after the release's round trip to etcd.
+        core.settle_requests();
+        outcome
+    };
     let unused = lock(state).fleet_places_unused(&session);
     if !unused.is_empty() {
         release(link, unused).await;

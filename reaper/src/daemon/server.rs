@@ -224,16 +224,16 @@ async fn serve_client(
     fleet: Link,
 ) {
     let timeout = conn.timeout();
-    // The core leaves a request's audit lines buffered (see
-    // `Core::flush_audit`): they go to the writer before the answers do,
-    // and, whichever way this task ends, before it ends.
-    struct FlushAudit<'a>(&'a Shared);
-    impl Drop for FlushAudit<'_> {
+    // The core leaves a request's grant writes staged and its audit lines
+    // buffered (see `Core::settle_requests`): they are made before the
+    // answers go, and, whichever way this task ends, before it ends.
+    struct Settle<'a>(&'a Shared);
+    impl Drop for Settle<'_> {
         fn drop(&mut self) {
-            lock(self.0).flush_audit();
+            lock(self.0).settle_requests();
         }
     }
-    let _flush_at_end = FlushAudit(&state);
+    let _settle_at_end = Settle(&state);
     loop {
         let incoming = match conn.next().await {
             Ok(i) => i,
@@ -273,6 +273,9 @@ async fn serve_client(
                         let outcome = if asks.is_empty() {
                             lock(&state).handle(request.command, caller, &fds)
                         } else {
+                            // It waits on etcd: what the requests before
+                            // it did must not wait with it.
+                            lock(&state).settle_requests();
                             places::grant_with_places(
                                 &state,
                                 &fleet,
@@ -301,7 +304,7 @@ async fn serve_client(
                             }
                         }
                         if let Ok(Outcome::Watching(filter)) = outcome {
-                            lock(&state).flush_audit();
+                            lock(&state).settle_requests();
                             telemetry.metrics.request(op, "ok");
                             let watching = Answer::Watching { watching: true };
                             conn.queue(&Response::ok_line(request.id.as_ref(), &watching));
@@ -375,9 +378,10 @@ async fn serve_client(
         // A client that pipelines gets the answers to one read's worth of
         // requests (16 KiB) in one write; nobody waits for a request that
         // has not arrived, and the queue never holds more than that. The
-        // answers go once the audit lines of what they did are written.
+        // answers go once what they did is in the kernel and its audit
+        // lines are written.
         if !conn.has_line() {
-            lock(&state).flush_audit();
+            lock(&state).settle_requests();
             telemetry.audit.written().await;
             if conn.flush().await.is_err() {
                 return;

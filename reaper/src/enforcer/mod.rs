@@ -157,6 +157,29 @@ fn is_errno(e: &MapError, errno: i32) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(errno))
 }
 
+/// Writes `values[i]` under `keys[i]`, all of them, with as few batched
+/// calls as the kernel's answers allow: where the kernel stops at an entry
+/// (a full table, or no batch updates at all), the rest goes on after it.
+/// Returns the indexes of the entries it stopped at, for the caller to
+/// write alone (which says why, if it fails again).
+fn batch_stops<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> Vec<usize> {
+    let mut stops = Vec::new();
+    let mut start = 0;
+    while start < keys.len() {
+        let (done, error) = sys::update_batch(map, &keys[start..], &values[start..]);
+        if error.is_none() {
+            break;
+        }
+        if done == 0 && start == 0 && stops.is_empty() {
+            // Refused before the first entry: no batch updates here.
+            return (0..keys.len()).collect();
+        }
+        stops.push(start + done);
+        start += done + 1;
+    }
+    stops
+}
+
 /// An insert's answer: `Ok(false)` when the table is full.
 fn inserted(result: std::result::Result<(), MapError>) -> Result<bool> {
     match result {
@@ -222,6 +245,28 @@ impl Kernel for Enforcer {
         }
     }
 
+    /// One `bpf(2)` call for all of them (the grants of one read). A
+    /// batch write is always "create or replace"; an entry the kernel stops
+    /// at is written again alone, as `update_flow` would.
+    fn put_flows(&mut self, flows: &[(u64, Flow)]) -> Vec<(u64, String)> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        if flows.is_empty() {
+            return Vec::new();
+        }
+        let (cookies, entries): (Vec<u64>, Vec<Flow>) = flows.iter().copied().unzip();
+        let map = IterableMap::<u64, Flow>::map(&self.flows);
+        let stopped_at = batch_stops(map.fd().as_fd(), &cookies, &entries);
+        self.flows_dirty = true;
+        let mut refused = Vec::new();
+        for i in stopped_at {
+            if let Err(e) = self.update_flow(cookies[i], &entries[i]) {
+                refused.push((cookies[i], crate::error::chain(&e)));
+            }
+        }
+        refused
+    }
+
     fn remove_flow(&mut self, cookie: u64) {
         if self.flows.remove(&cookie).is_ok() {
             self.flows_dirty = true;
@@ -259,6 +304,26 @@ impl Kernel for Enforcer {
 
     fn put_session(&mut self, id: u64, record: &SessionRecord) -> Result<bool> {
         inserted(self.sessions.insert(id, record, 0))
+    }
+
+    /// One `bpf(2)` call for all of them, as `put_flows`.
+    fn put_sessions(&mut self, records: &[(u64, SessionRecord)]) -> Vec<(u64, String)> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        if records.is_empty() {
+            return Vec::new();
+        }
+        let (ids, entries): (Vec<u64>, Vec<SessionRecord>) = records.iter().copied().unzip();
+        let map = IterableMap::<u64, SessionRecord>::map(&self.sessions);
+        let mut refused = Vec::new();
+        for i in batch_stops(map.fd().as_fd(), &ids, &entries) {
+            match self.put_session(ids[i], &entries[i]) {
+                Ok(true) => {}
+                Ok(false) => refused.push((ids[i], "the kernel session table is full".into())),
+                Err(e) => refused.push((ids[i], crate::error::chain(&e))),
+            }
+        }
+        refused
     }
 
     fn remove_session(&mut self, id: u64) {

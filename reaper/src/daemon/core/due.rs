@@ -34,6 +34,7 @@ impl<K: Kernel> Core<K> {
     }
 
     fn run_due_now(&mut self) {
+        self.write_staged();
         // The timer fires a little before the first deadline; wait it out.
         if let Some(next) = self.schedule.next() {
             self.kernel.wait_until(next);

@@ -259,6 +259,21 @@ impl Kernel for FakeKernel {
         Ok(true)
     }
 
+    /// As the kernel's batch: created or replaced, so the entry of a
+    /// socket that closed since comes back.
+    fn put_flows(&mut self, flows: &[(u64, Flow)]) -> Vec<(u64, String)> {
+        for (cookie, flow) in flows {
+            self.flows.insert(*cookie, *flow);
+            self.dirty = true;
+            self.log.push(Write::Flow {
+                cookie: *cookie,
+                session: flow.session,
+                deadline: flow.deadline_ns,
+            });
+        }
+        Vec::new()
+    }
+
     fn remove_flow(&mut self, cookie: u64) {
         self.flows.remove(&cookie);
         self.dirty = true;

@@ -57,6 +57,8 @@ pub(super) struct RstChecks {
 impl<K: Kernel> Core<K> {
     /// Kills `victims` for `cause`.
     pub(super) fn kill(&mut self, victims: Victims<'_>, cause: Cause) -> Vec<Kill> {
+        // A kill's writes must not be overtaken by a grant's.
+        self.write_staged();
         let (cookies, forwarded, ended, owner) = match victims {
             Victims::Sessions(ids) => {
                 let sessions = || ids.iter().filter_map(|id| self.index.session(*id));

@@ -1,5 +1,12 @@
 //! Writes that keep the kernel maps, the index and the schedule in step:
 //! kernel first, in the order that leaves a crash harmless, then the index.
+//!
+//! A grant's session record and flow deadlines are the one exception to
+//! "kernel first": they are staged (`Staged`) and written for all the
+//! requests of one read at once, in two `bpf(2)` calls, when the server
+//! settles the read before it answers (`Core::settle_requests`). Anything
+//! else that touches the kernel's flows or sessions writes them first
+//! (`write_staged`), so no later write is ever overtaken by a staged one.
 
 #![forbid(unsafe_code)]
 
@@ -10,7 +17,58 @@ use super::schedule::Due;
 use super::Core;
 use crate::kernel::Kernel;
 
+/// Kernel writes of grants not made yet: session records, then flow
+/// deadlines, in the order the grants made them. A grant indexes what it
+/// staged at once, so the next request of the same read is judged against
+/// it.
+#[derive(Default)]
+pub(super) struct Staged {
+    sessions: Vec<(u64, SessionRecord)>,
+    flows: Vec<(u64, Flow)>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.flows.is_empty()
+    }
+}
+
 impl<K: Kernel> Core<K> {
+    /// Stages a new session's record (see `Staged`).
+    pub(super) fn stage_session(&mut self, id: u64, record: &SessionRecord) {
+        self.staged.sessions.push((id, *record));
+    }
+
+    /// Stages a granted flow's entry (see `Staged`).
+    pub(super) fn stage_flow(&mut self, cookie: u64, flow: &Flow) {
+        self.staged.flows.push((cookie, *flow));
+    }
+
+    /// Writes what grants staged: every session record, then every flow
+    /// (the crash-safe order holds across the whole read). The kernel
+    /// refusing one is logged, not undone: its grant was judged and
+    /// answered. A flow keeps its deadline without its session record (a
+    /// restart enforces it under a stand-in, `sync::adopt_orphan`); a flow
+    /// whose entry was not written is still killed by the daemon at its
+    /// deadline, without the in-kernel drop behind it.
+    pub(super) fn write_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let mut staged = std::mem::take(&mut self.staged);
+        for (id, why) in self.kernel.put_sessions(&staged.sessions) {
+            let name = self.index.session(id).map_or("?", |s| s.name());
+            tracing::error!(session = %name, "writing a granted session's record: {why}; its flows keep their deadlines");
+        }
+        for (cookie, why) in self.kernel.put_flows(&staged.flows) {
+            tracing::error!(cookie, "writing a granted flow's deadline: {why}; the daemon still kills it at its deadline, without the in-kernel drop");
+        }
+        // Kept for the next read's grants: no allocation per read.
+        staged.sessions.clear();
+        staged.flows.clear();
+        self.staged = staged;
+    }
+
     /// Indexes a tracked flow (not yet part of any session).
     pub(super) fn track_flow(&mut self, cookie: u64, flow: Flow) {
         self.index.insert_flow(cookie, flow);
@@ -42,6 +100,7 @@ impl<K: Kernel> Core<K> {
     /// `forget_session` for many, their kernel records removed together
     /// at the end.
     pub(super) fn forget_sessions(&mut self, ids: &[u64]) {
+        self.write_staged();
         let mut forgotten = Vec::with_capacity(ids.len());
         for &id in ids {
             let Some(s) = self.index.remove_session(id) else {
@@ -70,6 +129,7 @@ impl<K: Kernel> Core<K> {
         deadline: u64,
         anchor: u64,
     ) -> Result<(), Refused> {
+        self.write_staged();
         let session = self.index.session_mut(id).expect("caller checked");
         let old = session.terms.deadline_ns;
         if old == deadline && session.terms.expires_unix_ns == anchor {

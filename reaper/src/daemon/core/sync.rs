@@ -160,6 +160,9 @@ impl<K: Kernel> Core<K> {
 
     /// Applies flow events from the kernel, in order.
     pub fn apply_events(&mut self, events: &[FlowEvent]) {
+        // Before a close event is applied, not after: a staged write would
+        // re-create the entry of the flow that closed.
+        self.write_staged();
         for event in events {
             if event.kind == FlowEventKind::Established as u32 {
                 // The entry may already carry a grant (adopted state); keep ours.
@@ -177,6 +180,12 @@ impl<K: Kernel> Core<K> {
             } else if event.kind == FlowEventKind::Closed as u32 {
                 if let Some(flow) = self.untrack_flow(event.cookie) {
                     debug!(cookie = event.cookie, flow = %describe(&flow.tuple), "flow closed");
+                    // The kernel removed the entry as the socket closed; a
+                    // grant's batched write (`Kernel::put_flows`) that came
+                    // after may have put it back.
+                    if flow.session != 0 {
+                        self.kernel.remove_flow(event.cookie);
+                    }
                 }
             } else if event.kind == FlowEventKind::Refused as u32 {
                 self.refuse_untracked(event.cookie, event.flow);

@@ -122,7 +122,10 @@ impl Harness {
 
     fn ask(&mut self, caller: Caller, line: &str) -> Result<Outcome, Refused> {
         let request = parse_request(line.as_bytes()).expect("test request parses");
-        self.core.handle(request.command, caller, &[])
+        let outcome = self.core.handle(request.command, caller, &[]);
+        // As the server does before it answers.
+        self.core.settle_requests();
+        outcome
     }
 
     fn ok(&mut self, line: &str) -> Outcome {
@@ -900,15 +903,106 @@ fn an_evicting_grant_refused_for_a_full_pre_registration_table_evicts_nobody() {
 }
 
 #[test]
-fn a_grant_whose_flows_all_closed_leaves_no_session() {
+fn a_flow_that_closed_before_its_grant_was_written_leaves_no_kernel_entry() {
     let mut h = harness();
     h.connect(1, A.0, A.1);
-    // The socket closes before its event is read: the index still has it.
-    h.fake().flows.remove(&1);
-    let r = h.refused(ROOT, &grant_line("s1", "alice", "vm-1", "", &[A]));
-    assert_eq!(r.code, Code::NoSuchFlow);
-    assert!(h.core.kernel.sessions.is_empty());
-    assert!(h.sessions().is_empty());
+    // The socket closes before its event is read: the index still has it,
+    // and the grant is judged (and answered) as if it closed a moment after.
+    let event = h.fake().close(1);
+    h.ok(&grant_line("s1", "alice", "vm-1", "", &[A]));
+    // The batched write cannot say "only if present": the entry came back.
+    assert_eq!(h.core.kernel.flows[&1].session, 1);
+    h.fake().queued.push(event);
+    h.core.sync_events();
+    assert!(
+        !h.core.kernel.flows.contains_key(&1),
+        "the close event removed it"
+    );
+    let Outcome::Listed(l) = h.ok(r#"{"op":"list"}"#) else {
+        panic!()
+    };
+    assert!(l.sessions[0].flows.is_empty(), "{l:?}");
+}
+
+#[test]
+fn a_read_of_grants_writes_sessions_before_flows_and_publishes_once() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    let mark = h.core.kernel.log.len();
+    // Two pipelined grants of one read: handled one by one, settled once.
+    for (session, flow) in [("s1", A), ("s2", B)] {
+        let line = grant_line(session, "alice", "vm-1", "", &[flow]);
+        let request = parse_request(line.as_bytes()).unwrap();
+        h.core.handle(request.command, ROOT, &[]).expect("granted");
+    }
+    assert!(
+        h.core.kernel.writes_since(mark).is_empty(),
+        "staged until the read is settled"
+    );
+    // The second grant was judged against the first: the flow is taken.
+    let line = grant_line("s3", "bob", "vm-2", "", &[A]);
+    let request = parse_request(line.as_bytes()).unwrap();
+    let r = h.core.handle(request.command, ROOT, &[]).unwrap_err();
+    assert_eq!(r.code, Code::FlowConflict, "{r:?}");
+    h.core.settle_requests();
+    let deadline = h.core.kernel.sessions[&1].deadline_ns;
+    assert_eq!(
+        h.core.kernel.writes_since(mark),
+        [
+            Write::Session { id: 1, deadline },
+            Write::Session { id: 2, deadline },
+            Write::Flow {
+                cookie: 1,
+                session: 1,
+                deadline
+            },
+            Write::Flow {
+                cookie: 2,
+                session: 2,
+                deadline
+            },
+            Write::Publish,
+        ]
+    );
+}
+
+#[test]
+fn a_revoke_after_a_grant_in_the_same_read_is_not_overtaken_by_it() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    let mark = h.core.kernel.log.len();
+    let run = |h: &mut Harness, line: &str| {
+        let request = parse_request(line.as_bytes()).unwrap();
+        h.core.handle(request.command, ROOT, &[]).expect("done");
+    };
+    run(
+        &mut h,
+        &grant_line("s1", "alice", "vm-1", r#","ttl":"10m""#, &[A]),
+    );
+    run(&mut h, r#"{"op":"revoke","session":"s1"}"#);
+    h.core.settle_requests();
+    let writes = h.core.kernel.writes_since(mark);
+    let granted = writes
+        .iter()
+        .position(|w| {
+            matches!(
+                w,
+                Write::Flow {
+                    cookie: 1,
+                    session: 1,
+                    ..
+                }
+            )
+        })
+        .expect("the grant's write");
+    let destroyed = writes
+        .iter()
+        .position(|w| matches!(w, Write::Destroy(_)))
+        .expect("the revoke's destroy");
+    assert!(granted < destroyed, "{writes:?}");
+    assert!(h.core.kernel.sessions.is_empty(), "{writes:?}");
+    assert!(!h.core.kernel.flows.contains_key(&1), "{writes:?}");
 }
 
 #[test]

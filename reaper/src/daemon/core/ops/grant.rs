@@ -136,9 +136,9 @@ impl<K: Kernel> Core<K> {
                     let cause = Cause::asked(Reason::Evicted, now.boot_ns, caller);
                     self.kill(Victims::Sessions(&evict), cause);
                 }
-                if !self.kernel.put_session(id, &record).map_err(internal)? {
-                    return refuse(Code::TableFull, "the kernel session table is full");
-                }
+                // Counted against max_sessions above; written with the
+                // rest of the read's grants (store.rs, `Staged`).
+                self.stage_session(id, &record);
                 self.index_session(id, &record);
                 (id, record.deadline_ns, true, None)
             }
@@ -698,14 +698,14 @@ impl<K: Kernel> Core<K> {
                 session: id,
                 ..before
             };
-            if self.kernel.update_flow(cookie, &flow).map_err(internal)? {
-                written.flows.push((cookie, before));
-                self.track_flow(cookie, flow);
-                self.index.attach(cookie);
-                added += 1;
-            } else {
-                self.untrack_flow(cookie);
-            }
+            // Written with the rest of the read's grants (store.rs,
+            // `Staged`). A flow that closes before then is granted all the
+            // same, as if it had closed a moment after.
+            self.stage_flow(cookie, &flow);
+            written.flows.push((cookie, before));
+            self.track_flow(cookie, flow);
+            self.index.attach(cookie);
+            added += 1;
         }
         let own_netns = self.kernel.own_netns();
         for key in forwarded {
@@ -760,6 +760,8 @@ impl<K: Kernel> Core<K> {
     /// session's (deadline, anchor) before the grant; `None`: it created
     /// the session, which goes.
     fn undo_grant(&mut self, id: u64, before: Option<(u64, u64)>, written: Written) {
+        // Made first, then taken back below like any other write.
+        self.write_staged();
         for _ in 0..written.expect_items {
             for key in self.index.pop_pending(id).iter().flatten() {
                 self.kernel.remove_pending(key);

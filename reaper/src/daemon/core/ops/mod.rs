@@ -43,18 +43,16 @@ pub(super) fn may_touch(access: &crate::policy::Access, caller: Caller, s: &Sess
 
 impl<K: Kernel> Core<K> {
     /// Runs one request for `caller`; `fds` are the descriptors that came
-    /// with it. Its audit lines stay buffered until `flush_audit`: the
-    /// caller flushes before it answers.
+    /// with it. Its grants' kernel writes stay staged and its audit lines
+    /// buffered until `settle_requests`: the caller settles before it
+    /// answers, and before it waits on anything.
     pub fn handle(
         &mut self,
         command: Command,
         caller: Caller,
         fds: &[OwnedFd],
     ) -> Result<Outcome, Refused> {
-        let op = command.op();
-        let outcome = match command {
-            // One settle for the whole batch: one publish of the flow
-            // changes, one timer arm.
+        match command {
             Command::Batch(commands) => Ok(Outcome::Batch(
                 commands
                     .into_iter()
@@ -68,11 +66,7 @@ impl<K: Kernel> Core<K> {
                 self.run_due_if_due();
                 self.perform(command, caller, fds)
             }
-        };
-        if op.mutates() {
-            self.settle_kernel();
         }
-        outcome
     }
 
     /// One operation, after the access check; the caller settles.
@@ -83,6 +77,11 @@ impl<K: Kernel> Core<K> {
         fds: &[OwnedFd],
     ) -> Result<Outcome, Refused> {
         let op = command.op();
+        if op != Op::Grant {
+            // Only grants add to the staged writes; everything else finds
+            // the kernel as the grants before it left it.
+            self.write_staged();
+        }
         if op.mutates() && !self.config.access.allows(caller.uid, caller.gid) {
             // Who else is allowed is not the caller's business.
             return refuse(
