@@ -183,10 +183,22 @@ pub trait Kernel {
     fn pending(&self) -> Vec<(FlowTuple, PendingGrant)>;
     fn pending_grant(&self, key: &FlowTuple) -> Option<PendingGrant>;
     fn put_pending(&mut self, key: &FlowTuple, grant: &PendingGrant) -> Result<bool>;
-    /// Puts `grant` under every one of `keys` (one connection's recorded
-    /// forms), all or none: `Ok(false)` when the table is full.
-    fn put_pending_all(&mut self, keys: &[FlowTuple], grant: &PendingGrant) -> Result<bool> {
-        put_pending_each(self, keys, grant)
+    /// Writes many pending entries, each created or replaced, in as few
+    /// calls as the kernel allows. Returns the keys the kernel refused,
+    /// with why.
+    fn put_pendings(&mut self, entries: &[(FlowTuple, PendingGrant)]) -> Vec<(FlowTuple, String)> {
+        let mut refused = Vec::new();
+        for (key, grant) in entries {
+            match self.put_pending(key, grant) {
+                Ok(true) => {}
+                Ok(false) => refused.push((
+                    *key,
+                    "the kernel pre-registration table is full".to_string(),
+                )),
+                Err(e) => refused.push((*key, crate::error::chain(&e))),
+            }
+        }
+        refused
     }
     fn remove_pending(&mut self, key: &FlowTuple);
 
@@ -227,23 +239,4 @@ pub trait Kernel {
     /// Writes the watch and fence port sets and the fence grace.
     fn apply_ports(&mut self, config: &Config) -> Result<()>;
     fn counters(&self) -> BTreeMap<String, u64>;
-}
-
-/// `Kernel::put_pending_all` one key at a time, taking back the keys it
-/// wrote when one is refused.
-pub fn put_pending_each<K: Kernel + ?Sized>(
-    kernel: &mut K,
-    keys: &[FlowTuple],
-    grant: &PendingGrant,
-) -> Result<bool> {
-    for (i, key) in keys.iter().enumerate() {
-        let put = kernel.put_pending(key, grant);
-        if !matches!(put, Ok(true)) {
-            for written in &keys[..i] {
-                kernel.remove_pending(written);
-            }
-            return put;
-        }
-    }
-    Ok(true)
 }

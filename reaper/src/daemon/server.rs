@@ -185,6 +185,13 @@ impl ClientSlot {
     }
 }
 
+impl ClientSlot {
+    /// Whether this is the only control connection open.
+    fn alone(&self) -> bool {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).total == 1
+    }
+}
+
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.metrics.client_connected(false);
@@ -219,7 +226,7 @@ async fn serve_client(
     state: Shared,
     mut conn: Connection,
     caller: Caller,
-    _slot: ClientSlot,
+    slot: ClientSlot,
     telemetry: Telemetry,
     fleet: Link,
 ) {
@@ -382,7 +389,8 @@ async fn serve_client(
         // lines are written.
         if !conn.has_line() {
             lock(&state).settle_requests();
-            telemetry.audit.written().await;
+            // Alone, this connection's answer is all the thread has to do.
+            telemetry.audit.written(slot.alone()).await;
             if conn.flush().await.is_err() {
                 return;
             }

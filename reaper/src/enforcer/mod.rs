@@ -370,32 +370,26 @@ impl Kernel for Enforcer {
         let _ = self.pending.remove(key);
     }
 
-    /// One `bpf(2)` call for the forms of a connection (an IPv4 one has
-    /// two): a grant's syscalls were most of its cost at 50k grants/s.
-    fn put_pending_all(&mut self, keys: &[FlowTuple], grant: &PendingGrant) -> Result<bool> {
+    /// One `bpf(2)` call for all of them, as `put_flows`.
+    fn put_pendings(&mut self, entries: &[(FlowTuple, PendingGrant)]) -> Vec<(FlowTuple, String)> {
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
-        let few = [*grant; 4];
-        let many;
-        let values: &[PendingGrant] = if keys.len() <= few.len() {
-            &few[..keys.len()]
-        } else {
-            many = vec![*grant; keys.len()];
-            &many
-        };
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        let (keys, grants): (Vec<FlowTuple>, Vec<PendingGrant>) = entries.iter().copied().unzip();
         let map = IterableMap::<FlowTuple, PendingGrant>::map(&self.pending);
-        let (done, error) = sys::update_batch(map.fd().as_fd(), keys, values);
-        let Some(e) = error else {
-            return Ok(true);
-        };
-        for written in &keys[..done] {
-            self.remove_pending(written);
+        let mut refused = Vec::new();
+        for i in batch_stops(map.fd().as_fd(), &keys, &grants) {
+            match self.put_pending(&keys[i], &grants[i]) {
+                Ok(true) => {}
+                Ok(false) => {
+                    refused.push((keys[i], "the kernel pre-registration table is full".into()))
+                }
+                Err(e) => refused.push((keys[i], crate::error::chain(&e))),
+            }
         }
-        if e.raw_os_error() == Some(libc::E2BIG) {
-            return Ok(false);
-        }
-        // A kernel without batch updates: one call a key says what is wrong.
-        crate::kernel::put_pending_each(self, keys, grant)
+        refused
     }
 
     fn forwarded(&self, key: &FlowTuple) -> Option<Forwarded> {

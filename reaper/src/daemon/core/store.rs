@@ -10,7 +10,7 @@
 
 #![forbid(unsafe_code)]
 
-use reaper_common::{flow_flags, Flow, FlowTuple, SessionRecord};
+use reaper_common::{flow_flags, Flow, FlowTuple, PendingGrant, SessionRecord};
 
 use super::model::{internal, Refused};
 use super::schedule::Due;
@@ -18,18 +18,19 @@ use super::Core;
 use crate::kernel::Kernel;
 
 /// Kernel writes of grants not made yet: session records, then flow
-/// deadlines, in the order the grants made them. A grant indexes what it
-/// staged at once, so the next request of the same read is judged against
-/// it.
+/// deadlines and pending entries, in the order the grants made them. A
+/// grant indexes what it staged at once, so the next request of the same
+/// read is judged against it.
 #[derive(Default)]
 pub(super) struct Staged {
     sessions: Vec<(u64, SessionRecord)>,
     flows: Vec<(u64, Flow)>,
+    pending: Vec<(FlowTuple, PendingGrant)>,
 }
 
 impl Staged {
     fn is_empty(&self) -> bool {
-        self.sessions.is_empty() && self.flows.is_empty()
+        self.sessions.is_empty() && self.flows.is_empty() && self.pending.is_empty()
     }
 }
 
@@ -44,13 +45,22 @@ impl<K: Kernel> Core<K> {
         self.staged.flows.push((cookie, *flow));
     }
 
+    /// Stages a connection to come's pending entries (see `Staged`).
+    pub(super) fn stage_pending(&mut self, keys: &[FlowTuple], grant: &PendingGrant) {
+        self.staged
+            .pending
+            .extend(keys.iter().map(|k| (*k, *grant)));
+    }
+
     /// Writes what grants staged: every session record, then every flow
-    /// (the crash-safe order holds across the whole read). The kernel
-    /// refusing one is logged, not undone: its grant was judged and
-    /// answered. A flow keeps its deadline without its session record (a
-    /// restart enforces it under a stand-in, `sync::adopt_orphan`); a flow
-    /// whose entry was not written is still killed by the daemon at its
-    /// deadline, without the in-kernel drop behind it.
+    /// and pending entry (the crash-safe order holds across the whole
+    /// read). The kernel refusing one is logged, not undone: its grant was
+    /// judged (the tables' room counted first, `check_room`) and answered.
+    /// A flow keeps its deadline without its session record (a restart
+    /// enforces it under a stand-in, `sync::adopt_orphan`); a flow whose
+    /// entry was not written is still killed by the daemon at its
+    /// deadline, without the in-kernel drop behind it; a connection whose
+    /// pending entry was not written comes untracked.
     pub(super) fn write_staged(&mut self) {
         if self.staged.is_empty() {
             return;
@@ -63,9 +73,13 @@ impl<K: Kernel> Core<K> {
         for (cookie, why) in self.kernel.put_flows(&staged.flows) {
             tracing::error!(cookie, "writing a granted flow's deadline: {why}; the daemon still kills it at its deadline, without the in-kernel drop");
         }
+        for (key, why) in self.kernel.put_pendings(&staged.pending) {
+            tracing::error!(connection = %crate::tuple::describe(&key), "writing a grant's connection to come: {why}; it will not be granted when it comes");
+        }
         // Kept for the next read's grants: no allocation per read.
         staged.sessions.clear();
         staged.flows.clear();
+        staged.pending.clear();
         self.staged = staged;
     }
 

@@ -968,6 +968,30 @@ fn a_read_of_grants_writes_sessions_before_flows_and_publishes_once() {
 }
 
 #[test]
+fn a_session_record_the_kernel_refuses_after_the_answer_leaves_its_flow_its_deadline() {
+    let mut h = harness();
+    h.connect(1, A.0, A.1);
+    h.connect(2, B.0, B.1);
+    h.ok(&grant_line("s1", "alice", "vm-1", "", &[A]));
+    // The kernel's table is smaller than the count the grant was judged by.
+    h.fake().max_sessions = 1;
+    h.ok(&grant_line("s2", "bob", "vm-2", "", &[B]));
+    assert!(
+        !h.core.kernel.sessions.contains_key(&2),
+        "refused by the kernel"
+    );
+    let flow = h.core.kernel.flows[&2];
+    assert_eq!(
+        (flow.session, flow.deadline_ns),
+        (2, h.core.kernel.sessions[&1].deadline_ns)
+    );
+    // And the daemon still kills it at its deadline.
+    h.pass(600 * NS_PER_SEC);
+    let kills = h.audit.take();
+    assert!(kills.iter().any(|k| k.cookie == 2), "{kills:?}");
+}
+
+#[test]
 fn a_revoke_after_a_grant_in_the_same_read_is_not_overtaken_by_it() {
     let mut h = harness();
     h.connect(1, A.0, A.1);

@@ -735,21 +735,9 @@ impl<K: Kernel> Core<K> {
                 session: id,
                 netns_cookie,
             };
-            // All of this item's keys or none; earlier items are the
-            // undo's, through the index.
-            if !self
-                .kernel
-                .put_pending_all(&keys, &grant)
-                .map_err(internal)?
-            {
-                return refuse(
-                    Code::TableFull,
-                    format!(
-                        "the pre-registration table is full ({} entries, max_pending)",
-                        self.config.max_pending
-                    ),
-                );
-            }
+            // Counted against max_pending (`check_room`); written with
+            // the rest of the read's grants (store.rs, `Staged`).
+            self.stage_pending(&keys, &grant);
             self.index.add_pending(id, keys.into_boxed_slice());
             written.expect_items += 1;
         }
