@@ -319,8 +319,8 @@ pub fn control_plane(rows: &mut Vec<Row>, quick: bool, plots: &mut Vec<(String, 
             ),
             // What no daemon can do without: a grant's kernel writes, in
             // this process, with nothing else (bench/src/grant_floor.rs).
-            // And the same writes with a `batch`'s grants sharing their
-            // calls, which the daemon does not do (docs/performance.md).
+            // And the same writes with 200 grants sharing their calls, as
+            // the grants of one read do in the daemon (docs/performance.md).
             baseline: format!(
                 "a grant's kernel writes alone: {} CPU; {BATCH} grants' writes in 2 batched calls: {} a grant",
                 writes_floor.show("µs", 2),

@@ -246,10 +246,11 @@ const SPIN_FOR: std::time::Duration = std::time::Duration::from_micros(100);
 impl AuditProgress {
     /// Waits until every line queued so far is written (or the writer is
     /// gone, at shutdown). With `spin`, it first spins for a little while
-    /// (`SPIN_FOR`) on the thread, which must then have nothing else to do:
+    /// (`SPIN_FOR`), holding up the thread's other tasks that long at most:
     /// the writer is usually done within it, and being woken costs more on
     /// a virtual machine (an idle vCPU halts; waking it takes a round trip
-    /// through the hypervisor).
+    /// through the hypervisor). The server asks for it only for a
+    /// connection that is the only one open.
     pub async fn written(&self, spin: bool) {
         let upto = self.queued.load(Ordering::Acquire);
         if spin {
