@@ -136,13 +136,9 @@ pub trait Kernel {
     /// may come back, so the core removes a granted flow's entry when its
     /// close event comes. Returns the writes the kernel refused, with why.
     fn put_flows(&mut self, flows: &[(u64, Flow)]) -> Vec<(u64, String)> {
-        let mut refused = Vec::new();
-        for (cookie, flow) in flows {
-            if let Err(e) = self.update_flow(*cookie, flow) {
-                refused.push((*cookie, crate::error::chain(&e)));
-            }
-        }
-        refused
+        put_each(flows, None, |(cookie, flow)| {
+            self.update_flow(*cookie, flow)
+        })
     }
     /// The flow events the kernel queued since the last call, in order.
     fn take_events(&mut self) -> Vec<FlowEvent>;
@@ -162,15 +158,9 @@ pub trait Kernel {
     /// calls as the kernel allows. Returns the records the kernel refused,
     /// with why.
     fn put_sessions(&mut self, records: &[(u64, SessionRecord)]) -> Vec<(u64, String)> {
-        let mut refused = Vec::new();
-        for (id, record) in records {
-            match self.put_session(*id, record) {
-                Ok(true) => {}
-                Ok(false) => refused.push((*id, "the kernel session table is full".to_string())),
-                Err(e) => refused.push((*id, crate::error::chain(&e))),
-            }
-        }
-        refused
+        put_each(records, Some(SESSIONS_FULL), |(id, record)| {
+            self.put_session(*id, record)
+        })
     }
     /// Removes many session records at once.
     fn remove_sessions(&mut self, ids: &[u64]) {
@@ -187,18 +177,9 @@ pub trait Kernel {
     /// calls as the kernel allows. Returns the keys the kernel refused,
     /// with why.
     fn put_pendings(&mut self, entries: &[(FlowTuple, PendingGrant)]) -> Vec<(FlowTuple, String)> {
-        let mut refused = Vec::new();
-        for (key, grant) in entries {
-            match self.put_pending(key, grant) {
-                Ok(true) => {}
-                Ok(false) => refused.push((
-                    *key,
-                    "the kernel pre-registration table is full".to_string(),
-                )),
-                Err(e) => refused.push((*key, crate::error::chain(&e))),
-            }
-        }
-        refused
+        put_each(entries, Some(PENDING_FULL), |(key, grant)| {
+            self.put_pending(key, grant)
+        })
     }
     fn remove_pending(&mut self, key: &FlowTuple);
 
@@ -239,4 +220,32 @@ pub trait Kernel {
     /// Writes the watch and fence port sets and the fence grace.
     fn apply_ports(&mut self, config: &Config) -> Result<()>;
     fn counters(&self) -> BTreeMap<String, u64>;
+}
+
+/// Why a session record or a pending entry was refused with `Ok(false)`.
+pub const SESSIONS_FULL: &str = "the kernel session table is full";
+pub const PENDING_FULL: &str = "the kernel pre-registration table is full";
+
+/// Makes each write with `put`, one call each; returns the keys of those
+/// refused, with why. `Ok(false)` is a refusal saying `refused_as` (a
+/// full table), or none where that is `None` (a flow that closed: its
+/// close event says the rest).
+pub fn put_each<K: Copy, V>(
+    writes: &[(K, V)],
+    refused_as: Option<&str>,
+    mut put: impl FnMut(&(K, V)) -> Result<bool>,
+) -> Vec<(K, String)> {
+    let mut refused = Vec::new();
+    for write in writes {
+        match put(write) {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Some(why) = refused_as {
+                    refused.push((write.0, why.to_string()));
+                }
+            }
+            Err(e) => refused.push((write.0, crate::error::chain(&e))),
+        }
+    }
+    refused
 }

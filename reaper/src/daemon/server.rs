@@ -183,9 +183,7 @@ impl ClientSlot {
             metrics: metrics.clone(),
         })
     }
-}
 
-impl ClientSlot {
     /// Whether this is the only control connection open.
     fn alone(&self) -> bool {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).total == 1

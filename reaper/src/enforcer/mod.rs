@@ -256,15 +256,14 @@ impl Kernel for Enforcer {
         }
         let (cookies, entries): (Vec<u64>, Vec<Flow>) = flows.iter().copied().unzip();
         let map = IterableMap::<u64, Flow>::map(&self.flows);
-        let stopped_at = batch_stops(map.fd().as_fd(), &cookies, &entries);
+        let stopped: Vec<(u64, Flow)> = batch_stops(map.fd().as_fd(), &cookies, &entries)
+            .into_iter()
+            .map(|i| flows[i])
+            .collect();
         self.flows_dirty = true;
-        let mut refused = Vec::new();
-        for i in stopped_at {
-            if let Err(e) = self.update_flow(cookies[i], &entries[i]) {
-                refused.push((cookies[i], crate::error::chain(&e)));
-            }
-        }
-        refused
+        crate::kernel::put_each(&stopped, None, |(cookie, flow)| {
+            self.update_flow(*cookie, flow)
+        })
     }
 
     fn remove_flow(&mut self, cookie: u64) {
@@ -315,15 +314,13 @@ impl Kernel for Enforcer {
         }
         let (ids, entries): (Vec<u64>, Vec<SessionRecord>) = records.iter().copied().unzip();
         let map = IterableMap::<u64, SessionRecord>::map(&self.sessions);
-        let mut refused = Vec::new();
-        for i in batch_stops(map.fd().as_fd(), &ids, &entries) {
-            match self.put_session(ids[i], &entries[i]) {
-                Ok(true) => {}
-                Ok(false) => refused.push((ids[i], "the kernel session table is full".into())),
-                Err(e) => refused.push((ids[i], crate::error::chain(&e))),
-            }
-        }
-        refused
+        let stopped: Vec<(u64, SessionRecord)> = batch_stops(map.fd().as_fd(), &ids, &entries)
+            .into_iter()
+            .map(|i| records[i])
+            .collect();
+        crate::kernel::put_each(&stopped, Some(crate::kernel::SESSIONS_FULL), |(id, r)| {
+            self.put_session(*id, r)
+        })
     }
 
     fn remove_session(&mut self, id: u64) {
@@ -379,17 +376,13 @@ impl Kernel for Enforcer {
         }
         let (keys, grants): (Vec<FlowTuple>, Vec<PendingGrant>) = entries.iter().copied().unzip();
         let map = IterableMap::<FlowTuple, PendingGrant>::map(&self.pending);
-        let mut refused = Vec::new();
-        for i in batch_stops(map.fd().as_fd(), &keys, &grants) {
-            match self.put_pending(&keys[i], &grants[i]) {
-                Ok(true) => {}
-                Ok(false) => {
-                    refused.push((keys[i], "the kernel pre-registration table is full".into()))
-                }
-                Err(e) => refused.push((keys[i], crate::error::chain(&e))),
-            }
-        }
-        refused
+        let stopped: Vec<(FlowTuple, PendingGrant)> = batch_stops(map.fd().as_fd(), &keys, &grants)
+            .into_iter()
+            .map(|i| entries[i])
+            .collect();
+        crate::kernel::put_each(&stopped, Some(crate::kernel::PENDING_FULL), |(key, g)| {
+            self.put_pending(key, g)
+        })
     }
 
     fn forwarded(&self, key: &FlowTuple) -> Option<Forwarded> {

@@ -1,12 +1,13 @@
 //! Writes that keep the kernel maps, the index and the schedule in step:
 //! kernel first, in the order that leaves a crash harmless, then the index.
 //!
-//! A grant's session record and flow deadlines are the one exception to
-//! "kernel first": they are staged (`Staged`) and written for all the
-//! requests of one read at once, in two `bpf(2)` calls, when the server
-//! settles the read before it answers (`Core::settle_requests`). Anything
-//! else that touches the kernel's flows or sessions writes them first
-//! (`write_staged`), so no later write is ever overtaken by a staged one.
+//! A grant's session record, flow deadlines and pending entries are the
+//! one exception to "kernel first": they are staged (`Staged`) and written
+//! for all the requests of one read at once, in three `bpf(2)` calls, when
+//! the server settles the read before it answers (`Core::settle_requests`).
+//! Anything else that touches the kernel's flows, sessions or pending
+//! entries writes them first (`write_staged`), so no later write is ever
+//! overtaken by a staged one.
 
 #![forbid(unsafe_code)]
 
