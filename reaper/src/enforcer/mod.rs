@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::Ebpf;
 use reaper_common::{
     counter, setting, watch_slot, Flow, FlowEvent, FlowTuple, Forwarded, PendingGrant, PortSet,
@@ -157,24 +157,30 @@ fn is_errno(e: &MapError, errno: i32) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(errno))
 }
 
-/// Writes `values[i]` under `keys[i]`, all of them, with as few batched
-/// calls as the kernel's answers allow: where the kernel stops at an entry
-/// (a full table, or no batch updates at all), the rest goes on after it.
-/// Returns the indexes of the entries it stopped at, for the caller to
-/// write alone (which says why, if it fails again).
-fn batch_stops<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> Vec<usize> {
+/// Writes each (key, value) of `writes` into the map behind `map`, with
+/// as few batched calls as the kernel's answers allow: where the kernel
+/// stops at an entry (a full table, or no batch updates at all), the rest
+/// goes on after it. Returns the writes it stopped at, for the caller to
+/// make alone (which says why, if one fails again).
+fn batch_stops<K: Copy, V: Copy>(map: &MapData, writes: &[(K, V)]) -> Vec<(K, V)> {
+    use std::os::fd::AsFd;
+    if writes.is_empty() {
+        return Vec::new();
+    }
+    let (keys, values): (Vec<K>, Vec<V>) = writes.iter().copied().unzip();
+    let fd = map.fd().as_fd();
     let mut stops = Vec::new();
     let mut start = 0;
     while start < keys.len() {
-        let (done, error) = sys::update_batch(map, &keys[start..], &values[start..]);
+        let (done, error) = sys::update_batch(fd, &keys[start..], &values[start..]);
         if error.is_none() {
             break;
         }
         if done == 0 && start == 0 && stops.is_empty() {
             // Refused before the first entry: no batch updates here.
-            return (0..keys.len()).collect();
+            return writes.to_vec();
         }
-        stops.push(start + done);
+        stops.push(writes[start + done]);
         start += done + 1;
     }
     stops
@@ -249,18 +255,8 @@ impl Kernel for Enforcer {
     /// batch write is always "create or replace"; an entry the kernel stops
     /// at is written again alone, as `update_flow` would.
     fn put_flows(&mut self, flows: &[(u64, Flow)]) -> Vec<(u64, String)> {
-        use aya::maps::IterableMap;
-        use std::os::fd::AsFd;
-        if flows.is_empty() {
-            return Vec::new();
-        }
-        let (cookies, entries): (Vec<u64>, Vec<Flow>) = flows.iter().copied().unzip();
-        let map = IterableMap::<u64, Flow>::map(&self.flows);
-        let stopped: Vec<(u64, Flow)> = batch_stops(map.fd().as_fd(), &cookies, &entries)
-            .into_iter()
-            .map(|i| flows[i])
-            .collect();
-        self.flows_dirty = true;
+        let stopped = batch_stops(IterableMap::<u64, Flow>::map(&self.flows), flows);
+        self.flows_dirty |= !flows.is_empty();
         crate::kernel::put_each(&stopped, None, |(cookie, flow)| {
             self.update_flow(*cookie, flow)
         })
@@ -307,17 +303,10 @@ impl Kernel for Enforcer {
 
     /// One `bpf(2)` call for all of them, as `put_flows`.
     fn put_sessions(&mut self, records: &[(u64, SessionRecord)]) -> Vec<(u64, String)> {
-        use aya::maps::IterableMap;
-        use std::os::fd::AsFd;
-        if records.is_empty() {
-            return Vec::new();
-        }
-        let (ids, entries): (Vec<u64>, Vec<SessionRecord>) = records.iter().copied().unzip();
-        let map = IterableMap::<u64, SessionRecord>::map(&self.sessions);
-        let stopped: Vec<(u64, SessionRecord)> = batch_stops(map.fd().as_fd(), &ids, &entries)
-            .into_iter()
-            .map(|i| records[i])
-            .collect();
+        let stopped = batch_stops(
+            IterableMap::<u64, SessionRecord>::map(&self.sessions),
+            records,
+        );
         crate::kernel::put_each(&stopped, Some(crate::kernel::SESSIONS_FULL), |(id, r)| {
             self.put_session(*id, r)
         })
@@ -332,7 +321,6 @@ impl Kernel for Enforcer {
     /// kernel stops at (one already gone) is stepped over; a kernel without
     /// batch deletes gets one call per session.
     fn remove_sessions(&mut self, ids: &[u64]) {
-        use aya::maps::IterableMap;
         use std::os::fd::AsFd;
         let mut rest = ids;
         while !rest.is_empty() {
@@ -369,17 +357,10 @@ impl Kernel for Enforcer {
 
     /// One `bpf(2)` call for all of them, as `put_flows`.
     fn put_pendings(&mut self, entries: &[(FlowTuple, PendingGrant)]) -> Vec<(FlowTuple, String)> {
-        use aya::maps::IterableMap;
-        use std::os::fd::AsFd;
-        if entries.is_empty() {
-            return Vec::new();
-        }
-        let (keys, grants): (Vec<FlowTuple>, Vec<PendingGrant>) = entries.iter().copied().unzip();
-        let map = IterableMap::<FlowTuple, PendingGrant>::map(&self.pending);
-        let stopped: Vec<(FlowTuple, PendingGrant)> = batch_stops(map.fd().as_fd(), &keys, &grants)
-            .into_iter()
-            .map(|i| entries[i])
-            .collect();
+        let stopped = batch_stops(
+            IterableMap::<FlowTuple, PendingGrant>::map(&self.pending),
+            entries,
+        );
         crate::kernel::put_each(&stopped, Some(crate::kernel::PENDING_FULL), |(key, g)| {
             self.put_pending(key, g)
         })
