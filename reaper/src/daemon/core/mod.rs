@@ -149,10 +149,11 @@ impl<K: Kernel> Core<K> {
 
     /// `settle` for the requests `handle` ran since the last call: the
     /// server calls it once per read's worth of requests, before it answers
-    /// them, so that their grants share their kernel writes (two `bpf(2)`
-    /// calls and one epoch bump for the lot, against three calls a grant)
-    /// and their audit lines one wake-up of the writer (once per request
-    /// cost a fifth of the daemon's time at 50k grants/s).
+    /// them, so that their grants share their kernel writes (one batched
+    /// `bpf(2)` call each for the records, the flows and the pending
+    /// entries, and one epoch bump, for the lot, against two or three calls
+    /// a grant) and their audit lines one wake-up of the writer (once per
+    /// request cost a fifth of the daemon's time at 50k grants/s).
     pub fn settle_requests(&mut self) {
         self.settle();
     }

@@ -153,13 +153,6 @@ impl<K: Kernel> Core<K> {
                     return Err(refusal);
                 }
             };
-        if added == 0 && expecting == 0 && created {
-            self.forget_session(id);
-            return refuse(
-                Code::NoSuchFlow,
-                "grant: every named flow closed before it could be granted",
-            );
-        }
         let idle_timeout = self
             .index
             .session(id)
@@ -680,7 +673,8 @@ impl<K: Kernel> Core<K> {
 
     /// The flows' writes, after the session's: each flow's deadline, the
     /// forwarded grants, the pending entries. Returns how many flows were
-    /// granted (a flow that closed meanwhile is not).
+    /// granted: every one named (a flow that closes before its staged write
+    /// is granted all the same, and its close event ends it).
     fn write_grant(
         &mut self,
         id: u64,
