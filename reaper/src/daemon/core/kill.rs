@@ -54,6 +54,15 @@ pub(super) struct RstChecks {
     next_id: u64,
 }
 
+/// `flow` as it is killed at `now`: a deadline later than now (or none)
+/// brought forward to now, so the in-kernel drop holds it from then on.
+fn killed_at(mut flow: Flow, now: u64) -> Flow {
+    if flow.deadline_ns == 0 || flow.deadline_ns > now {
+        flow.deadline_ns = now;
+    }
+    flow
+}
+
 impl<K: Kernel> Core<K> {
     /// Kills `victims` for `cause`.
     pub(super) fn kill(&mut self, victims: Victims<'_>, cause: Cause) -> Vec<Kill> {
@@ -107,38 +116,50 @@ impl<K: Kernel> Core<K> {
     fn kill_local(&mut self, cookies: &[u64], cause: &Cause, owner: Option<&Owner>) -> Vec<Kill> {
         let due = cause.due;
         let now = self.kernel.now().boot_ns;
-        let mut targets: Vec<(u64, Flow)> = Vec::with_capacity(cookies.len());
+        // Only the sockets go to the destroy; each flow is looked up again
+        // for its record after it (the index keeps it until then). When
+        // 100k flows expire together, every pass and every megabyte of
+        // fresh memory before the first destroy is time they all wait.
+        let mut sockets: Vec<SocketRef> = Vec::with_capacity(cookies.len());
+        // Flows the kernel knows and the index does not.
+        let mut unindexed: HashMap<u64, Flow> = HashMap::new();
         let mut gone = Vec::new();
         for &cookie in cookies {
             // The mirror is exact for what we need (the kernel sets a flow's
             // addresses once; the daemon writes its deadline), and sparing a
             // map lookup per flow matters when 100k flows expire together.
             // A flow that has closed meanwhile is found gone by the destroy.
-            match self.index.flow(cookie).or_else(|| self.kernel.flow(cookie)) {
-                Some(mut flow) => {
-                    if flow.deadline_ns == 0 || flow.deadline_ns > now {
-                        flow.deadline_ns = now;
-                        let _ = self.kernel.update_flow(cookie, &flow);
-                    }
-                    targets.push((cookie, flow));
-                }
-                None => gone.push(cookie),
+            let indexed = self.index.flow(cookie);
+            let Some(flow) = indexed.or_else(|| self.kernel.flow(cookie)) else {
+                gone.push(cookie);
+                continue;
+            };
+            let killed = killed_at(flow, now);
+            if killed.deadline_ns != flow.deadline_ns {
+                let _ = self.kernel.update_flow(cookie, &killed);
             }
+            if indexed.is_none() {
+                unindexed.insert(cookie, killed);
+            }
+            sockets.push(SocketRef {
+                cookie,
+                tuple: flow.tuple,
+                netns_cookie: flow.netns_cookie,
+            });
         }
         // The drop is in force for every target before any socket dies.
         if let Err(e) = self.kernel.publish_flows() {
             warn!("announcing killed flows to the packet path: {e}");
         }
-        let sockets: Vec<SocketRef> = targets
-            .iter()
-            .map(|(cookie, flow)| SocketRef {
-                cookie: *cookie,
-                tuple: flow.tuple,
-                netns_cookie: flow.netns_cookie,
-            })
-            .collect();
+        // The flow each socket was killed as: its deadline no later than now.
+        let flow_of = |core: &Self, cookie: u64| {
+            core.index
+                .flow(cookie)
+                .or_else(|| unindexed.get(&cookie).copied())
+                .map(|flow| killed_at(flow, now))
+        };
         let path = self.kernel.kill_path();
-        let outcomes = if targets.is_empty() {
+        let outcomes = if sockets.is_empty() {
             Vec::new()
         } else {
             match path {
@@ -146,16 +167,20 @@ impl<K: Kernel> Core<K> {
                 KillPath::Rst | KillPath::Forward => {
                     let with_flows: Vec<(SocketRef, Flow)> = sockets
                         .iter()
-                        .zip(&targets)
-                        .map(|(s, (_, f))| (*s, *f))
+                        .filter_map(|s| flow_of(self, s.cookie).map(|f| (*s, f)))
                         .collect();
                     self.kernel.reset(&with_flows)
                 }
             }
         };
         let done = self.kernel.now();
-        let mut kills = Vec::with_capacity(targets.len() + gone.len());
-        for ((cookie, flow), outcome) in targets.into_iter().zip(outcomes) {
+        let mut kills = Vec::with_capacity(sockets.len() + gone.len());
+        for (socket, outcome) in sockets.iter().zip(outcomes) {
+            let cookie = socket.cookie;
+            // Out of the index already: named twice, recorded at the first.
+            let Some(flow) = flow_of(self, cookie) else {
+                continue;
+            };
             let result = match outcome {
                 DestroyOutcome::Destroyed => KillResult::Destroyed,
                 DestroyOutcome::Gone => {
