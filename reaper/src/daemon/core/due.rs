@@ -43,7 +43,7 @@ impl<K: Kernel> Core<K> {
         let mut expired = Vec::new();
         let mut idle_checks = Vec::new();
         let mut fences = Vec::new();
-        for (at, due) in self.schedule.take_due(now) {
+        while let Some((at, due)) = self.schedule.pop_due(now) {
             match due {
                 Due::Deadline(id) => {
                     if expired.is_empty() {

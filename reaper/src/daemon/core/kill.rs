@@ -123,6 +123,9 @@ impl<K: Kernel> Core<K> {
         let mut sockets: Vec<SocketRef> = Vec::with_capacity(cookies.len());
         // Flows the kernel knows and the index does not.
         let mut unindexed: HashMap<u64, Flow> = HashMap::new();
+        let path = self.kernel.kill_path();
+        // The RST path needs each socket's flow as well (its sequence numbers).
+        let mut with_flows: Vec<(SocketRef, Flow)> = Vec::new();
         let mut gone = Vec::new();
         for &cookie in cookies {
             // The mirror is exact for what we need (the kernel sets a flow's
@@ -141,11 +144,15 @@ impl<K: Kernel> Core<K> {
             if indexed.is_none() {
                 unindexed.insert(cookie, killed);
             }
-            sockets.push(SocketRef {
+            let socket = SocketRef {
                 cookie,
                 tuple: flow.tuple,
                 netns_cookie: flow.netns_cookie,
-            });
+            };
+            sockets.push(socket);
+            if path != KillPath::Destroy {
+                with_flows.push((socket, killed));
+            }
         }
         // The drop is in force for every target before any socket dies.
         if let Err(e) = self.kernel.publish_flows() {
@@ -158,19 +165,12 @@ impl<K: Kernel> Core<K> {
                 .or_else(|| unindexed.get(&cookie).copied())
                 .map(|flow| killed_at(flow, now))
         };
-        let path = self.kernel.kill_path();
         let outcomes = if sockets.is_empty() {
             Vec::new()
         } else {
             match path {
                 KillPath::Destroy => self.kernel.destroy(&sockets),
-                KillPath::Rst | KillPath::Forward => {
-                    let with_flows: Vec<(SocketRef, Flow)> = sockets
-                        .iter()
-                        .filter_map(|s| flow_of(self, s.cookie).map(|f| (*s, f)))
-                        .collect();
-                    self.kernel.reset(&with_flows)
-                }
+                KillPath::Rst | KillPath::Forward => self.kernel.reset(&with_flows),
             }
         };
         let done = self.kernel.now();
