@@ -35,33 +35,46 @@ fn members(endpoint: &str) -> FleetConfig {
     }
 }
 
-/// etcd's floor: `rounds` puts on the writer, each timed until a watch on
-/// the other member sees it (ms).
-async fn put_to_watch(rounds: usize) -> Vec<f64> {
-    let mut writer = etcd::connect(&members(WRITER)).await.unwrap();
-    let mut watcher: Client = etcd::connect(&members(WATCHED)).await.unwrap();
-    let mut stream = watcher
-        .watch("/bench-floor/", Some(WatchOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    let mut times = Vec::with_capacity(rounds);
-    for i in 0..rounds {
-        let key = format!("/bench-floor/{i}");
+/// etcd's floor: a put on the writer, timed until a watch on the other
+/// member sees it. One is taken before each revoke, so that the floor and
+/// reaper's figure share the machine's moments (a burst of noise lands on
+/// both, not on one).
+struct PutToWatch {
+    writer: Client,
+    stream: etcd_client::WatchStream,
+    _watcher: Client,
+}
+
+impl PutToWatch {
+    async fn new() -> PutToWatch {
+        let writer = etcd::connect(&members(WRITER)).await.unwrap();
+        let mut watcher: Client = etcd::connect(&members(WATCHED)).await.unwrap();
+        let stream = watcher
+            .watch("/bench-floor/", Some(WatchOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        PutToWatch {
+            writer,
+            stream,
+            _watcher: watcher,
+        }
+    }
+
+    /// One put seen by the watch (ms).
+    async fn once(&mut self, round: usize) -> f64 {
+        let key = format!("/bench-floor/{round}");
         let start = Instant::now();
-        writer.put(key.as_bytes(), "x", None).await.unwrap();
-        'seen: loop {
-            let response = stream.message().await.unwrap().expect("watch open");
-            for event in response.events() {
-                if event.event_type() == EventType::Put
+        self.writer.put(key.as_bytes(), "x", None).await.unwrap();
+        loop {
+            let response = self.stream.message().await.unwrap().expect("watch open");
+            if response.events().iter().any(|event| {
+                event.event_type() == EventType::Put
                     && event.kv().is_some_and(|kv| kv.key() == key.as_bytes())
-                {
-                    break 'seen;
-                }
+            }) {
+                return start.elapsed().as_secs_f64() * 1e3;
             }
         }
-        times.push(start.elapsed().as_secs_f64() * 1e3);
     }
-    times
 }
 
 pub fn fleet(rows: &mut Vec<Row>, quick: bool) {
@@ -73,11 +86,13 @@ pub fn fleet(rows: &mut Vec<Row>, quick: bool) {
         .enable_all()
         .build()
         .unwrap();
-    let mut floor = runtime.block_on(put_to_watch(rounds));
+    let mut probe = runtime.block_on(PutToWatch::new());
+    let mut floor = Vec::with_capacity(rounds);
 
     let mut writer = runtime.block_on(etcd::connect(&members(WRITER))).unwrap();
     let mut reaper = Vec::with_capacity(rounds);
     for i in 0..rounds {
+        floor.push(runtime.block_on(probe.once(i)));
         let user = format!("f{i}");
         let mut conn: Conn = fleet.connect(0, 5900);
         fleet.nodes[0].ok(
