@@ -229,7 +229,7 @@ pub struct AuditProgress {
     /// What `written` holds, for `written`'s spin to read without a lock.
     written_seq: AtomicU64,
     /// Whether the last wait for the writer was a lone connection's (see
-    /// `written`): the writer then waits for the next lines spinning too.
+    /// `written`): the writer then polls a while for the next lines.
     lone_waiter: AtomicBool,
 }
 
