@@ -157,11 +157,14 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
         telemetry.events.clone(),
         telemetry.audit.clone(),
     )?;
-    let listener = socket_file::bind_control_socket(&config)?;
+    // The metrics endpoint first: once the control socket takes a
+    // connection (what a supervisor or a test waits for), /metrics and
+    // /healthz take one too.
     let metrics_listener = match config.metrics_listen {
         None => None,
         Some(addr) => Some(bind_metrics(addr)?),
     };
+    let listener = socket_file::bind_control_socket(&config)?;
 
     let wall_clock = WallClockWatch::new().map_err(Error::io("watching the wall clock"))?;
     let mut core = Core::new(enforcer, Box::new(audit), config.clone());
