@@ -35,36 +35,33 @@ fn members(endpoint: &str) -> FleetConfig {
     }
 }
 
-/// etcd's floor: a put on the writer, timed until a watch on the other
-/// member sees it. One is taken before each revoke, so that the floor and
-/// reaper's figure share the machine's moments (a burst of noise lands on
-/// both, not on one).
+/// etcd's floor: a put on the writer member, timed until a watch on the
+/// other member sees it. One is taken before each revoke, by the client
+/// that writes the revocations, so that the floor and reaper's figure
+/// share the machine's moments (a burst of noise lands on both, not on one).
 struct PutToWatch {
-    writer: Client,
     stream: etcd_client::WatchStream,
     _watcher: Client,
 }
 
 impl PutToWatch {
     async fn new() -> PutToWatch {
-        let writer = etcd::connect(&members(WRITER)).await.unwrap();
         let mut watcher: Client = etcd::connect(&members(WATCHED)).await.unwrap();
         let stream = watcher
             .watch("/bench-floor/", Some(WatchOptions::new().with_prefix()))
             .await
             .unwrap();
         PutToWatch {
-            writer,
             stream,
             _watcher: watcher,
         }
     }
 
-    /// One put seen by the watch (ms).
-    async fn once(&mut self, round: usize) -> f64 {
+    /// One put by `writer` seen by the watch (ms).
+    async fn once(&mut self, writer: &mut Client, round: usize) -> f64 {
         let key = format!("/bench-floor/{round}");
         let start = Instant::now();
-        self.writer.put(key.as_bytes(), "x", None).await.unwrap();
+        writer.put(key.as_bytes(), "x", None).await.unwrap();
         loop {
             let response = self.stream.message().await.unwrap().expect("watch open");
             if response.events().iter().any(|event| {
@@ -88,11 +85,10 @@ pub fn fleet(rows: &mut Vec<Row>, quick: bool) {
         .unwrap();
     let mut probe = runtime.block_on(PutToWatch::new());
     let mut floor = Vec::with_capacity(rounds);
-
     let mut writer = runtime.block_on(etcd::connect(&members(WRITER))).unwrap();
     let mut reaper = Vec::with_capacity(rounds);
     for i in 0..rounds {
-        floor.push(runtime.block_on(probe.once(i)));
+        floor.push(runtime.block_on(probe.once(&mut writer, i)));
         let user = format!("f{i}");
         let mut conn: Conn = fleet.connect(0, 5900);
         fleet.nodes[0].ok(
