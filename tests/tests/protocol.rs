@@ -142,8 +142,15 @@ fn bad_requests_get_specific_errors_and_change_nothing() {
     reader.read_line(&mut reply).unwrap();
     let r: Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(r["error"]["code"], "line_too_long");
+    // The daemon closes without reading the rest of the line; a Unix
+    // socket closed with unread data resets its peer, so the end may come
+    // as ECONNRESET instead of EOF, depending on how much it had read.
     let mut rest = Vec::new();
-    reader.read_to_end(&mut rest).unwrap();
+    match reader.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("reading after line_too_long: {e}"),
+    }
     assert!(rest.is_empty(), "connection should be closed");
 
     // A client that sends half a request and vanishes.
