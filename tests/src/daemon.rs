@@ -197,3 +197,26 @@ pub fn send_with_fds(
     }
     Ok(sent as usize)
 }
+
+/// Reads a control connection until the daemon closes it; `Err` if it
+/// keeps it open past `timeout` (scaled). A reset counts as the close: a
+/// Unix socket closed with unread data (a line the daemon refused without
+/// reading it all) resets its peer instead of sending EOF.
+pub fn read_to_eof(stream: &mut UnixStream, timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let end = Instant::now() + bound(timeout);
+    let mut all = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(all),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(all),
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -5,13 +5,15 @@
 //! the grants of a well-behaved client; the trickling and the non-reading
 //! ones are disconnected after `client_timeout`, the idle ones may stay.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reaper_tests::{assert_reset, bound, bound_ms, connect_bound, peer_bin, Conn, Sandbox, SECOND};
+use reaper_tests::{
+    assert_reset, bound, bound_ms, connect_bound, peer_bin, read_to_eof, Conn, Sandbox, SECOND,
+};
 use serde_json::{json, Value};
 
 /// Reads one line, waiting at most `timeout` (scaled, like the harness's
@@ -21,27 +23,6 @@ fn read_line(stream: &UnixStream, timeout: Duration) -> std::io::Result<String> 
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     Ok(line)
-}
-
-/// Reads until EOF; `Err` if the daemon keeps the connection open past
-/// `timeout` (scaled).
-fn read_to_eof(stream: &mut UnixStream, timeout: Duration) -> std::io::Result<Vec<u8>> {
-    let end = Instant::now() + bound(timeout);
-    let mut all = Vec::new();
-    let mut buf = [0u8; 64 * 1024];
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ErrorKind::TimedOut.into());
-        }
-        stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut buf) {
-            Ok(0) => return Ok(all),
-            Ok(n) => all.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(all),
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 #[test]
