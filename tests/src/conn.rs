@@ -2,7 +2,7 @@
 //! them: alive both ways, reset, the socket table.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -76,21 +76,26 @@ impl Conn {
     /// Blocks until the connection fails; returns the error and the boot
     /// time at which it was seen.
     pub fn wait_reset(&mut self, timeout: Duration) -> (std::io::Error, u64) {
+        self.ends_within(timeout)
+            .unwrap_or_else(|| panic!("connection {} still alive after {timeout:?}", self.client))
+    }
+
+    /// [`Conn::wait_reset`], but `None` when the connection is still alive
+    /// after `timeout` (scaled): for a test that reports every survivor.
+    pub fn ends_within(&mut self, timeout: Duration) -> Option<(std::io::Error, u64)> {
         self.stream.set_read_timeout(Some(bound(timeout))).unwrap();
         let mut buf = [0u8; 64];
         loop {
             match self.stream.read(&mut buf) {
                 Ok(0) => {
-                    return (
+                    return Some((
                         std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
                         boot_ns(),
-                    )
+                    ))
                 }
                 Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    panic!("connection {} still alive after {timeout:?}", self.client)
-                }
-                Err(e) => return (e, boot_ns()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                Err(e) => return Some((e, boot_ns())),
             }
         }
     }
@@ -109,34 +114,64 @@ pub fn assert_reset(e: &std::io::Error) {
 /// address is known even when the connection is reset before `connect`
 /// returns (a refusal can be that quick on a slow machine): the client
 /// address, and the stream or `connect`'s error.
-pub fn connect_bound(server: std::net::SocketAddrV4) -> (SocketAddr, std::io::Result<TcpStream>) {
+pub fn connect_bound(server: SocketAddrV4) -> (SocketAddr, std::io::Result<TcpStream>) {
+    let (stream, client) = bind_client(*server.ip());
+    (client, connect_from_bound(stream, server))
+}
+
+/// A TCP socket bound to an ephemeral port of `ip`, not yet connected:
+/// its address can be granted before the connection exists.
+pub fn bind_client(ip: Ipv4Addr) -> (TcpStream, SocketAddr) {
     use std::os::fd::FromRawFd;
-    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+    let local = sockaddr_in(SocketAddrV4::new(ip, 0));
+    // SAFETY: a fresh descriptor, owned by the TcpStream right away; the
+    // address is a live sockaddr_in of the length passed.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let rc = libc::bind(
+            fd,
+            (&local as *const libc::sockaddr_in).cast(),
+            SOCKADDR_IN_LEN,
+        );
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        stream
+    };
+    let client = stream.local_addr().expect("bound address");
+    (stream, client)
+}
+
+/// Connects a socket from [`bind_client`] to `server`.
+pub fn connect_from_bound(stream: TcpStream, server: SocketAddrV4) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd;
+    let remote = sockaddr_in(server);
+    // SAFETY: a live socket, and a live sockaddr_in of the length passed.
+    let rc = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            (&remote as *const libc::sockaddr_in).cast(),
+            SOCKADDR_IN_LEN,
+        )
+    };
+    if rc == 0 {
+        Ok(stream)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+const SOCKADDR_IN_LEN: libc::socklen_t =
+    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+
+fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),
         sin_addr: libc::in_addr {
             s_addr: u32::from(*a.ip()).to_be(),
         },
         sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a fresh descriptor, owned by the TcpStream right away; the
-    // addresses are live sockaddr_in of the length passed.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let stream = TcpStream::from_raw_fd(fd);
-        let local = sockaddr(std::net::SocketAddrV4::new(*server.ip(), 0));
-        let rc = libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len);
-        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        let client = stream.local_addr().expect("bound address");
-        let remote = sockaddr(server);
-        let rc = libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len);
-        if rc == 0 {
-            (client, Ok(stream))
-        } else {
-            (client, Err(std::io::Error::last_os_error()))
-        }
     }
 }
 

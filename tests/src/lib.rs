@@ -26,7 +26,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-pub use conn::{assert_reset, connect_bound, count_tcp_state, wait_listening, Conn};
+pub use conn::{
+    assert_reset, bind_client, connect_bound, connect_from_bound, count_tcp_state, wait_listening,
+    Conn,
+};
 pub use daemon::{read_to_eof, refused_start, send_with_fds, Control, Daemon};
 pub use guards::{Cgroup, Children, Hosts, Netns, Pins, ScratchDir};
 pub use peer::Peer;

@@ -61,6 +61,7 @@ impl<K: Kernel> Core<K> {
                 }
                 Due::Fence(cookie) => fences.push((cookie, at)),
                 Due::RstCheck(id) => self.finish_rst_check(id),
+                Due::EndedExpect(id) => self.expire_ended(id),
                 Due::FleetGrace => {
                     self.fleet_grace_due(now);
                 }

@@ -263,6 +263,14 @@ impl<T> InlineFirst<T> {
         let n = self.len();
         (n > 0).then(|| self.remove(n - 1))
     }
+
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            InlineFirst::Empty => Vec::new(),
+            InlineFirst::One(item) => vec![item],
+            InlineFirst::Many(items) => items,
+        }
+    }
 }
 
 pub(super) struct Session {
@@ -698,6 +706,11 @@ impl Index {
         self.next_id
     }
 
+    /// Makes sure no new session is given `id` (one the kernel still knows).
+    pub fn note_used_id(&mut self, id: u64) {
+        self.next_id = self.next_id.max(id + 1);
+    }
+
     /// Adds a session whose record is in the kernel map (unreadable labels
     /// show as "?").
     pub fn insert_session(&mut self, id: u64, record: &SessionRecord) {
@@ -812,6 +825,39 @@ impl Index {
         self.pending_keys
     }
 
+    /// Takes every `expect` item out of session `id` (which is ending),
+    /// still counted in `pending_keys` and against its creator's quota
+    /// until `release_expected`: their kernel entries outlive the session
+    /// for a while (`ended.rs`).
+    pub fn take_expected(&mut self, id: u64) -> Vec<Box<[FlowTuple]>> {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Vec::new();
+        };
+        let Some(extras) = s.extras.as_mut() else {
+            return Vec::new();
+        };
+        let items = std::mem::take(&mut extras.pending).into_vec();
+        s.drop_empty_extras();
+        items
+    }
+
+    /// Counts `keys` pending keys and `items` `expect` items of `uid` (none
+    /// when the creator is unknown) that no session holds.
+    pub fn count_expected(&mut self, uid: Option<u32>, keys: usize, items: u32) {
+        self.pending_keys += keys;
+        if let Some(uid) = uid {
+            self.owners.entry(uid).or_default().expecting += items;
+        }
+    }
+
+    /// Stops counting what `count_expected` or `take_expected` left counted.
+    pub fn release_expected(&mut self, uid: Option<u32>, keys: usize, items: u32) {
+        self.pending_keys -= keys;
+        if let Some(uid) = uid {
+            self.unload(uid, 0, items);
+        }
+    }
+
     // --- forwarded grants
 
     pub fn note_forwarded_grant(&mut self, key: FlowTuple) {
@@ -906,6 +952,16 @@ impl Index {
         if let Some(s) = self.sessions.get_mut(&flow.session) {
             s.flows.insert(cookie);
         }
+    }
+
+    /// Takes session `id`'s flows out of it, leaving them indexed: for a
+    /// kill of the whole session, whose flows then leave the index one by
+    /// one without each taking itself out of a sorted set that is about to
+    /// go (a session of n flows would cost n²/2 moves).
+    pub fn take_flows(&mut self, id: u64) -> Vec<u64> {
+        self.sessions
+            .get_mut(&id)
+            .map_or_else(Vec::new, |s| std::mem::take(&mut s.flows).to_vec())
     }
 
     /// Removes a flow from the index and from its session. Returns it, and

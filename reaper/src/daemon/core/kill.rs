@@ -70,10 +70,15 @@ impl<K: Kernel> Core<K> {
         self.write_staged();
         let (cookies, forwarded, ended, owner) = match victims {
             Victims::Sessions(ids) => {
-                let sessions = || ids.iter().filter_map(|id| self.index.session(*id));
-                let cookies: Vec<u64> = sessions().flat_map(|s| s.flows.iter().copied()).collect();
-                let forwarded: Vec<FlowTuple> = sessions()
+                let forwarded: Vec<FlowTuple> = ids
+                    .iter()
+                    .filter_map(|id| self.index.session(*id))
                     .flat_map(|s| s.forwarded().iter().copied())
+                    .collect();
+                // Out of their sessions now, out of the index one by one below.
+                let cookies: Vec<u64> = ids
+                    .iter()
+                    .flat_map(|id| self.index.take_flows(*id))
                     .collect();
                 (cookies, forwarded, ids, None)
             }
@@ -96,12 +101,13 @@ impl<K: Kernel> Core<K> {
                 debug!(session = %s.name(), reason = reason.name(), "session ended");
             }
         }
+        self.keep_expected(ended, &cause);
         self.forget_sessions(ended);
         kills
     }
 
     /// The names a killed flow's audit event carries.
-    fn owner_of(&self, session: u64, fallback: Option<&Owner>) -> Owner {
+    pub(super) fn owner_of(&self, session: u64, fallback: Option<&Owner>) -> Owner {
         match self.index.session(session) {
             Some(s) => Owner {
                 session: s.name().to_owned(),

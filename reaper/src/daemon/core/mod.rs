@@ -9,6 +9,7 @@
 //! * `due` — what happens when the timer fires: deadlines, idle checks,
 //!   fence ends, RST checks, garbage collection;
 //! * `kill` — the kill pipeline, the one way any flow dies;
+//! * `ended` — the connections a session still expected when it ended;
 //! * `sync` — kernel → daemon: adoption at start, ring-buffer events,
 //!   wall-clock moves;
 //! * `store` — writes that keep kernel and index in step, in the
@@ -27,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 mod due;
+mod ended;
 pub mod fleet;
 mod fleet_sessions;
 mod index;
@@ -64,6 +66,8 @@ pub struct Core<K: Kernel> {
     /// Grants' kernel writes, until the read's requests are settled.
     staged: Staged,
     rst_checks: RstChecks,
+    /// What sessions that ended still expected (`ended`).
+    ended: ended::EndedSessions,
     started_boot_ns: u64,
     /// Successful config loads (1 at start, +1 per reload), and the last
     /// reload's error: what `status` reports so operators can see a reload.
@@ -93,6 +97,7 @@ impl<K: Kernel> Core<K> {
             schedule: Schedule::default(),
             staged: Staged::default(),
             rst_checks: RstChecks::default(),
+            ended: ended::EndedSessions::default(),
             started_boot_ns: now.boot_ns,
             config_loads: 1,
             last_reload_error: None,

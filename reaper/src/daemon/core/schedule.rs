@@ -24,6 +24,9 @@ pub(super) enum Due {
     /// Time to see whether the node is cut off from the fleet (its lease
     /// unrenewed for `fleet.grace`).
     FleetGrace,
+    /// Time to stop expecting an ended session's connections (by session
+    /// id).
+    EndedExpect(u64),
 }
 
 /// Bits of a packed `Due` that hold its id (the top three say which kind).
@@ -42,6 +45,7 @@ impl Due {
             Due::RstCheck(id) => (3, id),
             Due::ForwardGc => (4, 0),
             Due::FleetGrace => (5, 0),
+            Due::EndedExpect(id) => (6, id),
         };
         assert!(id < 1 << ID_BITS, "schedule id {id} out of range");
         (kind << ID_BITS) | id
@@ -55,7 +59,8 @@ impl Due {
             2 => Due::Fence(id),
             3 => Due::RstCheck(id),
             4 => Due::ForwardGc,
-            _ => Due::FleetGrace,
+            5 => Due::FleetGrace,
+            _ => Due::EndedExpect(id),
         }
     }
 }

@@ -56,7 +56,7 @@ impl<K: Kernel> Core<K> {
         for (key, grant) in self.kernel.pending() {
             if self.index.session(grant.session).is_some() {
                 self.index.add_pending(grant.session, Box::new([key]));
-            } else {
+            } else if !self.adopt_ended(key, grant.session, grant.deadline_ns) {
                 self.kernel.remove_pending(&key);
             }
         }
@@ -169,6 +169,9 @@ impl<K: Kernel> Core<K> {
                 let flow = self.index.flow(event.cookie).unwrap_or(event.flow);
                 if flow.session != 0 {
                     if self.index.session(flow.session).is_none() {
+                        if self.claim_ended(event.cookie, flow) {
+                            continue;
+                        }
                         self.adopt_orphan(flow.session, &flow);
                     }
                     debug!(cookie = event.cookie, flow = %describe(&flow.tuple), "pre-registered flow established");

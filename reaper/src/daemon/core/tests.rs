@@ -573,7 +573,8 @@ fn adoption_repairs_a_half_written_state() {
     orphan.deadline_ns = now + 5 * NS_PER_SEC;
     fake.flows.insert(1, orphan);
     // A record with an unreadable label, and a pre-registration of a
-    // session that does not exist.
+    // session that does not exist (and did not just end: its deadline is
+    // still to come).
     let bad = SessionRecord {
         deadline_ns: now + NS_PER_SEC,
         name: Label {
@@ -587,7 +588,7 @@ fn adoption_repairs_a_half_written_state() {
     fake.pending.insert(
         key,
         PendingGrant {
-            deadline_ns: now,
+            deadline_ns: now + NS_PER_SEC,
             session: 8,
             netns_cookie: OWN_NETNS,
         },
@@ -642,6 +643,121 @@ fn a_pre_registered_connection_takes_its_grant_when_it_comes() {
     };
     assert_eq!(l.sessions[0].flows.len(), 1);
     assert_eq!(l.sessions[0].expecting, 0);
+}
+
+/// A server with a full accept queue finishes a handshake a second or more
+/// after the client thinks itself connected: a connection its session
+/// expected that comes after the session ended dies at once, audited as
+/// its session's, for the reason the session ended.
+#[test]
+fn a_connection_expected_by_an_ended_session_dies_when_it_comes() {
+    let mut h = harness();
+    h.ok(r#"{"op":"grant","session":"s1","user":"alice","target":"vm-1","ttl":"10s","expect":[{"local":"127.0.0.1:5900","remote":"127.0.0.1:41000"}]}"#);
+    h.pass(10 * NS_PER_SEC);
+    assert!(h.sessions().is_empty());
+    assert_eq!(
+        h.core.kernel.pending.len(),
+        2,
+        "both keys stay, at the deadline"
+    );
+    let now = h.core.kernel.now.boot_ns;
+    assert!(h.core.kernel.pending.values().all(|g| g.deadline_ns <= now));
+    assert_eq!(
+        h.core.index.pending_keys(),
+        2,
+        "and still count against max_pending"
+    );
+    h.pass(NS_PER_SEC);
+    let event = h
+        .fake()
+        .connect(5, "127.0.0.1:5900", "127.0.0.1:41000", true, false);
+    assert_eq!(event.flow.session, 1, "the kernel tagged it");
+    h.core.apply_events(&[event]);
+    let kills = h.audit.take();
+    assert_eq!(kills.len(), 1);
+    let k = &kills[0];
+    assert_eq!(
+        (k.cookie, k.reason, k.result),
+        (5, Reason::Expired, KillResult::Destroyed)
+    );
+    assert_eq!(
+        (k.owner.session.as_str(), k.owner.user.as_str()),
+        ("s1", "alice")
+    );
+    assert_eq!(
+        k.late_ns, 0,
+        "late from when it came, not from the deadline"
+    );
+    assert!(
+        h.core.kernel.pending.is_empty(),
+        "every key of the item is gone"
+    );
+    assert_eq!(h.core.index.pending_keys(), 0);
+    assert!(h.sessions().is_empty(), "no stand-in session");
+}
+
+/// Keys with the client's port open go with their session (they would
+/// catch the next connection from the host); exact keys of a revoked
+/// session are brought to its end, and go after `ENDED_EXPECT_NS`, their
+/// place in the table and the quota given back.
+#[test]
+fn an_ended_sessions_expected_keys_stay_only_exact_and_only_for_a_while() {
+    let mut h = harness();
+    let line = r#"{"op":"grant","session":"s1","user":"alice","target":"vm-1","ttl":"10m","expect":[{"local":"127.0.0.1:0","remote":"127.0.0.1:5900"},{"local":"127.0.0.1:5900","remote":"127.0.0.1:41000"}]}"#;
+    h.ask(PROXY, line).expect("grant");
+    assert_eq!(h.core.index.load_of(PROXY.uid).expecting, 2);
+    h.ok(r#"{"op":"revoke","session":"s1"}"#);
+    let now = h.core.kernel.now.boot_ns;
+    let kept: Vec<_> = h.core.kernel.pending.iter().collect();
+    assert_eq!(kept.len(), 2, "the exact item's two keys: {kept:?}");
+    assert!(kept
+        .iter()
+        .all(|(k, g)| k.local_port == 5900 && g.deadline_ns == now));
+    assert_eq!(h.core.index.load_of(PROXY.uid).expecting, 1);
+    // The open key went: the host's next connection is nobody's.
+    let event = h
+        .fake()
+        .connect(6, "127.0.0.1:42000", "127.0.0.1:5900", false, false);
+    assert_eq!(event.flow.session, 0);
+    h.core.apply_events(&[event]);
+    h.pass(super::ended::ENDED_EXPECT_NS);
+    assert!(h.audit.take().is_empty(), "nothing killed");
+    assert!(h.core.kernel.pending.is_empty());
+    assert_eq!(h.core.index.pending_keys(), 0);
+    assert_eq!(h.core.index.load_of(PROXY.uid).expecting, 0);
+}
+
+/// A restarted daemon keeps a recently ended session's exact keys (its
+/// names are lost with the old daemon) and never gives a new session
+/// their id.
+#[test]
+fn adoption_keeps_an_ended_sessions_recent_keys() {
+    let audit = Captured::default();
+    let mut fake = FakeKernel::new();
+    let now = fake.now.boot_ns;
+    let exact = tuple::tuple_of(B.0.parse().unwrap(), B.1.parse().unwrap());
+    let old = tuple::tuple_of(A.0.parse().unwrap(), A.1.parse().unwrap());
+    let grant = |deadline_ns| PendingGrant {
+        deadline_ns,
+        session: 40,
+        netns_cookie: OWN_NETNS,
+    };
+    fake.pending.insert(exact, grant(now - NS_PER_SEC));
+    fake.pending.insert(old, grant(now - 100 * NS_PER_SEC));
+    let config = Config::from_toml(CONFIG).unwrap();
+    let mut core = Core::new(fake, Box::new(audit.clone()), config);
+    core.adopt();
+    assert_eq!(core.kernel.pending.keys().collect::<Vec<_>>(), [&exact]);
+    assert!(core.index.next_id() > 40);
+    let event = core.kernel.connect(9, B.0, B.1, true, false);
+    core.apply_events(&[event]);
+    let kills = audit.take();
+    assert_eq!(kills.len(), 1);
+    assert_eq!(
+        (kills[0].cookie, kills[0].owner.session.as_str()),
+        (9, "ended-40")
+    );
+    assert_eq!(core.index.pending_keys(), 0);
 }
 
 #[test]
