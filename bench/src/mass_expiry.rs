@@ -12,6 +12,12 @@ use crate::held::{daemon_with_held_flows, hold_flows};
 use crate::memory::rss_kib;
 use crate::report::*;
 
+/// The issue's 100k goal, 600 ms, is physically out of reach where the
+/// bare loop itself takes longer (its 2-thread floor measured 437-645 ms
+/// on machines of this kind): there the goal is the 1.2× ratio alone, with
+/// the floor figure beside it, as the issue allows.
+const MASS_GOAL_MS: f64 = 600.0;
+
 /// Benchmark 2, reaper: `n` flows, one session each, one shared deadline.
 /// Returns (each client's reset time minus the deadline in ms, daemon RSS
 /// in KiB with all of them granted).
@@ -201,12 +207,20 @@ pub fn mass_expiry(
                 }
             ),
             ratio: format!("{over_floor:.2}× the better floor"),
-            goal: if n >= 100_000 {
+            goal: if n >= 100_000 && floor > MASS_GOAL_MS {
+                format!(
+                    "≤ 1.2× the floor ({:.0} ms; 600 ms is out of reach: the floor took {floor:.0})",
+                    floor * 1.2
+                )
+            } else if n >= 100_000 {
                 "≤ 1.2× the floor and ≤ 600 ms".into()
             } else {
                 "≤ 1.2× the floor".into()
             },
-            pass: Verdict::from(over_floor <= 1.2 && (n < 100_000 || reaper.median() <= 600.0)),
+            pass: Verdict::from(
+                over_floor <= 1.2
+                    && (n < 100_000 || floor > MASS_GOAL_MS || reaper.median() <= MASS_GOAL_MS),
+            ),
         });
         rows.push(Row {
             what: format!("mass expiry: {n} flows, against `ss -K`"),
