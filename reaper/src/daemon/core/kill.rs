@@ -5,7 +5,8 @@
 //! in-kernel drop holds it from then on, even if the daemon dies now), one
 //! batched destroy (or exact RSTs), one `Kill` record per flow for the audit
 //! trail and the caller, then the index. Sessions that end are forgotten
-//! last, their records after their flows.
+//! last, their records after their flows; the connections they still
+//! expected stay registered a while, past their deadline (`ended`).
 
 #![forbid(unsafe_code)]
 
