@@ -841,16 +841,14 @@ impl Index {
         items
     }
 
-    /// Counts `keys` pending keys and `items` `expect` items of `uid` (none
-    /// when the creator is unknown) that no session holds.
-    pub fn count_expected(&mut self, uid: Option<u32>, keys: usize, items: u32) {
-        self.pending_keys += keys;
-        if let Some(uid) = uid {
-            self.owners.entry(uid).or_default().expecting += items;
-        }
+    /// Counts a pending key that no session holds and whose creator is
+    /// unknown (found in the kernel at start).
+    pub fn count_ownerless_key(&mut self) {
+        self.pending_keys += 1;
     }
 
-    /// Stops counting what `count_expected` or `take_expected` left counted.
+    /// Stops counting what `count_ownerless_key` or `take_expected` left
+    /// counted.
     pub fn release_expected(&mut self, uid: Option<u32>, keys: usize, items: u32) {
         self.pending_keys -= keys;
         if let Some(uid) = uid {
