@@ -215,9 +215,11 @@ impl SockDiag {
     /// erred) reports that errno for its targets; later batches still go.
     fn exchange(&mut self, targets: &[SocketRef], ask: Ask) -> io::Result<Vec<Reply>> {
         let mut replies = Vec::with_capacity(targets.len());
+        // Read once a destroy, not once a batch.
+        let backlog_max = (ask.kind == SOCK_DESTROY).then(backlog_max).flatten();
         for chunk in targets.chunks(BATCH) {
-            if ask.kind == SOCK_DESTROY {
-                wait_for_backlog_room(chunk.len());
+            if let Some(max) = backlog_max {
+                wait_for_backlog_room(chunk.len(), max);
             }
             match self.exchange_batch(chunk, ask) {
                 Ok(batch) => replies.extend(batch),
@@ -299,7 +301,15 @@ impl SockDiag {
 const BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 const BACKLOG_STEP: std::time::Duration = std::time::Duration::from_micros(200);
 
-/// Waits until this CPU's input backlog has room for `rsts` more packets.
+/// `netdev_max_backlog`: how many packets a CPU's input backlog holds.
+fn backlog_max() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/net/core/netdev_max_backlog")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+}
+
+/// Waits until this CPU's input backlog, which holds `max`, has room for
+/// `rsts` more packets.
 ///
 /// The RST a destroy sends to a peer on the same host goes through the
 /// loopback into the destroying CPU's backlog (`netdev_max_backlog`, 1000
@@ -310,13 +320,7 @@ const BACKLOG_STEP: std::time::Duration = std::time::Duration::from_micros(200);
 /// never got theirs, and `softnet_stat` counted 337 drops. Sleeping lets
 /// ksoftirqd run. Where softirqs run inline (6.12 and later here) the
 /// backlog is empty and this costs one read of `softnet_stat` a batch.
-fn wait_for_backlog_room(rsts: usize) {
-    let Some(max) = std::fs::read_to_string("/proc/sys/net/core/netdev_max_backlog")
-        .ok()
-        .and_then(|s| s.trim().parse::<usize>().ok())
-    else {
-        return;
-    };
+fn wait_for_backlog_room(rsts: usize, max: usize) {
     let waited = std::time::Instant::now();
     while backlog_len().is_some_and(|queued| queued + rsts > max) {
         if waited.elapsed() >= BACKLOG_WAIT {
