@@ -256,6 +256,10 @@ impl AuditProgress {
     /// through the hypervisor). The server asks for it only for a
     /// connection that is the only one open, and the writer then stays
     /// awake a while for that connection's next lines (`next_message`).
+    /// It yields between polls: the writer may be queued on this very CPU
+    /// (it was polling here when the request woke this thread), and
+    /// spinning outright held it off for the whole `SPIN_FOR`, one grant
+    /// in a hundred.
     pub async fn written(&self, spin: bool) {
         self.lone_waiter.store(spin, Ordering::Relaxed);
         let upto = self.queued.load(Ordering::Acquire);
@@ -265,7 +269,7 @@ impl AuditProgress {
                 if start.elapsed() > SPIN_FOR {
                     break;
                 }
-                std::hint::spin_loop();
+                std::thread::yield_now();
             }
         }
         let mut written = self.written.subscribe();
