@@ -38,7 +38,6 @@ pub mod map_names {
     pub const FORWARDED: &str = "FORWARDED";
     pub const FORWARDED_GRANTS: &str = "FORWARDED_GRANTS";
     pub const MARKS: &str = "MARKS";
-    pub const OWNERS: &str = "OWNERS";
     pub const OWNER_FLOWS: &str = "OWNER_FLOWS";
 }
 
@@ -48,7 +47,6 @@ pub mod program_names {
     pub const INGRESS: &str = "reaper_ingress";
     pub const EGRESS: &str = "reaper_egress";
     pub const FORWARD: &str = "reaper_forward";
-    pub const SOCK_CREATE: &str = "reaper_sock_create";
 }
 
 /// A TCP connection as one of its sockets sees it.
@@ -106,9 +104,9 @@ pub struct Flow {
     /// no per-packet tracking.
     pub snd_isn1: u32,
     pub rcv_isn1: u32,
-    /// The uid that created the socket (or, for an accepted one, its
-    /// listener), whose share of `FLOWS` it counts against; [`NO_OWNER`]
-    /// for root and for sockets made before reaper first ran.
+    /// The socket's owner (`sk_uid`: the uid that made it, or for an
+    /// accepted one its listener's), whose share of `FLOWS` it counts
+    /// against; [`NO_OWNER`] for root.
     pub owner_uid: u32,
 }
 

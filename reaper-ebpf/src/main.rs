@@ -17,12 +17,12 @@
 //!   socket cookie, when a flow's packets start being dropped, re-read from
 //!   `FLOWS` only when the daemon has changed something (an epoch).
 //!
-//! * `reaper_sock_create` (cgroup/sock_create) records who made each TCP
-//!   socket, so that each owner uid holds at most its share of `FLOWS`.
+//! Each tracked flow is charged to its socket's owner uid (`sk_uid`), so
+//! that each owner holds at most its share of `FLOWS`.
 //!
 //! One file per program family, as they are attached: `sockops`,
-//! `packet` (cgroup_skb), `forward` (tc), `owner` (cgroup/sock_create and
-//! the shares); the maps they share in `maps`.
+//! `packet` (cgroup_skb), `forward` (tc); `owner` holds the owners and
+//! their shares, and `maps` the maps they share.
 
 #![no_std]
 #![no_main]

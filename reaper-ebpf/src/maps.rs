@@ -1,7 +1,6 @@
 //! The maps the programs share with each other and with the daemon (the
 //! daemon opens them by name from their pins; `reaper_common::map_names`).
 
-use aya_ebpf::bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC};
 use aya_ebpf::btf_maps::SkStorage;
 use aya_ebpf::macros::{btf_map, map};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
@@ -53,43 +52,6 @@ pub static MARKS: SkStorage<FlowMark> = SkStorage::new();
 #[inline(always)]
 pub fn marks() -> *mut c_void {
     (&raw const MARKS).cast_mut().cast()
-}
-
-/// Socket storage that an accepted socket inherits from its listener
-/// (`BPF_F_CLONE`), which aya's `SkStorage` cannot ask for: the same BTF
-/// definition, with the flag added.
-#[repr(C)]
-pub struct ClonedSkStorage<T> {
-    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
-    key: *const i32,
-    value: *const T,
-    max_entries: *const [i32; 0],
-    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
-}
-
-// SAFETY: placeholder pointers the loader reads as BTF; never dereferenced.
-unsafe impl<T> Sync for ClonedSkStorage<T> {}
-
-impl<T> ClonedSkStorage<T> {
-    pub const fn new() -> Self {
-        Self {
-            r#type: core::ptr::null(),
-            key: core::ptr::null(),
-            value: core::ptr::null(),
-            max_entries: core::ptr::null(),
-            map_flags: core::ptr::null(),
-        }
-    }
-}
-
-/// The uid that created each TCP socket of the cgroup (other than root's),
-/// written at `socket()`; an accepted socket gets its listener's.
-#[btf_map]
-pub static OWNERS: ClonedSkStorage<u32> = ClonedSkStorage::new();
-
-#[inline(always)]
-pub fn owners() -> *mut c_void {
-    (&raw const OWNERS).cast_mut().cast()
 }
 
 /// Tracked flows per owner uid (`Flow::owner_uid`), against the share in

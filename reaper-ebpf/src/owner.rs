@@ -1,70 +1,52 @@
 //! Who owns a socket, and each owner's share of `FLOWS`.
 //!
 //! sock_ops mostly runs in softirq, where the current task is nobody in
-//! particular: the owner has to be recorded when the socket is made. So
-//! `reaper_sock_create` (cgroup/sock_create, process context) writes the
-//! creating uid into the socket's `OWNERS` storage, which an accepted
-//! socket inherits from its listener. sock_ops then charges each tracked
-//! flow to that uid, and refuses to track past the share: an unprivileged
-//! user's self-connections on a watched port fill its own share, never the
-//! table the consoles need. Root's sockets, and sockets made before reaper
-//! first ran (no storage), count against no share.
+//! particular, so the owner is not asked of the task: it is the socket's
+//! own `sk_uid`, which the kernel sets when the socket is made (the
+//! creator's fsuid; an accepted socket gets its listener's) and only a
+//! holder of CAP_CHOWN can change (fchown on the socket). Nothing runs at
+//! `socket()` for it. sock_ops charges each tracked flow to that uid and
+//! refuses to track past the share: an unprivileged user's
+//! self-connections on a watched port fill its own share, never the table
+//! the consoles need. Root's sockets count against no share.
 
-use aya_ebpf::bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE};
-use aya_ebpf::helpers::bpf_get_current_uid_gid;
-use aya_ebpf::helpers::generated::bpf_sk_storage_get;
-use aya_ebpf::macros::cgroup_sock;
-use aya_ebpf::programs::SockContext;
+use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::helpers::generated::bpf_skc_to_tcp_sock;
 use core::ffi::c_void;
 use core::intrinsics::AtomicOrdering;
 use core::ptr::read_volatile;
-use reaper_common::{setting, AF_INET, AF_INET6, NO_OWNER};
+use reaper_common::{setting, NO_OWNER};
 
-use crate::maps::{owners, setting, OWNER_FLOWS};
+use crate::maps::{setting, OWNER_FLOWS};
 
-const SOCK_STREAM: u32 = 1;
+/// Where `sk_uid` is in `struct sock` on the running kernel, in bytes,
+/// from its BTF: set by the daemon at load (0: unknown, and no socket has
+/// an owner). Read-only data, so the verifier knows the value and checks
+/// the load below against the kernel's own layout of the socket.
+#[unsafe(no_mangle)]
+static SK_UID_OFFSET: u32 = 0;
 
-#[cgroup_sock(sock_create)]
-pub fn reaper_sock_create(ctx: SockContext) -> i32 {
-    // SAFETY: context fields, read once each.
-    let (family, kind) = unsafe {
-        (
-            read_volatile(&(*ctx.sock).family) as u16,
-            read_volatile(&(*ctx.sock).type_),
-        )
-    };
-    if (family == AF_INET || family == AF_INET6) && kind == SOCK_STREAM {
-        let mut uid = bpf_get_current_uid_gid() as u32;
-        // Root's sockets need no storage: no storage means no share.
-        if uid != 0 {
-            // SAFETY: the helper copies `uid` into the new storage.
-            unsafe {
-                bpf_sk_storage_get(
-                    owners(),
-                    ctx.sock.cast(),
-                    (&mut uid as *mut u32).cast::<c_void>(),
-                    BPF_SK_STORAGE_GET_F_CREATE.into(),
-                )
-            };
-        }
-    }
-    // Never refuses a socket.
-    1
-}
-
-/// The owner recorded for socket `sk` (a nullable context pointer).
+/// The owner of socket `sk` (a nullable context pointer).
 #[inline(always)]
 pub fn owner_of(sk: *mut c_void) -> u32 {
-    if sk.is_null() {
+    // SAFETY: a read of read-only data.
+    let offset = unsafe { read_volatile(&SK_UID_OFFSET) } as usize;
+    if sk.is_null() || offset == 0 {
         return NO_OWNER;
     }
-    // SAFETY: looking up (never creating) the socket's storage.
-    let found = unsafe { bpf_sk_storage_get(owners(), sk, core::ptr::null_mut(), 0) } as *const u32;
-    if found.is_null() {
+    // SAFETY: the helper checks the socket and returns a kernel pointer
+    // (or null) whose loads the verifier checks against BTF.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    if tcp.is_null() {
+        return NO_OWNER;
+    }
+    // SAFETY: `struct sock` begins every TCP socket, and the verifier
+    // allows the load only where the kernel's BTF puts a 4-byte field.
+    let uid = unsafe { read_volatile(tcp.cast::<u8>().add(offset).cast::<u32>()) };
+    if uid == 0 {
         NO_OWNER
     } else {
-        // SAFETY: the storage holds a u32 for as long as the socket lives.
-        unsafe { read_volatile(found) }
+        uid
     }
 }
 

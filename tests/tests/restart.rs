@@ -121,3 +121,54 @@ fn backstop_follows_extends_and_outlives_unwatched_ports() {
         .echo()
         .expect("an extended flow keeps working past its first deadline");
 }
+
+/// Pins a small hash map at `path` (raw `bpf(2)`: BPF_MAP_CREATE, then
+/// BPF_OBJ_PIN), standing in for whatever an earlier reaper pinned there.
+fn pin_a_map(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    // union bpf_attr, map_create: type (1, hash), key and value sizes, entries.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[1, 4, 4, 1]);
+    // SAFETY: BPF_MAP_CREATE reads the attribute buffer it is given.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), 128) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // union bpf_attr, obj_pin: pathname (a pointer), bpf_fd, file_flags.
+    let mut attr = [0u64; 16];
+    attr[0] = name.as_ptr() as u64;
+    attr[1] = fd as u64;
+    // SAFETY: BPF_OBJ_PIN reads the path and descriptor it is given.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_ptr(), 128) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: closing the descriptor made above; the pin holds the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// Before, a cgroup/sock_create program recorded each socket's owner in a
+/// socket storage map, both pinned. Now the owner is read from the socket
+/// itself; a daemon started over an earlier reaper's pins removes those two
+/// (the program is detached with its link's pin) and says so.
+#[test]
+fn an_earlier_reapers_socket_owner_pins_are_removed_at_start() {
+    let mut sb = Sandbox::new("restart-retired-pins");
+    std::fs::create_dir_all(&sb.pin_path).unwrap();
+    let retired = ["link_sock_create", "OWNERS"].map(|name| sb.pin_path.join(name));
+    for path in &retired {
+        pin_a_map(path);
+    }
+    sb.start_daemon();
+    for path in &retired {
+        assert!(!path.exists(), "{} is still pinned", path.display());
+    }
+    let log = sb.daemon_log();
+    assert_eq!(
+        log.matches("removed a pin an earlier reaper left").count(),
+        2,
+        "{log}"
+    );
+    assert!(sb.pin_path.join("link_sockops").exists());
+}

@@ -9,8 +9,7 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, LinkOrder};
 use aya::programs::tc::{self, NlOptions, TcAttachOptions};
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, SchedClassifier, SockOps,
-    TcAttachType,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, SockOps, TcAttachType,
 };
 use aya::{Ebpf, EbpfLoader};
 use reaper_common::{
@@ -28,10 +27,8 @@ use crate::kernel::{Kernel, KillPath};
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
 
-/// Name of a pinned link under `pin_path`. The socket owners are recorded
-/// from before the first connection is tracked.
-const LINK_PINS: [(&str, &str); 4] = [
-    (program_names::SOCK_CREATE, "link_sock_create"),
+/// Name of a pinned link under `pin_path`.
+const LINK_PINS: [(&str, &str); 3] = [
     (program_names::SOCKOPS, "link_sockops"),
     (program_names::INGRESS, "link_ingress"),
     (program_names::EGRESS, "link_egress"),
@@ -57,6 +54,7 @@ impl Enforcer {
 
         let adopting = config.pin_path.join(map_names::FLOWS).exists();
         let pin = |name: &str| config.pin_path.join(name);
+        let sk_uid_offset = sk_uid_offset();
         let mut loader = EbpfLoader::new();
         let names = [
             map_names::FLOWS,
@@ -69,12 +67,12 @@ impl Enforcer {
             map_names::FORWARDED,
             map_names::FORWARDED_GRANTS,
             map_names::MARKS,
-            map_names::OWNERS,
             map_names::OWNER_FLOWS,
         ];
         for name in names {
             loader.map_pin_path(name, pin(name));
         }
+        loader.override_global("SK_UID_OFFSET", &sk_uid_offset, true);
         loader
             .map_max_entries(map_names::FLOWS, config.max_flows)
             .map_max_entries(map_names::SESSIONS, config.max_sessions)
@@ -153,11 +151,6 @@ impl Enforcer {
                 p.load()?;
                 let id = p.attach(&cgroup_dir, CgroupAttachMode::Single)?;
                 p.take_link(id)?.try_into()?
-            } else if program == program_names::SOCK_CREATE {
-                let p: &mut CgroupSock = prog.try_into()?;
-                p.load()?;
-                let id = p.attach(&cgroup_dir, CgroupAttachMode::Single)?;
-                p.take_link(id)?.try_into()?
             } else {
                 let p: &mut CgroupSkb = prog.try_into()?;
                 p.load()?;
@@ -171,6 +164,7 @@ impl Enforcer {
             };
             pins::replace_link_pin(fd_link, &pin(link))?;
         }
+        remove_retired_pins(&config.pin_path);
 
         attach_forwarding(ebpf, config, features.has(features::name::TCX), &pin)?;
 
@@ -191,6 +185,40 @@ impl Enforcer {
             enforcer,
             kernel_log,
         })
+    }
+}
+
+/// Pins an earlier reaper made that this one no longer uses: its
+/// cgroup/sock_create program (owners are read from the socket now,
+/// `sk_uid`) and the socket storage it wrote. Removing the link's pin
+/// detaches the program; the storage goes with the last socket holding it.
+const RETIRED_PINS: [&str; 2] = ["link_sock_create", "OWNERS"];
+
+fn remove_retired_pins(pin_path: &std::path::Path) {
+    for name in RETIRED_PINS {
+        let path = pin_path.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => info!(pin = %path.display(), "removed a pin an earlier reaper left"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(pin = %path.display(), "could not remove a retired pin: {e}"),
+        }
+    }
+}
+
+/// Where the running kernel keeps a socket's owner (`struct sock`'s
+/// `sk_uid`), for `owner_of` in the kernel programs; 0 when its BTF does
+/// not say, and then no flow is charged to an owner's share.
+fn sk_uid_offset() -> u32 {
+    match super::btf::member_offset_in(std::path::Path::new(super::btf::VMLINUX), "sock", "sk_uid")
+    {
+        Ok(offset) => offset,
+        Err(e) => {
+            warn!(
+                "socket owners are unknown ({e}): max_flows_per_owner is not enforced, \
+                 only max_flows"
+            );
+            0
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 //! * `kill` — destroying sockets and injecting RSTs (with `rst`, `diag`,
 //!   `netns`).
 
+mod btf;
 pub mod diag;
 pub mod features;
 mod kill;
