@@ -20,8 +20,21 @@ const MASS_GOAL_MS: f64 = 600.0;
 
 /// Benchmark 2, reaper: `n` flows, one session each, one shared deadline.
 /// Returns (each client's reset time minus the deadline in ms, daemon RSS
-/// in KiB with all of them granted).
+/// in KiB with all of them granted). A run whose granting outlasted the
+/// margin (the VM stalled: once here 100k grants took 13 s, not 1-2 s)
+/// measured nothing and is made again, twice at most.
 pub fn mass_expiry_reaper(n: usize) -> (Vec<f64>, u64) {
+    for attempt in 1..=3 {
+        match mass_expiry_reaper_once(n) {
+            Ok(result) => return result,
+            Err(why) if attempt < 3 => eprintln!("reaper-bench: mass expiry of {n}: {why}; again"),
+            Err(why) => panic!("mass expiry of {n}: {why}, three times"),
+        }
+    }
+    unreachable!()
+}
+
+fn mass_expiry_reaper_once(n: usize) -> Result<(Vec<f64>, u64), String> {
     let (sb, held) = daemon_with_held_flows(&format!("bench-mass-{n}"), n);
     // Long enough to grant them all first (checked below).
     let expires_at = rfc3339_in(2_000_000_000 + n as u64 * 100_000);
@@ -40,6 +53,12 @@ pub fn mass_expiry_reaper(n: usize) -> (Vec<f64>, u64) {
         .iter()
         .map(|a| serde_json::from_str(a).unwrap())
         .collect();
+    if let Some(late) = answers
+        .iter()
+        .find(|a| a["error"]["code"] == "deadline_refused")
+    {
+        return Err(format!("granting took longer than the margin ({late})"));
+    }
     // One expires_at for all; each conversion to the boot clock reads the
     // clocks anew, so deadlines may differ by nanoseconds: each flow is
     // measured against its own.
@@ -53,10 +72,12 @@ pub fn mass_expiry_reaper(n: usize) -> (Vec<f64>, u64) {
         .collect();
     let first = *deadlines.iter().min().unwrap();
     assert!(*deadlines.iter().max().unwrap() - first < 1_000_000);
-    assert!(boot_ns() < first, "granting took longer than the margin");
+    if boot_ns() >= first {
+        return Err("granting took longer than the margin".into());
+    }
     let pid = sb.ok(json!({"op": "status"}))["pid"].as_u64().unwrap();
     let rss = rss_kib(pid);
-    (lateness_ms(&deadlines, &held.ended()), rss)
+    Ok((lateness_ms(&deadlines, &held.ended()), rss))
 }
 
 /// Benchmark 2, floor: the same flows destroyed by a bare batched
